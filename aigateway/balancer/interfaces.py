@@ -1,0 +1,80 @@
+# -*- test-case-name: tests.test_balancer_registry -*-
+"""
+The balancer interfaces.
+
+A balancer is built for one upstream from an immutable list of targets, and
+lives until the upstream's configuration changes.  It may keep mutable
+per-upstream state (a round-robin position, in-flight counts, latency
+averages), but never touches the store or blocks: C{pick} is on the proxy's
+hot path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from typing import TYPE_CHECKING
+
+from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from ..model import Target, Upstream
+    from .context import PickContext
+
+
+class IHealthView(Interface):
+    """
+    What a balancer needs to know of target health on this node.
+    """
+
+    def available(target: Target) -> bool:
+        """
+        Whether C{target} may be given traffic now (healthy, or health checks
+        off, and not in a rate-limit cooldown).
+        """
+
+
+class IBalancer(Interface):
+    """
+    Chooses a target of one upstream for each proxied attempt.
+    """
+
+    def pick(context: PickContext, exclude: Collection[str]) -> Target | None:
+        """
+        Choose a target for one attempt.
+
+        @param context: the request being proxied (headers, client address,
+            path, query), for strategies that hash on it.
+        @param exclude: the C{key}s of targets already tried for this
+            request; they must not be returned.
+        @return: an available target of positive weight, or L{None} when no
+            target is available.
+        """
+
+    def started(target: Target) -> None:
+        """
+        An attempt on C{target} began (for strategies that count in-flight
+        requests).
+        """
+
+    def finished(target: Target, first_byte: float | None) -> None:
+        """
+        An attempt on C{target} ended, after its last byte or with an error.
+
+        @param first_byte: seconds from the attempt's start to the first
+            response byte, or L{None} when no response came.
+        """
+
+
+class IBalancerFactory(Interface):
+    """
+    A named balancing algorithm, registered as a plugin.
+    """
+
+    name = Attribute("The algorithm's name, as given in C{upstream.algorithm}.")
+
+    def build(
+        upstream: Upstream, targets: Sequence[Target], health: IHealthView
+    ) -> IBalancer:
+        """
+        Build a balancer over C{targets} (all of the same backup class).
+        """

@@ -1,0 +1,3 @@
+"""
+Target health: per-node state, active probes and passive outcome counting.
+"""

@@ -1,0 +1,10 @@
+"""
+The built-in balancing algorithms, registered as drop-ins.
+
+Each object here provides C{IPlugin} and L{IBalancerFactory}; third-party
+algorithms are registered the same way, from their own drop-in module.
+"""
+
+from aigateway.balancer.roundrobin import RoundRobin
+
+roundRobin = RoundRobin()
