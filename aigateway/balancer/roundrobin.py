@@ -23,6 +23,18 @@ from .context import PickContext
 from .interfaces import IBalancer, IBalancerFactory, IHealthView
 
 
+def usable(target: Target, exclude: Collection[str], health: IHealthView) -> bool:
+    """
+    Whether C{target} may be picked for this attempt: not yet tried for the
+    request, and available on this node.
+
+    Every strategy asks this one question, so what "may be picked" means
+    cannot drift between them.  Weight is not asked here: strategies drop
+    targets of weight 0 once, when they are built.
+    """
+    return target.key not in exclude and health.available(target)
+
+
 @implementer(IBalancer)
 class RoundRobinBalancer:
     """
@@ -31,28 +43,34 @@ class RoundRobinBalancer:
 
     def __init__(self, targets: Sequence[Target], health: IHealthView) -> None:
         self._health = health
-        # (deadline, tie-breaker, target); the index keeps ordering total.
+        # (deadline, index, turns, target).  A deadline is computed afresh as
+        # turns / weight rather than summed up from 1 / weight: equal
+        # rationals then make equal floats, so ties keep breaking by index
+        # and the sequence is exactly periodic, not only on average.
         self._heap = [
-            (1.0 / t.weight, i, t) for i, t in enumerate(targets) if t.weight > 0
+            (1 / t.weight, i, 1, t) for i, t in enumerate(targets) if t.weight > 0
         ]
         heapq.heapify(self._heap)
 
     def pick(self, context: PickContext, exclude: Collection[str]) -> Target | None:
         heap = self._heap
+        health = self._health
         skipped = []
         chosen = None
         # Each entry is looked at most once per pick, so a pick with every
         # target unavailable is O(n log n) and ends.
         while heap:
-            deadline, index, target = heap[0]
-            if target.key not in exclude and self._health.available(target):
-                heapq.heapreplace(heap, (deadline + 1.0 / target.weight, index, target))
+            _, index, turns, target = heap[0]
+            if usable(target, exclude, health):
+                turns += 1
+                heapq.heapreplace(heap, (turns / target.weight, index, turns, target))
                 chosen = target
                 break
             skipped.append(heapq.heappop(heap))
-        for deadline, index, target in skipped:
+        for _, index, turns, target in skipped:
             # A skipped target loses its turn, so it does not burst when back.
-            heapq.heappush(heap, (deadline + 1.0 / target.weight, index, target))
+            turns += 1
+            heapq.heappush(heap, (turns / target.weight, index, turns, target))
         return chosen
 
     def started(self, target: Target) -> None:

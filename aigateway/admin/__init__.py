@@ -1,0 +1,3 @@
+"""
+The Admin API: a Klein app, in Kong's shape.
+"""

@@ -1,0 +1,322 @@
+# -*- test-case-name: tests.test_admin -*-
+"""
+Create, read, update and delete entities, without HTTP.
+
+Writes are serialised by one L{DeferredLock}: each validates against the
+configuration in force, commits one store transaction, and only then puts
+a new snapshot in force, so a failed write leaves both the store and the
+running gateway as they were.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from twisted.internet.defer import Deferred, DeferredLock
+
+from ..config import ConfigSnapshot
+from ..model import build_record, parse_target, format_target
+from ..runtime import Runtime
+from ..schema import merge
+from ..store.interfaces import IStore
+from .errors import (
+    AdminError,
+    foreign_key_violation,
+    not_found,
+    schema_violation,
+    unique_violation,
+)
+
+Record = dict[str, Any]
+_SERVER_FIELDS = ("id", "created_at", "updated_at")
+# Each kind's unique key within its scope, and the parent reference.
+_UNIQUE = {"upstreams": "name", "services": "name", "routes": "name", "targets": "target"}
+_PARENT = {"targets": "upstream", "routes": "service"}
+
+
+def is_uuid(value: str) -> bool:
+    """
+    Whether C{value} is a UUID (an entity is addressed by id or by name).
+    """
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _parent_id(kind: str, record: Mapping[str, Any]) -> str | None:
+    parent = _PARENT.get(kind)
+    ref = record.get(parent) if parent else None
+    return ref.get("id") if isinstance(ref, Mapping) else None
+
+
+class Entities:
+    """
+    The Admin API's view of the configuration.
+    """
+
+    def __init__(self, store: IStore, runtime: Runtime, clock: Any) -> None:
+        self._store = store
+        self._runtime = runtime
+        self._clock = clock
+        self._lock = DeferredLock()
+
+    @property
+    def snapshot(self) -> ConfigSnapshot:
+        """
+        The configuration in force.
+        """
+        return self._runtime.snapshot
+
+    def find(self, kind: str, ref: str, parent: str | None = None) -> Record:
+        """
+        The record of kind C{kind} addressed by id or unique name.
+
+        @param parent: the owning upstream's id, for targets.
+        @raise AdminError: 404 when there is none.
+        """
+        records = self.snapshot.records[kind]
+        if ref in records:
+            found = records[ref]
+            if parent is None or _parent_id(kind, found) == parent:
+                return dict(found)
+        key = _UNIQUE[kind]
+        if kind == "targets":
+            parsed = parse_target(ref)
+            ref = format_target(*parsed) if parsed else ref
+        for record in records.values():
+            if record.get(key) == ref and (
+                parent is None or _parent_id(kind, record) == parent
+            ):
+                return dict(record)
+        raise not_found()
+
+    def list(self, kind: str, parent: str | None = None) -> list[Record]:
+        """
+        Every record of a kind (of one parent), oldest first.
+        """
+        records = [
+            r
+            for r in self.snapshot.records[kind].values()
+            if parent is None or _parent_id(kind, r) == parent
+        ]
+        records.sort(key=lambda r: (r.get("created_at") or 0, r["id"]))
+        return records
+
+    def create(
+        self, kind: str, data: Mapping[str, Any], coerce: bool, parent: str | None = None
+    ) -> Deferred[Record]:
+        """
+        Validate and store a new entity.
+        """
+        return self._locked(self._create, kind, dict(data), coerce, parent)
+
+    def create_or_update(
+        self, kind: str, data: Mapping[str, Any], coerce: bool, parent: str | None = None
+    ) -> Deferred[tuple[Record, bool]]:
+        """
+        POST that updates: when an entity with the same unique key exists
+        (a target posted again, as Kong's documentation does to change a
+        weight), merge C{data} into it instead of failing.
+
+        @return: the record, and whether it was created.
+        """
+
+        def run() -> Deferred[tuple[Record, bool]]:
+            key = data.get(_UNIQUE[kind])
+            old = None
+            if isinstance(key, str):
+                try:
+                    old = self.find(kind, key, parent)
+                except AdminError:
+                    pass
+            if old is None:
+                created = self._create(kind, dict(data), coerce, parent)
+                return created.addCallback(lambda record: (record, True))
+            given = {k: v for k, v in old.items() if k not in _SERVER_FIELDS}
+            merged = merge(given, _without_server_fields(data))
+            saved = self._save(kind, merged, coerce, parent, old)
+            return saved.addCallback(lambda record: (record, False))
+
+        return self._locked(run)
+
+    def update(
+        self, kind: str, ref: str, data: Mapping[str, Any], coerce: bool, parent: str | None = None
+    ) -> Deferred[Record]:
+        """
+        PATCH: deep-merge C{data} into the entity (arrays are replaced).
+        """
+
+        def patch() -> Deferred[Record]:
+            old = self.find(kind, ref, parent)
+            given = {k: v for k, v in old.items() if k not in _SERVER_FIELDS}
+            merged = merge(given, _without_server_fields(data))
+            return self._save(kind, merged, coerce, parent, old)
+
+        return self._locked(patch)
+
+    def upsert(
+        self, kind: str, ref: str, data: Mapping[str, Any], coerce: bool, parent: str | None = None
+    ) -> Deferred[Record]:
+        """
+        PUT: replace the entity addressed by C{ref} (omitted fields go back
+        to their defaults), or create it with that name or id.
+        """
+
+        def put() -> Deferred[Record]:
+            body = _without_server_fields(data)
+            try:
+                old: Record | None = self.find(kind, ref, parent)
+            except AdminError:
+                old = None
+            if old is None:
+                if is_uuid(ref):
+                    body["id"] = ref
+                else:
+                    body.setdefault(_UNIQUE[kind], ref)
+                return self._create(kind, body, coerce, parent)
+            if not is_uuid(ref):
+                body.setdefault(_UNIQUE[kind], ref)
+            return self._save(kind, body, coerce, parent, old)
+
+        return self._locked(put)
+
+    def delete(self, kind: str, ref: str, parent: str | None = None) -> Deferred[None]:
+        """
+        Delete an entity; an upstream takes its targets with it, and a
+        service still used by routes is refused.
+        """
+
+        def remove() -> Deferred[None]:
+            record = self.find(kind, ref, parent)
+            deletes = [(kind, record["id"])]
+            if kind == "upstreams":
+                deletes += [("targets", t["id"]) for t in self.list("targets", record["id"])]
+            if kind == "services" and self.list("routes", record["id"]):
+                raise foreign_key_violation(
+                    "an existing 'routes' entity references this 'services' entity",
+                    {"@referenced_by": "routes"},
+                )
+            return self._commit([], deletes).addCallback(lambda _: None)
+
+        return self._locked(remove)
+
+    def _locked(self, function: Callable[..., Deferred[Any]], *args: Any) -> Deferred[Any]:
+        return self._lock.run(function, *args)
+
+    def _create(
+        self, kind: str, data: Record, coerce: bool, parent: str | None
+    ) -> Deferred[Record]:
+        given_id = data.pop("id", None)
+        data.pop("created_at", None)
+        data.pop("updated_at", None)
+        if given_id is not None and not (isinstance(given_id, str) and is_uuid(given_id)):
+            raise schema_violation({"id": "expected a valid UUID"})
+        if given_id in self.snapshot.records[kind]:
+            raise unique_violation(kind, "id", given_id, "use PATCH or PUT to change it")
+        now = self._now(kind)
+        old = {"id": given_id or str(uuid.uuid4()), "created_at": now}
+        return self._save(kind, data, coerce, parent, old)
+
+    def _save(
+        self, kind: str, data: Record, coerce: bool, parent: str | None, old: Record
+    ) -> Deferred[Record]:
+        if parent is not None:
+            data[_PARENT[kind]] = {"id": parent}
+        if kind == "routes":
+            self._resolve_service(data)
+        record, errors = build_record(kind, data, coerce)
+        if errors:
+            raise schema_violation(errors)
+        record["id"] = old["id"]
+        record["created_at"] = old["created_at"]
+        record["updated_at"] = self._now(kind)
+        self._check_references(kind, record)
+        self._check_unique(kind, record)
+        return self._commit([(kind, record)], []).addCallback(lambda _: record)
+
+    def _resolve_service(self, data: Record) -> None:
+        ref = data.get("service")
+        if not isinstance(ref, Mapping):
+            if ref is None:
+                raise schema_violation({"service": "required field missing"})
+            raise schema_violation({"service": "expected a record"})
+        if "name" in ref and "id" not in ref:
+            try:
+                data["service"] = {"id": self.find("services", str(ref["name"]))["id"]}
+            except AdminError:
+                raise foreign_key_violation(
+                    f"the foreign key '{{name=\"{ref['name']}\"}}' does not reference an "
+                    "existing 'services' entity.",
+                    {"service": {"name": ref["name"]}},
+                ) from None
+
+    def _check_references(self, kind: str, record: Record) -> None:
+        parent_kind = {"targets": "upstreams", "routes": "services"}.get(kind)
+        if parent_kind is None:
+            return
+        parent_id = _parent_id(kind, record)
+        if parent_id is None:
+            raise schema_violation({_PARENT[kind]: "required field missing"})
+        if parent_id not in self.snapshot.records[parent_kind]:
+            raise foreign_key_violation(
+                f"the foreign key '{{id=\"{parent_id}\"}}' does not reference an "
+                f"existing '{parent_kind}' entity.",
+                {_PARENT[kind]: {"id": parent_id}},
+            )
+
+    def _check_unique(self, kind: str, record: Record) -> None:
+        key = _UNIQUE[kind]
+        value = record.get(key)
+        if value is None:
+            return
+        scope = _parent_id(kind, record)
+        for other in self.snapshot.records[kind].values():
+            if (
+                other["id"] != record["id"]
+                and other.get(key) == value
+                and _parent_id(kind, other) == scope
+            ):
+                if kind == "targets":
+                    hint = f"use PATCH /upstreams/{{upstream}}/targets/{value} to change it"
+                else:
+                    hint = f"use PATCH /{kind}/{value} or PUT /{kind}/{value} to change it"
+                raise unique_violation(kind, key, value, hint)
+
+    def _commit(self, puts: list[tuple[str, Record]], deletes: list[tuple[str, str]]) -> Deferred[Any]:
+        records = {kind: dict(by_id) for kind, by_id in self.snapshot.records.items()}
+        for kind, record in puts:
+            records[kind][record["id"]] = record
+        for kind, id in deletes:
+            records[kind].pop(id, None)
+
+        def apply(version: int) -> None:
+            self._runtime.apply(ConfigSnapshot.build(version, records))
+
+        return self._store.write(puts, deletes).addCallback(apply)
+
+    def replace(self, records: Mapping[str, Mapping[str, Record]]) -> Deferred[None]:
+        """
+        Replace the whole configuration (declarative import) in one
+        transaction.
+        """
+
+        def swap() -> Deferred[None]:
+            d = self._store.replace(records)
+            d.addCallback(
+                lambda version: self._runtime.apply(ConfigSnapshot.build(version, records))
+            )
+            return d
+
+        return self._locked(swap)
+
+    def _now(self, kind: str) -> float:
+        now = self._clock.seconds()
+        return round(now, 3) if kind == "targets" else int(now)
+
+
+def _without_server_fields(data: Mapping[str, Any]) -> Record:
+    return {k: v for k, v in data.items() if k not in ("created_at", "updated_at")}

@@ -1,0 +1,257 @@
+# -*- test-case-name: tests.test_health_state -*-
+"""
+The health of one target on this node: Kong's counters and states, plus
+our two additions (a passive cooldown that gives a failed target a trial
+request, and a rate-limit cooldown from C{429 Retry-After}).
+
+Everything here is pure: it changes only on the events it is told of
+(L{TargetHealth.record}, L{TargetHealth.set_manual},
+L{TargetHealth.reconfigure}) and reads time from the clock it is given, so
+a L{task.Clock} drives it exactly in tests.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+
+from twisted.internet.interfaces import IReactorTime
+
+from ..model import Target, Upstream
+from .config import Active, Passive
+from .passive import CONNECTED, STATUS, TCP_FAILURE, Outcome, parse_retry_after
+
+
+class Health(enum.Enum):
+    """
+    A target's health, as the Admin API shows it.
+    """
+
+    HEALTHY = "HEALTHY"
+    UNHEALTHY = "UNHEALTHY"
+    #: The upstream checks nothing: the target is always available.
+    HEALTHCHECKS_OFF = "HEALTHCHECKS_OFF"
+    #: Reserved for when targets are resolved by name; never set yet.
+    DNS_ERROR = "DNS_ERROR"
+
+
+#: Where an outcome came from, which selects the thresholds it is held to.
+ACTIVE = "active"
+PASSIVE = "passive"
+#: The cause of a transition made by hand.
+MANUAL = "manual"
+
+#: The counters, named as the thresholds in the C{healthchecks} tree.
+SUCCESSES = "successes"
+HTTP_FAILURES = "http_failures"
+TCP_FAILURES = "tcp_failures"
+TIMEOUTS = "timeouts"
+COUNTERS = (SUCCESSES, HTTP_FAILURES, TCP_FAILURES, TIMEOUTS)
+
+#: Told of every transition: the target's state, old health, new health and
+#: the cause (C{"active timeouts"}, C{"passive trial"}, C{"manual"}, ...).
+TransitionHook = Callable[["TargetHealth", Health, Health, str], None]
+
+
+def classify(outcome: Outcome, checks: Active | Passive) -> str | None:
+    """
+    Which counter an outcome feeds, under one side's settings.
+
+    A status in neither list is ignored, as Kong does.  Under a C{tcp}
+    check any response is a success: the connection worked.
+
+    @return: one of L{COUNTERS}, or L{None} when the outcome is ignored.
+    """
+    kind = outcome.kind
+    if kind == STATUS:
+        if checks.type == "tcp" or outcome.code in checks.healthy.http_statuses:
+            return SUCCESSES
+        if outcome.code in checks.unhealthy.http_statuses:
+            return HTTP_FAILURES
+        return None
+    if kind == CONNECTED:
+        return SUCCESSES
+    return TCP_FAILURES if kind == TCP_FAILURE else TIMEOUTS
+
+
+class TargetHealth:
+    """
+    The health state machine of one target.
+
+    States and what moves between them::
+
+      HEALTHY    -- failures of one kind reach its threshold --> UNHEALTHY
+      UNHEALTHY  -- successes reach healthy.successes -------> HEALTHY
+      UNHEALTHY  -- (passive) a trial request succeeds ------> HEALTHY
+      any        -- set by hand ---------------------------> HEALTHY/UNHEALTHY
+      any        -- healthchecks turned off / on -----------> HEALTHCHECKS_OFF/HEALTHY
+
+    Counters count I{consecutive} events, as lua-resty-healthcheck does: a
+    success clears the failure counters and a failure the success counter;
+    only the counters that can move the target are kept (failures while
+    healthy, successes while unhealthy); a threshold of 0 disables its
+    counter; every transition clears them all.  Active and passive outcomes
+    share the counters but each is held to its own side's thresholds.
+
+    Two cooldowns sit beside the state.  A target made unhealthy by
+    I{passive} failures would otherwise never come back without active
+    checks (Kong's behaviour, ours when C{passive.unhealthy.cooldown} is 0):
+    after the cooldown it is offered one trial request, whose success makes
+    it healthy and whose failure restarts the cooldown; an unreported trial
+    is replaced by another a cooldown later.  A C{429} with C{Retry-After}
+    makes a target unavailable until then without counting as a failure:
+    the target is fine, only busy.
+
+    @ivar health: the current L{Health}.
+    @ivar counters: the counters by name (L{COUNTERS}).
+    @ivar cooldown_until: the end of a rate-limit cooldown (clock seconds),
+        or 0.
+    """
+
+    def __init__(
+        self,
+        target: Target,
+        upstream: Upstream,
+        clock: IReactorTime,
+        on_transition: TransitionHook,
+    ) -> None:
+        self.target = target
+        self.upstream = upstream
+        self._clock = clock
+        self._notify = on_transition
+        self.health = (
+            Health.HEALTHY if upstream.healthchecks.enabled else Health.HEALTHCHECKS_OFF
+        )
+        # Whether traffic may go (HEALTHY or HEALTHCHECKS_OFF), kept beside
+        # health so available() reads one attribute.
+        self._up = True
+        self.counters = dict.fromkeys(COUNTERS, 0)
+        self.cooldown_until = 0.0
+        # When a passively failed target gets its next trial (None: never),
+        # and whether a trial is out, so its report ends it.
+        self._trial_at: float | None = None
+        self._trial_out = False
+
+    def available(self) -> bool:
+        """
+        Whether this target may be given traffic now.
+
+        A true answer for an unhealthy target is its trial: the caller is
+        expected to send it a request, and no other trial is granted until
+        that one is reported or a cooldown has passed.  This is on the hot
+        path: a healthy target with no cooldown costs two attribute reads.
+        """
+        if self._up and not self.cooldown_until:
+            return True
+        now = self._clock.seconds()
+        if not self._open(now):
+            return False
+        if not self._up:
+            self._trial_at = now + self.upstream.healthchecks.passive.unhealthy.cooldown
+            self._trial_out = True
+        return True
+
+    def is_available(self) -> bool:
+        """
+        Like L{available}, without granting a trial: for reporting.
+        """
+        return self._open(self._clock.seconds())
+
+    def _open(self, now: float) -> bool:
+        if now < self.cooldown_until:
+            return False
+        return self._up or (self._trial_at is not None and now >= self._trial_at)
+
+    def record(self, outcome: Outcome, source: str) -> None:
+        """
+        Count the outcome of a probe (C{source} L{ACTIVE}) or of a proxied
+        attempt (L{PASSIVE}), and move the target if a threshold is reached.
+        """
+        if outcome.code == 429 and outcome.retry_after is not None:
+            now = self._clock.seconds()
+            delay = parse_retry_after(outcome.retry_after, now)
+            if delay is not None:
+                self.cooldown_until = now + delay
+                return
+        if self.health is Health.HEALTHCHECKS_OFF:
+            return
+        hc = self.upstream.healthchecks
+        checks = hc.active if source == ACTIVE else hc.passive
+        counter = classify(outcome, checks)
+        if counter is None:
+            return
+        counters = self.counters
+        if counter == SUCCESSES:
+            if self._trial_out and source == PASSIVE:
+                self._become(Health.HEALTHY, PASSIVE, "passive trial")
+                return
+            counters[HTTP_FAILURES] = counters[TCP_FAILURES] = counters[TIMEOUTS] = 0
+            limit = checks.healthy.successes
+            goal = Health.HEALTHY
+        else:
+            if self._trial_out and source == PASSIVE:
+                self._trial_out = False
+                self._trial_at = self._clock.seconds() + hc.passive.unhealthy.cooldown
+                return
+            counters[SUCCESSES] = 0
+            limit = getattr(checks.unhealthy, counter)
+            goal = Health.UNHEALTHY
+        if limit and self.health is not goal:
+            counters[counter] += 1
+            if counters[counter] >= limit:
+                self._become(goal, source, f"{source} {counter}")
+
+    def set_manual(self, healthy: bool) -> None:
+        """
+        Set the health by hand: counters, trial and rate-limit cooldown are
+        cleared, so the operator's word holds until the checks overrule it.
+        Setting healthy when checks are off gives L{Health.HEALTHCHECKS_OFF}.
+        """
+        self.cooldown_until = 0.0
+        if not healthy:
+            self._become(Health.UNHEALTHY, MANUAL, MANUAL)
+        elif self.upstream.healthchecks.enabled:
+            self._become(Health.HEALTHY, MANUAL, MANUAL)
+        else:
+            self._become(Health.HEALTHCHECKS_OFF, MANUAL, MANUAL)
+
+    def reconfigure(self, target: Target, upstream: Upstream) -> None:
+        """
+        Take the target's and its upstream's new values, keeping the health
+        unless checking was turned off or on.
+        """
+        was = self.upstream.healthchecks.enabled
+        self.target, self.upstream = target, upstream
+        now = upstream.healthchecks.enabled
+        if now and not was:
+            self._become(Health.HEALTHY, "config", "healthchecks on")
+        elif was and not now:
+            self._become(Health.HEALTHCHECKS_OFF, "config", "healthchecks off")
+        elif not upstream.healthchecks.passive.unhealthy.cooldown:
+            self._trial_at, self._trial_out = None, False
+
+    def describe(self) -> dict[str, object]:
+        """
+        The state as the health endpoint shows it.
+        """
+        until = self.cooldown_until
+        return {
+            "health": self.health.value,
+            "cooldown_until": until if until > self._clock.seconds() else None,
+            "counters": dict(self.counters),
+        }
+
+    def _become(self, new: Health, source: str, cause: str) -> None:
+        old = self.health
+        self.health = new
+        self._up = new is not Health.UNHEALTHY and new is not Health.DNS_ERROR
+        for name in COUNTERS:
+            self.counters[name] = 0
+        self._trial_out = False
+        self._trial_at = None
+        if new is Health.UNHEALTHY and source == PASSIVE:
+            cooldown = self.upstream.healthchecks.passive.unhealthy.cooldown
+            if cooldown:
+                self._trial_at = self._clock.seconds() + cooldown
+        if new is not old:
+            self._notify(self, old, new, cause)

@@ -1,0 +1,117 @@
+# -*- test-case-name: tests.test_proxy -*-
+"""
+The HTTP client side of the proxy: an L{Agent} over one persistent
+connection pool, with endpoints tuned for targets.
+
+C{Agent}'s default endpoint resolves every host name, even C{127.0.0.1},
+through the reactor's thread pool, and leaves Nagle's algorithm on, which
+holds small server-sent-event chunks back.  Our endpoint factory connects
+to IP addresses directly and sets C{TCP_NODELAY} on every connection.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.ssl import CertificateOptions, optionsForClientTLS
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.iweb import IAgentEndpointFactory
+from zope.interface import implementer
+
+
+def _nodelay(protocol: Any) -> Any:
+    transport = getattr(protocol, "transport", None)
+    # Under TLS the protocol's transport is the TLS layer; Nagle is on the
+    # TCP transport beneath it.
+    while transport is not None:
+        set_nodelay = getattr(transport, "setTcpNoDelay", None)
+        if set_nodelay is not None:
+            set_nodelay(True)
+            break
+        transport = getattr(transport, "transport", None)
+    return protocol
+
+
+@implementer(IStreamClientEndpoint)
+class _NoDelay:
+    def __init__(self, endpoint: IStreamClientEndpoint) -> None:
+        self._endpoint = endpoint
+
+    def connect(self, factory: Any) -> Any:
+        return self._endpoint.connect(factory).addCallback(_nodelay)
+
+
+@implementer(IAgentEndpointFactory)
+class TargetEndpoints:
+    """
+    Endpoints for targets: direct TCP for IP addresses, TLS with SNI and
+    certificate verification for C{https}.
+    """
+
+    def __init__(self, reactor: Any, connect_timeout: float, verify: bool = True) -> None:
+        self._reactor = reactor
+        self._timeout = connect_timeout
+        self._verify = verify
+
+    def endpointForURI(self, uri: Any) -> IStreamClientEndpoint:
+        host = uri.host.decode("ascii")
+        if host.startswith("["):
+            host = host[1:-1]
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            endpoint: IStreamClientEndpoint = HostnameEndpoint(
+                self._reactor, host, uri.port, timeout=self._timeout
+            )
+        else:
+            kind = TCP4ClientEndpoint if address.version == 4 else TCP6ClientEndpoint
+            endpoint = kind(self._reactor, host, uri.port, timeout=self._timeout)
+        if uri.scheme == b"https":
+            if self._verify:
+                options: Any = optionsForClientTLS(host)
+            else:
+                options = CertificateOptions(verify=False)
+            endpoint = wrapClientTLS(options, endpoint)
+        return _NoDelay(endpoint)
+
+
+class Agents:
+    """
+    One L{Agent} per connect timeout, all sharing one persistent pool, so
+    keep-alive connections to a target are reused whatever the service.
+    """
+
+    def __init__(self, reactor: Any, max_per_host: int = 256) -> None:
+        self._reactor = reactor
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        # Agent's default of 2 would make every burst open new connections.
+        self.pool.maxPersistentPerHost = max_per_host
+        self._agents: dict[float, Agent] = {}
+
+    def agent(self, connect_timeout: float) -> Agent:
+        """
+        The agent for services with this connect timeout.
+        """
+        agent = self._agents.get(connect_timeout)
+        if agent is None:
+            agent = Agent.usingEndpointFactory(
+                self._reactor,
+                TargetEndpoints(self._reactor, connect_timeout),
+                pool=self.pool,
+            )
+            self._agents[connect_timeout] = agent
+        return agent
+
+    def close(self) -> Any:
+        """
+        Close every pooled connection.
+        """
+        return self.pool.closeCachedConnections()

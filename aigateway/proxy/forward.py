@@ -1,0 +1,376 @@
+# -*- test-case-name: tests.test_proxy -*-
+"""
+Forwarding one request: pick a target, send, retry, relay the response.
+
+An L{Exchange} lives for one client request.  Each attempt picks a target
+not yet tried, sends the (buffered) body, and either relays the response as
+it arrives or, when it failed before any byte reached the client, reports
+the failure to passive health and tries another target.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
+from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web.client import PotentialDataLoss, ResponseDone
+from twisted.web.http import PotentialDataLoss as HTTPPotentialDataLoss
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
+from zope.interface import implementer
+
+from .headers import copy_response_headers, upstream_headers
+
+if TYPE_CHECKING:
+    from twisted.web.server import Request
+
+    from ..balancer.context import PickContext
+    from ..balancer.interfaces import IBalancer
+    from ..model import Route, Service, Target, Upstream
+    from .client import Agents
+
+NO_PEER = "failure to get a peer from the ring-balancer"
+BAD_GATEWAY = "An invalid response was received from the upstream server"
+TIMEOUT = "The upstream server is timing out"
+_DONE = (ResponseDone, PotentialDataLoss, HTTPPotentialDataLoss, ConnectionDone)
+_BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH", b"DELETE"})
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """
+    A request body already in memory, so it can be sent again on a retry.
+    """
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: Any) -> Deferred[None]:
+        consumer.write(self._body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+def write_error(request: Request, code: int, message: str, request_id: str) -> None:
+    """
+    Answer with a JSON error body, as Kong does.
+    """
+    body = json.dumps({"message": message, "request_id": request_id}).encode()
+    request.setResponseCode(code)
+    headers = request.responseHeaders
+    headers.setRawHeaders(b"content-type", [b"application/json; charset=utf-8"])
+    headers.setRawHeaders(b"content-length", [b"%d" % len(body)])
+    request.write(body)
+    request.finish()
+
+
+class Exchange:
+    """
+    One client request on its way through the gateway.
+
+    @ivar attempts: attempts made so far.
+    @ivar tried: keys of the targets already tried.
+    """
+
+    def __init__(
+        self,
+        agents: Agents,
+        clock: Any,
+        request: Request,
+        service: Service,
+        upstream: Upstream | None,
+        balancer: IBalancer | None,
+        health: Any,
+        context: PickContext,
+        path: bytes,
+        route: Route,
+        body: bytes,
+        request_id: str,
+        started: float,
+        decorate: Callable[[Exchange, Request], None],
+        on_done: Callable[[Exchange], None],
+    ) -> None:
+        self.agents = agents
+        self.clock = clock
+        self.request = request
+        self.service = service
+        self.upstream = upstream
+        self.balancer = balancer
+        self.health = health
+        self.context = context
+        self.path = path
+        self.route = route
+        self.body = body
+        self.request_id = request_id
+        self.started = started
+        self.decorate = decorate
+        self.on_done = on_done
+        self.attempts = 0
+        self.tried: set[str] = set()
+        self.target: Target | None = None
+        self.status = 0
+        self.upstream_latency: float | None = None
+        self.proxy_latency: float | None = None
+        self.sent_at = 0.0
+        self.bytes_out = 0
+        self.error: str | None = None
+        self._pending: Deferred[Any] | None = None
+        self._relay: _Relay | None = None
+        self._gone = False
+        self._finished = False
+
+    def start(self) -> None:
+        """
+        Make the first attempt, and watch for the client going away.
+        """
+        self.request.notifyFinish().addErrback(self._client_gone)
+        target = self._pick()
+        if target is None:
+            self.fail(503, NO_PEER)
+            return
+        self._attempt(target)
+
+    def _pick(self) -> Target | None:
+        if self.balancer is None:
+            return self._direct_target()
+        return self.balancer.pick(self.context, self.tried)
+
+    def _direct_target(self) -> Target | None:
+        from ..model import Target, format_target
+
+        service = self.service
+        return Target(
+            id="",
+            upstream_id="",
+            key=format_target(service.host, service.port),
+            host=service.host,
+            port=service.port,
+            weight=1,
+        )
+
+    def _attempt(self, target: Target) -> None:
+        self.attempts += 1
+        self.target = target
+        self.tried.add(target.key)
+        if self.balancer is not None:
+            self.balancer.started(target)
+        service = self.service
+        request = self.request
+        upstream = self.upstream
+        client_host = request.getHeader(b"host")
+        if self.route.preserve_host and client_host:
+            host = client_host
+        elif upstream is not None and upstream.host_header:
+            host = upstream.host_header.encode("ascii")
+        elif _default_port(target, service):
+            host = target.host.encode("ascii")
+        else:
+            host = target.key.encode("ascii")
+        scheme = service.protocol.encode("ascii")
+        url = b"%s://%s%s" % (scheme, target.key.encode("ascii"), self.path)
+        headers = upstream_headers(
+            request.requestHeaders,
+            host,
+            self.context.client_ip.encode("ascii"),
+            b"https" if request.isSecure() else b"http",
+            b"%d" % request.getHost().port,
+            target.headers,
+        )
+        body = None
+        if self.body or request.method in _BODY_METHODS:
+            body = BytesProducer(self.body)
+        now = self.clock.seconds()
+        if self.attempts == 1:
+            self.proxy_latency = now - self.started
+        self.sent_at = now
+        d = self.agents.agent(service.connect_timeout).request(
+            request.method, url, headers, body
+        )
+        d.addTimeout(service.read_timeout, self.clock)
+        self._pending = d
+        d.addCallbacks(self._response, self._failed, (target, now), None, (target,))
+
+    def _failed(self, failure: Failure, target: Target) -> None:
+        self._pending = None
+        if self.balancer is not None:
+            self.balancer.finished(target, None)
+        timeout = failure.check(TimeoutError) is not None
+        if failure.check(CancelledError) and self._gone:
+            return
+        self.health.report_failure(target, timeout)
+        self.error = failure.getErrorMessage()
+        if self._gone:
+            return
+        if self.attempts <= self.service.retries:
+            following = self._pick()
+            if following is not None:
+                self._attempt(following)
+                return
+        self.fail(504 if timeout else 502, TIMEOUT if timeout else BAD_GATEWAY)
+
+    def _response(self, response: IResponse, target: Target, sent: float) -> None:
+        self._pending = None
+        first_byte = self.clock.seconds() - sent
+        status = response.code
+        retry_after = response.headers.getRawHeaders(b"retry-after")
+        self.health.report_status(target, status, retry_after[0] if retry_after else None)
+        if (
+            status in self.service.retry_on_statuses
+            and self.attempts <= self.service.retries
+            and not self._gone
+        ):
+            following = self._pick()
+            if following is not None:
+                self._discard(response, target, first_byte)
+                self._attempt(following)
+                return
+        self.upstream_latency = first_byte
+        self.status = status
+        request = self.request
+        request.setResponseCode(status, response.phrase)
+        copy_response_headers(response.headers, request.responseHeaders)
+        if response.length is not UNKNOWN_LENGTH:
+            # Twisted's client keeps Content-Length out of response.headers.
+            request.responseHeaders.setRawHeaders(
+                b"content-length", [b"%d" % response.length]
+            )
+        self.decorate(self, request)
+        relay = _Relay(self, target, first_byte)
+        self._relay = relay
+        response.deliverBody(relay)
+
+    def _discard(self, response: IResponse, target: Target, first_byte: float) -> None:
+        if self.balancer is not None:
+            self.balancer.finished(target, first_byte)
+        response.deliverBody(_Discard())
+
+    def _client_gone(self, failure: Failure) -> None:
+        self._gone = True
+        if self._pending is not None:
+            self._pending.cancel()
+        if self._relay is not None:
+            self._relay.stop()
+
+    def fail(self, code: int, message: str) -> None:
+        """
+        Answer the client with a gateway error.
+        """
+        self.status = code
+        if not self._gone:
+            self.decorate(self, self.request)
+            write_error(self.request, code, message, self.request_id)
+        self.done()
+
+    def done(self) -> None:
+        """
+        The exchange is over: report it once.
+        """
+        if not self._finished:
+            self._finished = True
+            self.on_done(self)
+
+
+def _default_port(target: Target, service: Service) -> bool:
+    return target.port == (443 if service.protocol == "https" else 80)
+
+
+class _Discard(Protocol):
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+
+class _Relay(Protocol):
+    """
+    Writes a target's response body to the client as it arrives.
+
+    The target connection is registered as the client request's streaming
+    producer, so a slow client pauses reading from the target instead of
+    buffering its whole answer in memory.
+    """
+
+    def __init__(self, exchange: Exchange, target: Target, first_byte: float) -> None:
+        self.exchange = exchange
+        self.target = target
+        self.first_byte = first_byte
+        self._stalled: Any = None
+
+    def connectionMade(self) -> None:
+        exchange = self.exchange
+        exchange.request.registerProducer(self.transport, True)
+        self._stalled = exchange.clock.callLater(
+            exchange.service.read_timeout, self._stall
+        )
+
+    def dataReceived(self, data: bytes) -> None:
+        exchange = self.exchange
+        exchange.bytes_out += len(data)
+        exchange.request.write(data)
+        if self._stalled is not None:
+            self._stalled.reset(exchange.service.read_timeout)
+
+    def _stall(self) -> None:
+        self._stalled = None
+        self.exchange.error = "read timeout"
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def stop(self) -> None:
+        """
+        The client went away: stop reading from the target.
+        """
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def connectionLost(self, reason: Failure = ConnectionDone()) -> None:
+        exchange = self.exchange
+        if self._stalled is not None:
+            self._stalled.cancel()
+            self._stalled = None
+        if exchange.balancer is not None:
+            exchange.balancer.finished(self.target, self.first_byte)
+        request = exchange.request
+        if exchange._gone:
+            exchange.done()
+            return
+        request.unregisterProducer()
+        if reason.check(*_DONE) and exchange.error is None:
+            request.finish()
+        else:
+            self._broken(reason)
+        exchange.done()
+
+    def _broken(self, reason: Failure) -> None:
+        """
+        The target failed after bytes reached the client: the answer cannot
+        be completed, so say so and close the connection without the
+        chunked terminator, which no client can mistake for a complete
+        answer.
+        """
+        exchange = self.exchange
+        cause = exchange.error or reason.getErrorMessage()
+        exchange.error = cause
+        timeout = cause == "read timeout"
+        exchange.health.report_failure(self.target, timeout)
+        request = exchange.request
+        content_type = request.responseHeaders.getRawHeaders(b"content-type", [b""])[0]
+        if content_type.startswith(b"text/event-stream"):
+            event = json.dumps(
+                {"error": {"message": "upstream stream broken: " + cause,
+                           "type": "upstream_error", "request_id": exchange.request_id}}
+            )
+            request.write(b"event: error\ndata: " + event.encode() + b"\n\n")
+        request.channel.transport.loseConnection()
+

@@ -1,0 +1,200 @@
+# -*- test-case-name: tests.test_proxy -*-
+"""
+The proxy listener: a twisted.web L{Site} whose one leaf resource routes
+each request and hands it to an L{Exchange}.
+
+This is the hot path.  It reads the runtime's compiled configuration with
+one attribute access and never touches the store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+
+from .._version import __version__
+from ..balancer.context import PickContext
+from ..runtime import Runtime
+from .client import Agents
+from .forward import Exchange, write_error
+from .router import join_path
+
+NO_ROUTE = "no Route matched with those values"
+VIA = b"1.1 aigateway/" + __version__.encode("ascii")
+
+
+class GatewayRequest(Request):
+    """
+    A request whose body is bounded: a client cannot make the gateway
+    buffer more than the site's C{max_body} bytes.
+    """
+
+    too_large = False
+    _received = 0
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self._received += len(data)
+        if self._received > self.channel.site.max_body:  # type: ignore[union-attr]
+            self.too_large = True
+            return
+        super().handleContentChunk(data)
+
+
+class QuietSite(Site):
+    """
+    A site without twisted.web's per-request C{Site.log}, which costs about
+    as much as the rest of a simple proxied request; the gateway writes its
+    own access log from the exchange instead.
+    """
+
+    def log(self, request: Any) -> None:
+        pass
+
+
+class GatewaySite(QuietSite):
+    """
+    The proxy's site: bounded request bodies, no twisted.web access log.
+    """
+
+    requestFactory = GatewayRequest
+
+    def __init__(self, resource: Resource, max_body: int, **kwargs: Any) -> None:
+        super().__init__(resource, **kwargs)
+        self.max_body = max_body
+
+
+def _model_of(request: Request) -> Callable[[], str | None]:
+    cache: list[str | None] = []
+
+    def model() -> str | None:
+        if not cache:
+            value = None
+            try:
+                request.content.seek(0)
+                parsed = json.loads(request.content.read() or b"null")
+                if isinstance(parsed, dict) and isinstance(parsed.get("model"), str):
+                    value = parsed["model"]
+            except ValueError:
+                pass
+            cache.append(value)
+        return cache[0]
+
+    return model
+
+
+class ProxyResource(Resource):
+    """
+    Routes every request to a service and forwards it.
+    """
+
+    isLeaf = True
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        agents: Agents,
+        clock: Any,
+        on_done: Callable[[Exchange], None] = lambda exchange: None,
+        latency_headers: bool = True,
+        trust_forwarded_for: bool = False,
+    ) -> None:
+        super().__init__()
+        self._runtime = runtime
+        self._agents = agents
+        self._clock = clock
+        self._on_done = on_done
+        self._latency_headers = latency_headers
+        self._trust_xff = trust_forwarded_for
+
+    def render(self, request: Request) -> Any:
+        started = self._clock.seconds()
+        request_id = os.urandom(12).hex()
+        channel = request.channel
+        if not getattr(channel, "_aigateway_nodelay", False):
+            channel.transport.setTcpNoDelay(True)  # type: ignore[union-attr]
+            channel._aigateway_nodelay = True  # type: ignore[union-attr]
+        request.responseHeaders.setRawHeaders(b"x-request-id", [request_id.encode()])
+        if getattr(request, "too_large", False):
+            write_error(request, 413, "Request size limit exceeded", request_id)
+            return NOT_DONE_YET
+        compiled = self._runtime.current
+        host = (request.getHeader(b"host") or b"").decode("latin-1").lower()
+        if host.startswith("["):
+            host = host[: host.find("]") + 1]
+        else:
+            host = host.partition(":")[0]
+        path = request.path.decode("latin-1")
+        router = compiled.router
+        match = router.match(
+            host,
+            request.method.decode("latin-1"),
+            path,
+            _model_of(request) if router.uses_models else lambda: None,
+        )
+        if match is None:
+            write_error(request, 404, NO_ROUTE, request_id)
+            return NOT_DONE_YET
+        service = match.service
+        upstream = compiled.snapshot.upstreams.get(service.host)
+        balancer = None if upstream is None else compiled.balancers[upstream.id]
+        uri = request.uri
+        query = uri.partition(b"?")[2]
+        forward_path = join_path(service.path, match.path).encode("latin-1")
+        if query:
+            forward_path += b"?" + query
+        context = PickContext(
+            headers=request.requestHeaders,
+            client_ip=self._client_ip(request),
+            path=path,
+            query=query,
+            uri_captures=match.captures,
+        )
+        request.content.seek(0)
+        exchange = Exchange(
+            self._agents,
+            self._clock,
+            request,
+            service,
+            upstream,
+            balancer,
+            self._runtime.health,
+            context,
+            forward_path,
+            match.route,
+            request.content.read(),
+            request_id,
+            started,
+            self._decorate,
+            self._on_done,
+        )
+        exchange.start()
+        return NOT_DONE_YET
+
+    def _client_ip(self, request: Request) -> str:
+        if self._trust_xff:
+            forwarded = request.getHeader(b"x-forwarded-for")
+            if forwarded:
+                return forwarded.split(b",")[0].strip().decode("latin-1")
+        peer = request.getClientAddress()
+        return getattr(peer, "host", "") or ""
+
+    def _decorate(self, exchange: Exchange, request: Request) -> None:
+        headers = request.responseHeaders
+        headers.setRawHeaders(b"via", [VIA])
+        if exchange.context.set_cookie is not None:
+            name, value, path = exchange.context.set_cookie
+            request.addCookie(name, value, path=path)
+        if self._latency_headers:
+            if exchange.upstream_latency is not None:
+                headers.setRawHeaders(
+                    b"x-upstream-latency", [b"%d" % (exchange.upstream_latency * 1000)]
+                )
+            if exchange.proxy_latency is not None:
+                headers.setRawHeaders(
+                    b"x-proxy-latency", [b"%d" % (exchange.proxy_latency * 1000)]
+                )

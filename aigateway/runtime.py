@@ -1,0 +1,90 @@
+# -*- test-case-name: tests.test_runtime -*-
+"""
+What the proxy reads: the current configuration, compiled.
+
+L{Runtime.apply} compiles a new snapshot into a router and per-upstream
+balancers and swaps them in with one attribute assignment, so a request
+sees either the old configuration or the new one, never a mix.  A balancer
+is kept across snapshots while its upstream and targets are unchanged, so
+round-robin positions and in-flight counts survive unrelated changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+
+from .balancer.interfaces import IBalancer, IHealthView
+from .config import ConfigSnapshot
+from .model import Target, Upstream
+from .proxy.router import Router
+
+BalancerBuilder = Callable[[Upstream, "tuple[Target, ...]", IHealthView], IBalancer]
+
+
+@attrs.frozen
+class Compiled:
+    """
+    One configuration, ready for the hot path.
+    """
+
+    snapshot: ConfigSnapshot
+    router: Router
+    balancers: Mapping[str, IBalancer]
+    sources: Mapping[str, tuple[Upstream, tuple[Target, ...]]]
+
+
+class Runtime:
+    """
+    The live, swappable configuration of one gateway node.
+
+    @ivar current: the compiled configuration in force.
+    """
+
+    def __init__(self, health: Any, build: BalancerBuilder) -> None:
+        self.health = health
+        self._build = build
+        self._observers: list[Callable[[ConfigSnapshot], None]] = []
+        self.current = self._compile(ConfigSnapshot.empty(), None)
+
+    def observe(self, observer: Callable[[ConfigSnapshot], None]) -> None:
+        """
+        Call C{observer} with every snapshot applied from now on.
+        """
+        self._observers.append(observer)
+
+    @property
+    def snapshot(self) -> ConfigSnapshot:
+        """
+        The configuration in force.
+        """
+        return self.current.snapshot
+
+    def apply(self, snapshot: ConfigSnapshot) -> None:
+        """
+        Put C{snapshot} in force.
+        """
+        self.health.update(snapshot)
+        self.current = self._compile(snapshot, self.current)
+        for observer in self._observers:
+            observer(snapshot)
+
+    def _compile(self, snapshot: ConfigSnapshot, previous: Compiled | None) -> Compiled:
+        balancers: dict[str, IBalancer] = {}
+        sources = {}
+        for upstream in snapshot.upstreams.values():
+            targets = snapshot.targets.get(upstream.id, ())
+            source = (upstream, targets)
+            sources[upstream.id] = source
+            if previous is not None and previous.sources.get(upstream.id) == source:
+                balancers[upstream.id] = previous.balancers[upstream.id]
+            else:
+                balancers[upstream.id] = self._build(upstream, targets, self.health)
+        return Compiled(
+            snapshot=snapshot,
+            router=Router(snapshot.routes, snapshot.services),
+            balancers=balancers,
+            sources=sources,
+        )

@@ -1,0 +1,116 @@
+# -*- test-case-name: tests.test_service -*-
+"""
+The gateway as a Twisted service: store, runtime, proxy and Admin API.
+
+Start-up is ordered: the store is opened and migrated, the configuration
+loaded and put in force, and only then do the listeners open, so the first
+proxied request already sees the stored configuration.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import attrs
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+
+from .config import ConfigSnapshot
+from .proxy.client import Agents
+from .proxy.resource import GatewaySite, QuietSite
+from .runtime import Runtime
+from .store.sqlite import SQLiteStore
+
+_log = Logger()
+
+
+@attrs.frozen
+class Settings:
+    """
+    What the command line (or a test) chose.
+    """
+
+    proxy: str = "tcp:8000"
+    admin: str = "tcp:8001:interface=127.0.0.1"
+    database: str = "aigateway.db"
+    config: str | None = None
+    access_log: str | None = None
+    max_body: int = 16 * 1024 * 1024
+    latency_headers: bool = True
+    trust_forwarded_for: bool = False
+
+
+class GatewayService(MultiService):
+    """
+    One gateway node.
+
+    @ivar ready: fires when the listeners are open (or fails if start-up
+        failed); tests and embedders wait on it.
+    @ivar proxy_port: the proxy's listening port, once ready.
+    @ivar admin_port: the Admin API's listening port, once ready.
+    """
+
+    def __init__(self, reactor: Any, settings: Settings) -> None:
+        super().__init__()
+        from .wiring import build
+
+        self.reactor = reactor
+        self.settings = settings
+        self.node_id = str(uuid.uuid4())
+        self.started_at = reactor.seconds()
+        self.store = SQLiteStore(reactor, settings.database)
+        self.agents = Agents(reactor)
+        self.parts = build(reactor, self)
+        self.runtime: Runtime = self.parts.runtime
+        self.ready: Deferred[None] = Deferred()
+        self.proxy_port: IListeningPort | None = None
+        self.admin_port: IListeningPort | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        d = Deferred.fromCoroutine(self._start())
+        d.addErrback(self._start_failed)
+        d.chainDeferred(self.ready)
+
+    async def _start(self) -> None:
+        await self.store.start()
+        version, records = await self.store.load()
+        self.runtime.apply(ConfigSnapshot.build(version, records))
+        if self.settings.config:
+            await self.parts.load_declarative(self.settings.config)
+        proxy = GatewaySite(self.parts.proxy_resource, self.settings.max_body)
+        admin = QuietSite(self.parts.admin_resource)
+        self.proxy_port = await serverFromString(self.reactor, self.settings.proxy).listen(proxy)
+        self.admin_port = await serverFromString(self.reactor, self.settings.admin).listen(admin)
+        _log.info(
+            "aigateway {node} ready: proxy on {proxy}, Admin API on {admin}, "
+            "configuration version {version}",
+            node=self.node_id,
+            proxy=self.proxy_port.getHost(),
+            admin=self.admin_port.getHost(),
+            version=version,
+        )
+
+    def _start_failed(self, failure: Any) -> Any:
+        _log.failure("aigateway could not start", failure)
+        if self.reactor.running:
+            self.reactor.stop()
+        return failure
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        stops: list[Deferred[Any]] = []
+        for port in (self.proxy_port, self.admin_port):
+            if port is not None:
+                result = port.stopListening()
+                if isinstance(result, Deferred):
+                    stops.append(result)
+        self.parts.stop()
+        stops.append(self.agents.close())
+        stops.append(self.store.close())
+        return DeferredList(stops, consumeErrors=True)
+

@@ -1,0 +1,3 @@
+"""
+Where configuration is kept: L{IStore} and its implementations.
+"""

@@ -1,0 +1,81 @@
+# -*- test-case-name: tests.test_tap -*-
+"""
+C{twistd aigateway}: command-line options and the service they build.
+
+This module is imported by the twistd drop-in before the reactor is
+installed, so it must not import the reactor (nor klein, nor
+C{prometheus_client.twisted}) at module level.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+DEFAULT_PROXY = "tcp:8000"
+DEFAULT_ADMIN = "tcp:8001:interface=127.0.0.1"
+DEFAULT_DATABASE = "aigateway.db"
+
+
+def _size(value: str) -> int:
+    size = int(value)
+    if size < 0:
+        raise ValueError("must not be negative")
+    return size
+
+
+class Options(usage.Options):
+    """
+    Options of C{twistd aigateway}.
+    """
+
+    synopsis = "[options]"
+    longdesc = (
+        "An event-driven AI gateway: a streaming reverse proxy and load "
+        "balancer for LLM providers, configured through a Kong-style Admin API."
+    )
+    optParameters = [
+        ["proxy", "p", DEFAULT_PROXY, "Endpoint the proxy listens on (a Twisted server endpoint string)."],
+        ["admin", "a", DEFAULT_ADMIN, "Endpoint the Admin API listens on; keep it on a private interface."],
+        ["database", "d", DEFAULT_DATABASE, "Configuration store: an SQLite file path (created if missing)."],
+        ["config", "c", None, "Declarative YAML configuration loaded at start, replacing the stored one."],
+        ["access-log", None, None, "Write one JSON line per proxied request to this file ('-' for stdout)."],
+        ["max-body", None, 16 * 1024 * 1024, "Largest request body the proxy accepts, in bytes.", _size],
+    ]
+    optFlags = [
+        ["no-latency-headers", None, "Do not add X-Upstream-Latency and X-Proxy-Latency to responses."],
+        ["trust-forwarded-for", None, "Take the client address from X-Forwarded-For (behind a trusted load balancer)."],
+    ]
+
+    def postOptions(self) -> None:
+        from twisted.internet.endpoints import _parseServer
+
+        for name in ("proxy", "admin"):
+            try:
+                _parseServer(self[name], None)
+            except (ValueError, KeyError) as e:
+                raise usage.UsageError(f"--{name}: invalid endpoint {self[name]!r}: {e}")
+
+
+def makeService(options: Options) -> IService:
+    """
+    Build the gateway's L{MultiService} from the command line.
+    """
+    from twisted.internet import reactor
+
+    from .service import GatewayService, Settings
+
+    settings = Settings(
+        proxy=options["proxy"],
+        admin=options["admin"],
+        database=options["database"],
+        config=options["config"],
+        access_log=options["access-log"],
+        max_body=options["max-body"],
+        latency_headers=not options["no-latency-headers"],
+        trust_forwarded_for=bool(options["trust-forwarded-for"]),
+    )
+    service: Any = GatewayService(reactor, settings)
+    return service
