@@ -13,7 +13,7 @@ from __future__ import annotations
 import ipaddress
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from OpenSSL import SSL
 from twisted.internet import defer
@@ -25,7 +25,7 @@ from twisted.internet.endpoints import (
 )
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
-    IOpenSSLTrustRoot,
+    IPushProducer,
     IReactorTime,
     IStreamClientEndpoint,
 )
@@ -33,14 +33,17 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import CertificateOptions, optionsForClientTLS
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool, Response
+from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IPolicyForHTTPS
+from twisted.web.iweb import IPolicyForHTTPS, IResponse
 from zope.interface import Interface, implementer
 
 from ..model import Target, Upstream
 from .passive import Outcome, outcome_of_failure, timed_out
 from .state import Health, TargetHealth
+
+if TYPE_CHECKING:
+    from twisted.internet._sslverify import IOpenSSLTrustRoot
 
 _log = Logger()
 
@@ -219,7 +222,9 @@ class AgentProber:
     accepting new ones.
     """
 
-    def __init__(self, reactor: Any, trust_root: IOpenSSLTrustRoot | None = None) -> None:
+    def __init__(
+        self, reactor: Any, trust_root: IOpenSSLTrustRoot | None = None
+    ) -> None:
         """
         @param reactor: provides L{IReactorTCP}, L{IReactorTime} and
             L{IReactorPluggableNameResolver}, as L{Agent} needs.
@@ -259,7 +264,7 @@ def host_header(host: str, port: int, scheme: str) -> str:
     return f"{host}:{port}"
 
 
-def _status(response: Response) -> Outcome:
+def _status(response: IResponse) -> Outcome:
     # Only the status matters: drop the connection rather than read a body
     # that may be large, or an endless event stream.
     response.deliverBody(_Discard())
@@ -270,8 +275,7 @@ def _status(response: Response) -> Outcome:
 
 class _Discard(Protocol):
     def connectionMade(self) -> None:
-        assert self.transport is not None
-        self.transport.stopProducing()
+        cast(IPushProducer, self.transport).stopProducing()
 
 
 def _is_ip(host: str) -> bool:
@@ -308,12 +312,16 @@ class _TLSPolicy:
     C{https_verify_certificate} is off.
     """
 
-    def __init__(self, name: str, verify: bool, trust_root: IOpenSSLTrustRoot | None) -> None:
+    def __init__(
+        self, name: str, verify: bool, trust_root: IOpenSSLTrustRoot | None
+    ) -> None:
         self._name = name
         self._verify = verify
         self._trust_root = trust_root
 
-    def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
+    def creatorForNetloc(
+        self, hostname: bytes, port: int
+    ) -> IOpenSSLClientConnectionCreator:
         if self._verify:
             return optionsForClientTLS(self._name, trustRoot=self._trust_root)
         return _Unverified(self._name)

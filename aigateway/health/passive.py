@@ -41,6 +41,7 @@ _TIMEOUTS = (defer.TimeoutError, error.TimeoutError, error.TCPTimedOutError)
 _TCP_FAILURES = (
     error.ConnectError,
     error.ConnectionClosed,
+    error.DNSLookupError,
     SSL.Error,
 )
 # ResponseNeverReceived is a ResponseFailed.
