@@ -199,7 +199,7 @@ class Exchange:
         d = self.agents.agent(service.connect_timeout).request(
             request.method, url, headers, body
         )
-        d.addTimeout(service.read_timeout, self.clock)
+        d.addTimeout(service.read_timeout, self.clock, _timed_out)
         self._pending = d
         d.addCallbacks(self._response, self._failed, (target, now), None, (target,))
 
@@ -281,6 +281,12 @@ class Exchange:
         if not self._finished:
             self._finished = True
             self.on_done(self)
+
+
+def _timed_out(result: object, timeout: float) -> Failure:
+    # Agent turns the cancellation into ResponseNeverReceived, which
+    # addTimeout would not recognise as its own: say what happened.
+    return Failure(TimeoutError(f"no response within {timeout} s"))
 
 
 def _default_port(target: Target, service: Service) -> bool:

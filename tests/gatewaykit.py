@@ -1,0 +1,259 @@
+"""
+Real parts for end-to-end tests: a gateway on loopback ports, an Admin API
+client, and target servers written for the tests.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+from urllib.parse import urlencode
+
+import attrs
+from treq.client import HTTPClient
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site
+
+from aigateway.service import GatewayService, Settings
+
+
+def sleep(seconds: float) -> Deferred[None]:
+    """
+    Wait on the real reactor.
+    """
+    return deferLater(reactor, seconds, lambda: None)
+
+
+@attrs.define
+class Reply:
+    """
+    An HTTP answer, read whole.
+    """
+
+    code: int
+    headers: Any
+    body: bytes
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class Client:
+    """
+    An HTTP client for one base URL, with its own connection pool.
+    """
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool.maxPersistentPerHost = 64
+        self._treq = HTTPClient(Agent(reactor, pool=self.pool))
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        form: dict[str, Any] | list[tuple[str, str]] | None = None,
+        json_body: Any = None,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Reply:
+        hdrs = {k: [v] for k, v in (headers or {}).items()}
+        data: Any = body
+        if form is not None:
+            data = urlencode(form, doseq=True).encode()
+            hdrs.setdefault("Content-Type", ["application/x-www-form-urlencoded"])
+        elif json_body is not None:
+            data = json.dumps(json_body).encode()
+            hdrs.setdefault("Content-Type", ["application/json"])
+        response = await self._treq.request(
+            method, self.base + path, data=data, headers=hdrs
+        )
+        content = await response.content()
+        return Reply(response.code, response.headers, content)
+
+    async def get(self, path: str, **kw: Any) -> Reply:
+        return await self.request("GET", path, **kw)
+
+    async def post(self, path: str, **kw: Any) -> Reply:
+        return await self.request("POST", path, **kw)
+
+    async def patch(self, path: str, **kw: Any) -> Reply:
+        return await self.request("PATCH", path, **kw)
+
+    async def put(self, path: str, **kw: Any) -> Reply:
+        return await self.request("PUT", path, **kw)
+
+    async def delete(self, path: str, **kw: Any) -> Reply:
+        return await self.request("DELETE", path, **kw)
+
+    async def close(self) -> None:
+        await self.pool.closeCachedConnections()
+
+
+class Gateway:
+    """
+    A gateway node on ephemeral loopback ports, with clients for both.
+    """
+
+    def __init__(self, database: str, **settings: Any) -> None:
+        self.database = database
+        self.settings = settings
+        self.service: GatewayService | None = None
+
+    async def start(self) -> Gateway:
+        settings = Settings(
+            proxy="tcp:0:interface=127.0.0.1",
+            admin="tcp:0:interface=127.0.0.1",
+            database=self.database,
+            **self.settings,
+        )
+        self.service = GatewayService(reactor, settings)
+        self.service.startService()
+        await self.service.ready
+        assert self.service.proxy_port and self.service.admin_port
+        self.proxy_url = f"http://127.0.0.1:{self.service.proxy_port.getHost().port}"
+        self.admin_url = f"http://127.0.0.1:{self.service.admin_port.getHost().port}"
+        self.admin = Client(self.admin_url)
+        self.proxy = Client(self.proxy_url)
+        return self
+
+    async def stop(self) -> None:
+        if self.service is not None:
+            await self.admin.close()
+            await self.proxy.close()
+            await self.service.stopService()
+            self.service = None
+
+    async def configure(self, upstream: str, targets: dict[str, int], **fields: Any) -> None:
+        """
+        Create an upstream with targets (C{host:port} to weight), a service
+        on it and a route on C{/}.
+        """
+        reply = await self.admin.post("/upstreams", form={"name": upstream, **fields})
+        assert reply.code == 201, reply.body
+        for target, weight in targets.items():
+            reply = await self.admin.post(
+                f"/upstreams/{upstream}/targets", form={"target": target, "weight": weight}
+            )
+            assert reply.code == 201, reply.body
+        reply = await self.admin.post("/services", form={"name": upstream, "host": upstream})
+        assert reply.code == 201, reply.body
+        reply = await self.admin.post(
+            f"/services/{upstream}/routes", form={"paths[]": "/", "strip_path": "false"}
+        )
+        assert reply.code == 201, reply.body
+
+
+class TargetResource(Resource):
+    """
+    A target server for tests: answers with its name, counts hits, and can
+    be told to fail, hang or stream.
+
+    @ivar hits: requests received, by path.
+    @ivar status: the status to answer with.
+    @ivar delay: seconds to wait before answering.
+    @ivar requests: every request's method, path, headers and body.
+    """
+
+    isLeaf = True
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+        self.hits: Counter[str] = Counter()
+        self.status = 200
+        self.delay = 0.0
+        self.headers: dict[bytes, bytes] = {}
+        self.body: bytes | None = None
+        self.requests: list[dict[str, Any]] = []
+
+    def render(self, request: Any) -> Any:
+        path = request.path.decode()
+        self.hits[path] += 1
+        request.content.seek(0)
+        self.requests.append(
+            {
+                "method": request.method,
+                "uri": request.uri,
+                "headers": request.requestHeaders,
+                "body": request.content.read(),
+            }
+        )
+        request.setResponseCode(self.status)
+        for name, value in self.headers.items():
+            request.setHeader(name, value)
+        body = self.body if self.body is not None else self.name.encode()
+        if self.delay:
+            call = reactor.callLater(self.delay, _finish, request, body)
+            request.notifyFinish().addErrback(lambda _: call.active() and call.cancel())
+            return NOT_DONE_YET
+        request.setHeader(b"content-type", b"text/plain")
+        return body
+
+
+def _finish(request: Any, body: bytes) -> None:
+    request.write(body)
+    request.finish()
+
+
+class SSEResource(Resource):
+    """
+    An OpenAI-style streaming target: C{count} events, C{interval} apart.
+
+    @ivar sent: the reactor time each event was written.
+    @ivar break_after: close the connection abruptly after this many events.
+    """
+
+    isLeaf = True
+
+    def __init__(self, count: int = 10, interval: float = 0.1) -> None:
+        super().__init__()
+        self.count = count
+        self.interval = interval
+        self.sent: list[float] = []
+        self.break_after: int | None = None
+        self.connections: list[Any] = []
+
+    def render(self, request: Any) -> Any:
+        request.setHeader(b"content-type", b"text/event-stream")
+        request.setHeader(b"cache-control", b"no-cache")
+        self.connections.append(request)
+
+        def send(n: int) -> None:
+            if request.finished or request._disconnected:
+                return
+            if self.break_after is not None and n == self.break_after:
+                request.channel.transport.abortConnection()
+                return
+            if n == self.count:
+                request.write(b"data: [DONE]\n\n")
+                request.finish()
+                return
+            chunk = {"choices": [{"delta": {"content": f"token{n}"}}]}
+            request.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            self.sent.append(reactor.seconds())
+            reactor.callLater(self.interval, send, n + 1)
+
+        send(0)
+        return NOT_DONE_YET
+
+
+def listen(resource: Resource, port: int = 0) -> Any:
+    """
+    Serve C{resource} on 127.0.0.1; returns the listening port.
+    """
+    return reactor.listenTCP(port, Site(resource), interface="127.0.0.1")
+
+
+def address(port: Any) -> str:
+    """
+    The C{host:port} target string of a listening port.
+    """
+    return f"127.0.0.1:{port.getHost().port}"

@@ -1,0 +1,256 @@
+"""
+The proxy end to end: real gateway, real target servers, real sockets.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.protocol import Protocol
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from .gatewaykit import (
+    SSEResource,
+    TargetResource,
+    address,
+    listen,
+    sleep,
+)
+
+
+async def spread(gateway, count: int, concurrency: int = 20) -> Counter[bytes]:
+    """
+    Send C{count} requests through the proxy, C{concurrency} at a time,
+    and count the answers by body (each target answers with its name).
+    """
+    seen: Counter[bytes] = Counter()
+
+    async def worker(n: int) -> None:
+        for _ in range(n):
+            reply = await gateway.proxy.get("/v1/chat")
+            assert reply.code == 200, reply.body
+            seen[reply.body] += 1
+
+    per = count // concurrency
+    await gatherResults(
+        [Deferred.fromCoroutine(worker(per)) for _ in range(concurrency)]
+    )
+    return seen
+
+
+@pytest_twisted.ensureDeferred
+async def test_weighted_round_robin_spread(gateway, servers):
+    """
+    Weights 100/100/200 over 4,000 requests: each target's share is within
+    2% of its weight share; a weight-0 target is never picked; a weight
+    changed by POST applies at once.
+    """
+    resources = {name: TargetResource(name) for name in ("a", "b", "c", "zero")}
+    ports = {name: listen(r) for name, r in resources.items()}
+    servers.extend(ports.values())
+    weights = {"a": 100, "b": 100, "c": 200, "zero": 0}
+    await gateway.configure(
+        "llm", {address(ports[n]): w for n, w in weights.items()}
+    )
+    seen = await spread(gateway, 4000)
+    assert sum(seen.values()) == 4000
+    assert seen[b"zero"] == 0
+    for name, share in (("a", 0.25), ("b", 0.25), ("c", 0.5)):
+        assert abs(seen[name.encode()] / 4000 - share) <= 0.02, seen
+
+    reply = await gateway.admin.post(
+        "/upstreams/llm/targets", form={"target": address(ports["c"]), "weight": "0"}
+    )
+    assert reply.code == 200
+    assert reply.json["weight"] == 0
+    seen = await spread(gateway, 400)
+    assert seen[b"c"] == 0 and seen[b"zero"] == 0
+    assert abs(seen[b"a"] - seen[b"b"]) <= 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_sse_streams_as_events_arrive(gateway, servers):
+    """
+    The client receives the first event before the target has sent the
+    last one: nothing is buffered whole.
+    """
+    sse = SSEResource(count=10, interval=0.1)
+    servers.append(port := listen(sse))
+    await gateway.configure("stream", {address(port): 100})
+
+    received: list[tuple[float, bytes]] = []
+    done = _Collector(received)
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    response = await Agent(reactor, pool=pool).request(
+        b"GET", gateway.proxy_url.encode() + b"/v1/chat/completions"
+    )
+    assert response.code == 200
+    assert response.headers.getRawHeaders(b"content-type") == [b"text/event-stream"]
+    response.deliverBody(done)
+    await done.finished
+    assert len(sse.sent) == 10
+    first_arrival = received[0][0]
+    assert first_arrival < sse.sent[-1], (first_arrival, sse.sent)
+    body = b"".join(chunk for _, chunk in received)
+    assert body.count(b"data: ") == 11
+    assert body.endswith(b"data: [DONE]\n\n")
+
+
+class _Collector(Protocol):
+    def __init__(self, into):
+        self.into = into
+        self.finished = Deferred()
+
+    def dataReceived(self, data):
+        self.into.append((reactor.seconds(), data))
+
+    def connectionLost(self, reason):
+        self.finished.callback(None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_request_forwarding(gateway, servers):
+    """
+    Method, body, query and headers reach the target; hop-by-hop headers
+    do not; X-Forwarded-* and Host are set; the answer carries Via, the
+    latency headers and a request id.
+    """
+    target = TargetResource("t")
+    servers.append(port := listen(target))
+    await gateway.admin.post("/upstreams", form={"name": "up", "host_header": "api.example.com"})
+    await gateway.admin.post("/upstreams/up/targets", form={"target": address(port)})
+    await gateway.admin.post("/services", form={"name": "svc", "host": "up", "path": "/base"})
+    reply = await gateway.admin.post(
+        "/services/svc/routes", form={"paths[]": "/openai", "methods[]": ["POST", "GET"]}
+    )
+    assert reply.code == 201
+    body = json.dumps({"model": "gpt-4o", "messages": []}).encode()
+    reply = await gateway.proxy.post(
+        "/openai/v1/chat?x=1",
+        body=body,
+        headers={
+            "Content-Type": "application/json",
+            "Connection": "keep-alive, X-Secret-Hop",
+            "X-Secret-Hop": "1",
+            "Authorization": "Bearer client",
+        },
+    )
+    assert reply.code == 200, reply.body
+    seen = target.requests[-1]
+    assert seen["method"] == b"POST"
+    assert seen["uri"] == b"/base/v1/chat?x=1"
+    assert seen["body"] == body
+    headers = seen["headers"]
+    assert headers.getRawHeaders(b"host") == [b"api.example.com"]
+    assert headers.getRawHeaders(b"x-secret-hop") is None
+    assert headers.getRawHeaders(b"authorization") == [b"Bearer client"]
+    assert headers.getRawHeaders(b"x-forwarded-for") == [b"127.0.0.1"]
+    assert headers.getRawHeaders(b"x-forwarded-proto") == [b"http"]
+    assert headers.getRawHeaders(b"x-forwarded-host") == [b"127.0.0.1"]
+    assert reply.headers.getRawHeaders(b"via") == [b"1.1 aigateway/0.1.0"]
+    assert reply.headers.getRawHeaders(b"x-request-id")
+    assert reply.headers.getRawHeaders(b"x-upstream-latency")
+    assert reply.headers.getRawHeaders(b"x-proxy-latency")
+
+    reply = await gateway.proxy.request("DELETE", "/openai/v1/chat")
+    assert reply.code == 404
+    assert reply.json["message"] == "no Route matched with those values"
+
+
+@pytest_twisted.ensureDeferred
+async def test_gateway_errors(gateway, servers):
+    """
+    502 when every attempt fails, 503 when no target can be picked, 504
+    when the target does not answer within the service's read timeout.
+    """
+    # A port that was just closed refuses connections.
+    closed = listen(TargetResource("gone"))
+    dead = address(closed)
+    await closed.stopListening()
+    await gateway.configure("dead", {dead: 100})
+    reply = await gateway.proxy.get("/")
+    assert reply.code == 502
+    assert reply.json["message"] == "An invalid response was received from the upstream server"
+    assert reply.json["request_id"] == reply.headers.getRawHeaders(b"x-request-id")[0].decode()
+
+    await gateway.admin.patch("/upstreams/dead/targets/" + dead, form={"weight": "0"})
+    reply = await gateway.proxy.get("/")
+    assert reply.code == 503
+    assert reply.json["message"] == "failure to get a peer from the ring-balancer"
+
+    slow = TargetResource("slow")
+    slow.delay = 5
+    servers.append(port := listen(slow))
+    await gateway.admin.post("/upstreams/dead/targets", form={"target": address(port)})
+    await gateway.admin.patch("/services/dead", form={"read_timeout": "300", "retries": "0"})
+    reply = await gateway.proxy.get("/")
+    assert reply.code == 504
+    assert reply.json["message"] == "The upstream server is timing out"
+
+
+@pytest_twisted.ensureDeferred
+async def test_direct_service_host(gateway, servers):
+    """
+    A service whose host is not an upstream goes straight to that host.
+    """
+    target = TargetResource("direct")
+    servers.append(port := listen(target))
+    reply = await gateway.admin.post(
+        "/services", form={"name": "d", "url": f"http://127.0.0.1:{port.getHost().port}/x"}
+    )
+    assert reply.code == 201, reply.body
+    assert reply.json["path"] == "/x"
+    await gateway.admin.post("/services/d/routes", form={"paths[]": "/direct"})
+    reply = await gateway.proxy.get("/direct/y")
+    assert reply.code == 200
+    assert reply.body == b"direct"
+    assert target.requests[-1]["uri"] == b"/x/y"
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_disconnect_cancels_upstream(gateway, servers):
+    """
+    A client that goes away mid-stream closes the target connection too.
+    """
+    sse = SSEResource(count=50, interval=0.05)
+    servers.append(port := listen(sse))
+    await gateway.configure("stream", {address(port): 100})
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    response = await Agent(reactor, pool=pool).request(
+        b"GET", gateway.proxy_url.encode() + b"/v1/chat/completions"
+    )
+    collected: list = []
+    collector = _Collector(collected)
+    response.deliverBody(collector)
+    await sleep(0.3)
+    collector.transport.stopProducing()
+    await collector.finished
+    await sleep(0.3)
+    upstream_request = sse.connections[-1]
+    assert upstream_request._disconnected
+    assert len(sse.sent) < 50
+
+
+@pytest_twisted.ensureDeferred
+async def test_oversized_body_rejected(tmp_path, servers):
+    """
+    A body over --max-body gets a 413 and never reaches a target.
+    """
+    from .gatewaykit import Gateway
+
+    node = await Gateway(str(tmp_path / "g.db"), max_body=1000).start()
+    try:
+        target = TargetResource("t")
+        servers.append(port := listen(target))
+        await node.configure("up", {address(port): 100})
+        reply = await node.proxy.post("/", body=b"x" * 5000)
+        assert reply.code == 413
+        assert not target.requests
+        reply = await node.proxy.post("/", body=b"x" * 500)
+        assert reply.code == 200
+    finally:
+        await node.stop()
