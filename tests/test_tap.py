@@ -1,0 +1,80 @@
+"""
+The twistd plugin, its options, and the package that ships it.
+"""
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from twisted.python.usage import UsageError
+from twisted.trial.unittest import SynchronousTestCase
+
+import aigateway
+from aigateway.tap import Options
+
+ROOT = Path(__file__).parent.parent
+BIN = Path(sys.executable).parent
+
+
+class OptionsTests(SynchronousTestCase):
+    def test_defaults(self):
+        options = Options()
+        options.parseOptions([])
+        self.assertEqual(options["proxy"], "tcp:8000")
+        self.assertEqual(options["admin"], "tcp:8001:interface=127.0.0.1")
+        self.assertEqual(options["database"], "aigateway.db")
+
+    def test_bad_endpoint(self):
+        with self.assertRaises(UsageError):
+            Options().parseOptions(["--proxy", "carrier-pigeon:1"])
+
+
+def test_public_names():
+    """
+    The public surface stays small.
+    """
+    assert sorted(aigateway.__all__) == [
+        "IBalancer", "IBalancerFactory", "IHealthView", "PickContext", "__version__",
+    ]
+
+
+def test_twistd_lists_plugin_and_options():
+    listed = subprocess.run([str(BIN / "twistd"), "--help"], capture_output=True, text=True)
+    assert "aigateway" in listed.stdout
+    helped = subprocess.run([str(BIN / "twistd"), "aigateway", "--help"], capture_output=True, text=True)
+    for option in ("--proxy", "--admin", "--database", "tcp:8000", "aigateway.db"):
+        assert option in helped.stdout
+
+
+def test_dropin_does_not_import_reactor():
+    """
+    twistd imports drop-ins before installing the reactor named by
+    --reactor, so the drop-in and the tap module must not import one.
+    """
+    code = (
+        "import sys, twisted.plugins.aigateway_plugin as p, aigateway.tap;"
+        "p.aigateway.options;"
+        "assert 'twisted.internet.reactor' not in sys.modules, 'reactor imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+@pytest.mark.slow
+def test_wheel_ships_the_plugin(tmp_path):
+    """
+    A clean wheel build carries twisted/plugins (plain find: would leave it
+    out silently) and the balancer drop-ins.
+    """
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
+         "--no-build-isolation", "-w", str(tmp_path), str(ROOT)],
+        check=True,
+    )
+    (wheel,) = tmp_path.glob("aigateway-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "twisted/plugins/aigateway_plugin.py" in names
+    assert "twisted/plugins/__init__.py" not in names
+    assert "aigateway/plugins/aigateway_balancers.py" in names
+    assert "aigateway/py.typed" in names
