@@ -28,7 +28,7 @@ def _deep(tree: dict[str, Any], dotted: dict[str, Any]) -> dict[str, Any]:
 
 
 def upstream_record(
-    uid: str = "u1", name: str | None = None, **checks: Any
+    uid: str = "u1", /, name: str | None = None, **checks: Any
 ) -> dict[str, Any]:
     """
     A valid upstream record; C{checks} are C{healthchecks} fields with
@@ -42,7 +42,7 @@ def upstream_record(
     return rec | {"id": uid}
 
 
-def upstream(uid: str = "u1", **checks: Any) -> Upstream:
+def upstream(uid: str = "u1", /, **checks: Any) -> Upstream:
     """
     An upstream value; see L{upstream_record}.
     """

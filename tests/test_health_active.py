@@ -265,8 +265,9 @@ class AgentProberTests(TestCase):
     """
 
     def setUp(self) -> None:
-        from twisted.internet import reactor
+        from twisted.internet import reactor as _reactor
 
+        reactor: Any = _reactor
         self.reactor = reactor
         self.resource = _Health()
         site = Site(self.resource)
@@ -340,3 +341,97 @@ class HostHeaderTests(SynchronousTestCase):
         self.assertEqual(host_header("a.example", 443, "https"), "a.example")
         self.assertEqual(host_header("a.example", 443, "http"), "a.example:443")
         self.assertEqual(host_header("::1", 8080, "http"), "[::1]:8080")
+
+
+def _certificate(name: str) -> tuple[bytes, bytes]:
+    """
+    A self-signed certificate for C{name} and its key, in PEM.
+    """
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+    return (
+        cert.public_bytes(serialization.Encoding.PEM),
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+    )
+
+
+class HTTPSProberTests(TestCase):
+    """
+    L{AgentProber} over TLS: SNI, and certificates checked or not.
+    """
+
+    def setUp(self) -> None:
+        from twisted.internet import reactor as _reactor
+        from twisted.internet import ssl
+
+        reactor: Any = _reactor
+        cert, key = _certificate("api.example.com")
+        options = ssl.PrivateCertificate.loadPEM(cert + key).options()
+        self.names: list[bytes | None] = []
+        options.getContext().set_tlsext_servername_callback(
+            lambda connection: self.names.append(connection.get_servername())
+        )
+        site = Site(_Health())
+        site.log = lambda request: None  # type: ignore[method-assign]
+        port = reactor.listenSSL(0, site, options, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.key = f"127.0.0.1:{port.getHost().port}"
+        self.reactor = reactor
+        self.trusted = AgentProber(reactor, ssl.Certificate.loadPEM(cert))
+
+    def probe(self, prober: AgentProber, **checks: Any) -> defer.Deferred[Outcome]:
+        return prober.probe(upstream(active__type="https", **checks), target(self.key))
+
+    @defer.inlineCallbacks
+    def test_verified(self) -> Any:
+        outcome = yield self.probe(self.trusted, active__https_sni="api.example.com")
+        self.assertEqual(outcome, Outcome.status(200))
+        self.assertEqual(self.names, [b"api.example.com"])
+
+    @defer.inlineCallbacks
+    def test_wrong_name(self) -> Any:
+        try:
+            yield self.probe(self.trusted, active__https_sni="other.example.com")
+        except Exception:
+            self.assertEqual(outcome_of_failure(Failure()), Outcome.tcp_failure())
+        else:
+            self.fail("a certificate for another name was accepted")
+
+    @defer.inlineCallbacks
+    def test_unverified(self) -> Any:
+        """
+        With verification off an untrusted certificate is accepted, and SNI
+        is still sent.
+        """
+        prober = AgentProber(self.reactor)
+        outcome = yield self.probe(
+            prober,
+            active__https_sni="api.example.com",
+            active__https_verify_certificate=False,
+        )
+        self.assertEqual(outcome, Outcome.status(200))
+        self.assertEqual(self.names, [b"api.example.com"])

@@ -5,10 +5,10 @@ the hot-path view, the passive hook, manual health, events and stopping.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import defer, error, task
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
@@ -42,13 +42,15 @@ class ManagerMixin:
         self.events: list[Any] = []
         self.prober = prober or FakeProber()
         self.manager = HealthManager(
-            self.clock, self.prober, log=Logger(observer=self.logged.append)
+            self.clock,
+            self.prober,
+            log=Logger(observer=cast(ILogObserver, self.logged.append)),
         )
         self.manager.add_observer(self.events.append)
         return self.manager
 
     def config(
-        self, version: int, keys: dict[str, int] | None = None, **checks: Any
+        self, version: int, keys: dict[str, int] | None = None, /, **checks: Any
     ) -> ConfigSnapshot:
         """
         Upstream C{u1} with C{checks} and targets C{{key: weight}}.
@@ -62,7 +64,7 @@ class ManagerMixin:
         self.manager.update(snap)
         return snap
 
-    def transitions(self) -> list[tuple[float, str, str, str]]:
+    def transitions(self) -> list[tuple[str, str, str, str]]:
         return [
             (e.old.value, e.target, e.new.value, e.cause)
             for e in self.events

@@ -218,7 +218,7 @@ class TrialTests(StateMixin, SynchronousTestCase):
     A passively failed target gets a trial request after the cooldown.
     """
 
-    def fail(self, cooldown: float = 30) -> TargetHealth:
+    def failed(self, cooldown: float = 30) -> TargetHealth:
         state = self.make(
             passive__unhealthy__tcp_failures=1, passive__unhealthy__cooldown=cooldown
         )
@@ -227,7 +227,7 @@ class TrialTests(StateMixin, SynchronousTestCase):
         return state
 
     def test_trial_after_cooldown(self) -> None:
-        state = self.fail()
+        state = self.failed()
         self.clock.advance(29.9)
         self.assertFalse(state.available())
         self.clock.advance(0.1)
@@ -242,7 +242,7 @@ class TrialTests(StateMixin, SynchronousTestCase):
         self.assertTrue(state.available())
 
     def test_failed_trial_restarts_cooldown(self) -> None:
-        state = self.fail()
+        state = self.failed()
         self.clock.advance(30)
         self.assertTrue(state.available())
         self.clock.advance(5)
@@ -253,7 +253,7 @@ class TrialTests(StateMixin, SynchronousTestCase):
         self.assertTrue(state.available())
 
     def test_unreported_trial_replaced(self) -> None:
-        state = self.fail()
+        state = self.failed()
         self.clock.advance(30)
         self.assertTrue(state.available())
         self.clock.advance(29.9)
@@ -265,7 +265,7 @@ class TrialTests(StateMixin, SynchronousTestCase):
         """
         A cooldown of 0 keeps Kong's behaviour: never back passively.
         """
-        state = self.fail(cooldown=0)
+        state = self.failed(cooldown=0)
         self.clock.advance(100000)
         self.assertFalse(state.available())
 
@@ -284,12 +284,12 @@ class TrialTests(StateMixin, SynchronousTestCase):
         A success of a request sent before the target failed does not end
         the cooldown.
         """
-        state = self.fail()
+        state = self.failed()
         state.record(OK, PASSIVE)
         self.assertEqual(state.health, UNHEALTHY)
 
     def test_cooldown_turned_off(self) -> None:
-        state = self.fail()
+        state = self.failed()
         state.reconfigure(
             state.target,
             upstream(

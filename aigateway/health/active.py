@@ -44,6 +44,9 @@ from .state import Health, TargetHealth
 
 if TYPE_CHECKING:
     from twisted.internet._sslverify import IOpenSSLTrustRoot
+    from twisted.internet.ssl import Certificate
+
+    _TrustRoot = IOpenSSLTrustRoot | Certificate | None
 
 _log = Logger()
 
@@ -222,9 +225,7 @@ class AgentProber:
     accepting new ones.
     """
 
-    def __init__(
-        self, reactor: Any, trust_root: IOpenSSLTrustRoot | None = None
-    ) -> None:
+    def __init__(self, reactor: Any, trust_root: _TrustRoot = None) -> None:
         """
         @param reactor: provides L{IReactorTCP}, L{IReactorTime} and
             L{IReactorPluggableNameResolver}, as L{Agent} needs.
@@ -312,9 +313,7 @@ class _TLSPolicy:
     C{https_verify_certificate} is off.
     """
 
-    def __init__(
-        self, name: str, verify: bool, trust_root: IOpenSSLTrustRoot | None
-    ) -> None:
+    def __init__(self, name: str, verify: bool, trust_root: _TrustRoot) -> None:
         self._name = name
         self._verify = verify
         self._trust_root = trust_root

@@ -8,7 +8,7 @@ health, and each new configuration snapshot is handed to it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Union
+from typing import Any, Union
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
@@ -203,7 +203,7 @@ class HealthManager:
         if state is not None:
             state.set_manual(healthy)
 
-    def describe(self, target: Target) -> dict[str, object]:
+    def describe(self, target: Target) -> dict[str, Any]:
         """
         C{{"health", "cooldown_until", "counters"}} of C{target}, for the
         health endpoint.

@@ -71,6 +71,13 @@ class Outcome:
         """
         A response with status C{code} came.
         """
+        if retry_after is None:
+            # One value per status: this is called for every proxied
+            # response, and a frozen attrs instance is not free to build.
+            outcome = _STATUSES.get(code)
+            if outcome is None:
+                outcome = _STATUSES[code] = cls(STATUS, code)
+            return outcome
         return cls(STATUS, code, retry_after)
 
     @classmethod
@@ -95,6 +102,7 @@ class Outcome:
         return _TIMEOUT
 
 
+_STATUSES: dict[int, Outcome] = {}
 _CONNECTED = Outcome(CONNECTED)
 _TCP = Outcome(TCP_FAILURE)
 _TIMEOUT = Outcome(TIMEOUT)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
+from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 
@@ -146,6 +147,8 @@ class TargetHealth:
         now = self._clock.seconds()
         if not self._open(now):
             return False
+        # Back on the fast path once a rate-limit cooldown is over.
+        self.cooldown_until = 0.0
         if not self._up:
             self._trial_at = now + self.upstream.healthchecks.passive.unhealthy.cooldown
             self._trial_out = True
@@ -230,7 +233,7 @@ class TargetHealth:
         elif not upstream.healthchecks.passive.unhealthy.cooldown:
             self._trial_at, self._trial_out = None, False
 
-    def describe(self) -> dict[str, object]:
+    def describe(self) -> dict[str, Any]:
         """
         The state as the health endpoint shows it.
         """
