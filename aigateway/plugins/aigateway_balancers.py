@@ -5,6 +5,8 @@ Each object here provides C{IPlugin} and L{IBalancerFactory}; third-party
 algorithms are registered the same way, from their own drop-in module.
 """
 
+from aigateway.balancer.leastconn import LeastConnections
 from aigateway.balancer.roundrobin import RoundRobin
 
 roundRobin = RoundRobin()
+leastConnections = LeastConnections()

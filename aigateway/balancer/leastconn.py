@@ -1,0 +1,148 @@
+# -*- test-case-name: tests.test_leastconn -*-
+"""
+Least connections: the target with the fewest attempts in flight for its
+weight, in O(log n) per pick.
+
+Scanning every target for the lowest C{active / weight} is O(targets) on
+every request.  A heap keyed on C{(active / weight, last pick)} finds it at
+the top instead; C{started} and C{finished} change a target's load, and
+rather than searching the heap for the target's old entry, they push a new
+one and leave the old to be thrown away when it surfaces (each entry carries
+the version of the target's state it was made from).  Keying ties on the
+last pick makes them round-robin: of equally loaded targets, the one picked
+longest ago goes first.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Collection, Sequence
+
+import attrs
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+
+from ..model import Target, Upstream
+from .context import PickContext
+from .interfaces import IBalancer, IBalancerFactory, IHealthView
+from .roundrobin import usable
+
+
+@attrs.define
+class _Load:
+    """
+    The mutable state of one target.
+
+    @ivar active: attempts begun and not yet finished.
+    @ivar picked: the pick counter when this target was last picked.
+    @ivar version: bumped on each change; heap entries of an older version
+        are stale.
+    """
+
+    index: int
+    target: Target
+    active: int = 0
+    picked: int = -1
+    version: int = 0
+
+
+# (active / weight, last picked, index, version)
+_Entry = tuple[float, int, int, int]
+
+
+@implementer(IBalancer)
+class LeastConnectionsBalancer:
+    """
+    Picks the target with the lowest C{active / weight}.
+    """
+
+    def __init__(self, targets: Sequence[Target], health: IHealthView) -> None:
+        self._health = health
+        self._loads = [
+            _Load(i, t) for i, t in enumerate(t for t in targets if t.weight > 0)
+        ]
+        self._byKey = {load.target.key: load for load in self._loads}
+        self._picks = 0
+        self._heap: list[_Entry] = []
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        """
+        Make the heap anew from the current state, without stale entries.
+        """
+        self._heap = [self._entry(load) for load in self._loads]
+        heapq.heapify(self._heap)
+
+    @staticmethod
+    def _entry(load: _Load) -> _Entry:
+        return (
+            load.active / load.target.weight,
+            load.picked,
+            load.index,
+            load.version,
+        )
+
+    def _update(self, load: _Load) -> None:
+        """
+        Record a change of C{load}'s state by pushing its new entry.
+        """
+        load.version += 1
+        heapq.heappush(self._heap, self._entry(load))
+        # Stale entries are dropped as they surface, but a target whose load
+        # only goes up never surfaces; rebuilding once the heap holds four
+        # entries per target keeps it bounded, at O(1) amortised cost.
+        if len(self._heap) > 4 * len(self._loads) + 8:
+            self._rebuild()
+
+    def pick(self, context: PickContext, exclude: Collection[str]) -> Target | None:
+        heap = self._heap
+        loads = self._loads
+        skipped = []
+        chosen = None
+        while heap:
+            entry = heap[0]
+            load = loads[entry[2]]
+            if entry[3] != load.version:
+                heapq.heappop(heap)
+            elif usable(load.target, exclude, self._health):
+                self._picks += 1
+                load.picked = self._picks
+                load.version += 1
+                heapq.heapreplace(heap, self._entry(load))
+                chosen = load.target
+                break
+            else:
+                # Kept aside (and put back unchanged) so that each target
+                # is looked at once per pick.
+                skipped.append(heapq.heappop(heap))
+        for entry in skipped:
+            heapq.heappush(heap, entry)
+        return chosen
+
+    def started(self, target: Target) -> None:
+        load = self._byKey.get(target.key)
+        if load is not None:
+            load.active += 1
+            self._update(load)
+
+    def finished(self, target: Target, first_byte: float | None) -> None:
+        load = self._byKey.get(target.key)
+        # An attempt begun on a balancer this one replaced may end here.
+        if load is not None and load.active > 0:
+            load.active -= 1
+            self._update(load)
+
+
+@implementer(IPlugin, IBalancerFactory)
+@attrs.frozen
+class LeastConnections:
+    """
+    The C{least-connections} algorithm.
+    """
+
+    name: str = "least-connections"
+
+    def build(
+        self, upstream: Upstream, targets: Sequence[Target], health: IHealthView
+    ) -> IBalancer:
+        return LeastConnectionsBalancer(targets, health)
