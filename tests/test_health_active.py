@@ -7,19 +7,14 @@ from __future__ import annotations
 
 from typing import Any
 
-import attrs
-from twisted.internet import defer, error, task
-from twisted.internet.protocol import Factory, Protocol
-from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase, TestCase
-from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request, Site
-from zope.interface.verify import verifyObject
+from twisted.internet import error, task
+from twisted.trial.unittest import SynchronousTestCase
 
-from aigateway.health.active import ActiveChecker, AgentProber, IProber, host_header
-from aigateway.health.passive import Outcome, outcome_of_failure
+from aigateway.health.active import ActiveChecker, IProber, host_header
+from aigateway.health.passive import Outcome
 from aigateway.health.state import ACTIVE, Health, TargetHealth
-from tests.healthkit import AnsweringProber, FakeProber, target, upstream
+
+from .healthkit import AnsweringProber, FakeProber, target, upstream
 
 KEYS = ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80", "10.0.0.4:80", "10.0.0.5:80"]
 
@@ -233,205 +228,9 @@ class StopTests(CheckerMixin, SynchronousTestCase):
         self.assertEqual(self.results, [(5, KEYS[1], Outcome.status(500))])
 
 
-# The real prober, against loopback servers.
-
-
-class _Health(Resource):
-    isLeaf = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.requests: list[Request] = []
-        self.lost: defer.Deferred[None] = defer.Deferred()
-
-    def render_GET(self, request: Request) -> bytes | int:
-        self.requests.append(request)
-        if request.path == b"/bad":
-            request.setResponseCode(500)
-        elif request.path == b"/busy":
-            request.setResponseCode(429)
-            request.setHeader("Retry-After", "7")
-        elif request.path == b"/stream":
-            # An endless body: the probe must not wait for its end.
-            request.write(b"data: 1\n\n")
-            request.notifyFinish().addErrback(lambda f: self.lost.callback(None))
-            return NOT_DONE_YET
-        return b"ok"
-
-
-class AgentProberTests(TestCase):
-    """
-    L{AgentProber} on real sockets.
-    """
-
-    def setUp(self) -> None:
-        from twisted.internet import reactor as _reactor
-
-        reactor: Any = _reactor
-        self.reactor = reactor
-        self.resource = _Health()
-        site = Site(self.resource)
-        site.log = lambda request: None  # type: ignore[method-assign]
-        self.port = reactor.listenTCP(0, site, interface="127.0.0.1")
-        self.addCleanup(self.port.stopListening)
-        self.key = f"127.0.0.1:{self.port.getHost().port}"
-        self.prober = AgentProber(reactor)
-
-    def probe(self, key: str | None = None, **checks: Any) -> defer.Deferred[Outcome]:
-        return self.prober.probe(upstream(**checks), target(key or self.key))
-
-    def test_interface(self) -> None:
-        verifyObject(IProber, self.prober)
-
-    @defer.inlineCallbacks
-    def test_http(self) -> Any:
-        outcome = yield self.probe(
-            active__http_path="/health", active__headers={"x-probe": "yes"}
-        )
-        self.assertEqual(outcome, Outcome.status(200))
-        [request] = self.resource.requests
-        self.assertEqual(request.path, b"/health")
-        self.assertEqual(request.getHeader("host"), self.key)
-        self.assertEqual(request.getHeader("x-probe"), "yes")
-        self.assertEqual(
-            (yield self.probe(active__http_path="/bad")), Outcome.status(500)
-        )
-        self.assertEqual(
-            (yield self.probe(active__http_path="/busy")), Outcome.status(429, "7")
-        )
-
-    @defer.inlineCallbacks
-    def test_host_header(self) -> Any:
-        u = attrs.evolve(upstream(), host_header="api.example.com")
-        yield self.prober.probe(u, target(self.key))
-        port = self.port.getHost().port
-        self.assertEqual(
-            self.resource.requests[0].getHeader("host"), f"api.example.com:{port}"
-        )
-
-    @defer.inlineCallbacks
-    def test_endless_body(self) -> Any:
-        outcome = yield self.probe(active__http_path="/stream")
-        self.assertEqual(outcome, Outcome.status(200))
-        yield self.resource.lost
-
-    @defer.inlineCallbacks
-    def test_tcp(self) -> Any:
-        self.assertEqual((yield self.probe(active__type="tcp")), Outcome.connected())
-
-    @defer.inlineCallbacks
-    def test_closed_port(self) -> Any:
-        port = self.reactor.listenTCP(
-            0, Factory.forProtocol(Protocol), interface="127.0.0.1"
-        )
-        closed = f"127.0.0.1:{port.getHost().port}"
-        yield port.stopListening()
-        for kind in ["http", "tcp"]:
-            try:
-                yield self.probe(closed, active__type=kind)
-            except Exception:
-                self.assertEqual(outcome_of_failure(Failure()), Outcome.tcp_failure())
-            else:
-                self.fail("a probe of a closed port succeeded")
-
-
 class HostHeaderTests(SynchronousTestCase):
     def test_default_ports(self) -> None:
         self.assertEqual(host_header("a.example", 80, "http"), "a.example")
         self.assertEqual(host_header("a.example", 443, "https"), "a.example")
         self.assertEqual(host_header("a.example", 443, "http"), "a.example:443")
         self.assertEqual(host_header("::1", 8080, "http"), "[::1]:8080")
-
-
-def _certificate(name: str) -> tuple[bytes, bytes]:
-    """
-    A self-signed certificate for C{name} and its key, in PEM.
-    """
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-        .sign(key, hashes.SHA256())
-    )
-    return (
-        cert.public_bytes(serialization.Encoding.PEM),
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ),
-    )
-
-
-class HTTPSProberTests(TestCase):
-    """
-    L{AgentProber} over TLS: SNI, and certificates checked or not.
-    """
-
-    def setUp(self) -> None:
-        from twisted.internet import reactor as _reactor
-        from twisted.internet import ssl
-
-        reactor: Any = _reactor
-        cert, key = _certificate("api.example.com")
-        options = ssl.PrivateCertificate.loadPEM(cert + key).options()
-        self.names: list[bytes | None] = []
-        options.getContext().set_tlsext_servername_callback(
-            lambda connection: self.names.append(connection.get_servername())
-        )
-        site = Site(_Health())
-        site.log = lambda request: None  # type: ignore[method-assign]
-        port = reactor.listenSSL(0, site, options, interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        self.key = f"127.0.0.1:{port.getHost().port}"
-        self.reactor = reactor
-        self.trusted = AgentProber(reactor, ssl.Certificate.loadPEM(cert))
-
-    def probe(self, prober: AgentProber, **checks: Any) -> defer.Deferred[Outcome]:
-        return prober.probe(upstream(active__type="https", **checks), target(self.key))
-
-    @defer.inlineCallbacks
-    def test_verified(self) -> Any:
-        outcome = yield self.probe(self.trusted, active__https_sni="api.example.com")
-        self.assertEqual(outcome, Outcome.status(200))
-        self.assertEqual(self.names, [b"api.example.com"])
-
-    @defer.inlineCallbacks
-    def test_wrong_name(self) -> Any:
-        try:
-            yield self.probe(self.trusted, active__https_sni="other.example.com")
-        except Exception:
-            self.assertEqual(outcome_of_failure(Failure()), Outcome.tcp_failure())
-        else:
-            self.fail("a certificate for another name was accepted")
-
-    @defer.inlineCallbacks
-    def test_unverified(self) -> Any:
-        """
-        With verification off an untrusted certificate is accepted, and SNI
-        is still sent.
-        """
-        prober = AgentProber(self.reactor)
-        outcome = yield self.probe(
-            prober,
-            active__https_sni="api.example.com",
-            active__https_verify_certificate=False,
-        )
-        self.assertEqual(outcome, Outcome.status(200))
-        self.assertEqual(self.names, [b"api.example.com"])

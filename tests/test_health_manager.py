@@ -18,7 +18,8 @@ from aigateway.config import ConfigSnapshot
 from aigateway.health.manager import HealthManager, Probed, Transition
 from aigateway.health.passive import Outcome
 from aigateway.health.state import Health
-from tests.healthkit import (
+
+from .healthkit import (
     AnsweringProber,
     FakeProber,
     snapshot,

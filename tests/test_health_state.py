@@ -27,7 +27,8 @@ from aigateway.health.state import (
     TargetHealth,
     classify,
 )
-from tests.healthkit import target, upstream
+
+from .healthkit import target, upstream
 
 OK = Outcome.status(200)
 ERR = Outcome.status(500)
