@@ -1,0 +1,185 @@
+# -*- test-case-name: tests.test_latency -*-
+"""
+Latency-aware balancing: send attempts where the first byte comes soonest.
+
+Each target keeps an exponentially weighted moving average (EWMA) of its
+time to first byte.  A pick draws two candidates at random, in proportion
+to weight, and takes the one of lower cost, C{ewma * (in flight + 1)}: the
+"power of two choices" finds a good target in O(log n) without ranking all
+of them, and counting attempts in flight keeps a fast target from being
+buried under concurrent requests (the peak-EWMA cost of Finagle and
+Linkerd).
+
+Weight decides the draw rather than dividing the cost: when two targets
+answer equally fast, the first candidate wins, and it was drawn by weight,
+so equal latencies share exactly by weight.  Costs within L{TOLERANCE} of
+each other count as equal, so noise does not make traffic flap, and a
+target that got fast again, whose average only ever approaches the other's
+from above, is given its share back once it is close.
+
+A target that got slow is rarely picked, so nothing would tell us when it
+is fast again.  With probability L{EXPLORE} a pick takes the first
+candidate without comparing: a slow target still sees about C{EXPLORE *
+weight / total weight} of the attempts, and each of them pulls its average
+C{DECAY} of the way to the new time.  Recovering from C{slow} to within
+L{TOLERANCE} of C{fast} therefore takes about C{log(0.1 * fast / (slow -
+fast)) / log(1 - DECAY)} samples (11 for 60 ms back to 10 ms), that is
+C{11 * total / (EXPLORE * weight)} picks: 220 for two equal targets.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from collections.abc import Collection, Sequence
+from itertools import accumulate
+from random import Random
+
+import attrs
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+
+from ..model import Target, Upstream
+from .context import PickContext
+from .interfaces import IBalancer, IBalancerFactory, IHealthView
+from .roundrobin import usable
+
+#: The weight of a new sample in a target's average.
+DECAY = 0.3
+#: The chance that a pick explores (takes a random target by weight).
+EXPLORE = 0.1
+#: Costs within this ratio of each other are equal.
+TOLERANCE = 1.1
+#: The time to first byte counted for a failed attempt, in seconds, unless
+#: twice the slowest success seen is longer: a failure must cost more than
+#: any answer.
+FAILURE = 1.0
+#: The average assumed before any target has answered, in seconds.
+_UNKNOWN = 0.001
+#: Random draws tried before falling back to listing the eligible targets.
+_DRAWS = 3
+
+
+@attrs.define
+class _Stats:
+    """
+    What is known of one target.
+
+    @ivar ewma: the moving average of its time to first byte, or L{None}
+        before its first sample.
+    @ivar active: its attempts in flight.
+    """
+
+    target: Target
+    ewma: float | None = None
+    active: int = 0
+
+
+@implementer(IBalancer)
+class LatencyBalancer:
+    """
+    Picks the lower-cost of two targets drawn by weight.
+    """
+
+    def __init__(
+        self,
+        targets: Sequence[Target],
+        health: IHealthView,
+        random: Random | None = None,
+    ) -> None:
+        self._health = health
+        self._random = Random() if random is None else random
+        self._stats = [_Stats(t) for t in targets if t.weight > 0]
+        self._byKey = {s.target.key: s for s in self._stats}
+        self._cumulative = list(accumulate(s.target.weight for s in self._stats))
+        self._total = self._cumulative[-1] if self._cumulative else 0
+        # The sum and count of the averages known, for the cost of targets
+        # not yet measured: the typical average, neither a magnet nor
+        # shunned.
+        self._sum = 0.0
+        self._measured = 0
+        self._slowest = 0.0
+
+    def pick(self, context: PickContext, exclude: Collection[str]) -> Target | None:
+        first = self._draw(exclude, None)
+        if first is None:
+            return None
+        if self._random.random() < EXPLORE:
+            return first.target
+        second = self._draw(exclude, first)
+        if second is not None and self._cost(second) * TOLERANCE < self._cost(first):
+            return second.target
+        return first.target
+
+    def _draw(self, exclude: Collection[str], other: _Stats | None) -> _Stats | None:
+        """
+        A random eligible target other than C{other}, drawn in proportion to
+        weight.
+
+        The two candidates must differ: drawing the same target twice
+        would hand it the attempt without a comparison, a quarter of the
+        attempts for the slower of two targets.
+        """
+        stats = self._stats
+        cumulative = self._cumulative
+        for _ in range(_DRAWS):
+            if not stats:
+                return None
+            drawn = stats[bisect_right(cumulative, self._random.random() * self._total)]
+            if drawn is not other and usable(drawn.target, exclude, self._health):
+                return drawn
+        # Most targets are out: draw among those that are not, in O(n).
+        eligible = [
+            s
+            for s in stats
+            if s is not other and usable(s.target, exclude, self._health)
+        ]
+        if not eligible:
+            return None
+        weights = [s.target.weight for s in eligible]
+        return self._random.choices(eligible, weights)[0]
+
+    def _cost(self, stats: _Stats) -> float:
+        ewma = stats.ewma
+        if ewma is None:
+            ewma = self._sum / self._measured if self._measured else _UNKNOWN
+        return ewma * (stats.active + 1)
+
+    def started(self, target: Target) -> None:
+        stats = self._byKey.get(target.key)
+        if stats is not None:
+            stats.active += 1
+
+    def finished(self, target: Target, first_byte: float | None) -> None:
+        stats = self._byKey.get(target.key)
+        if stats is None:
+            return
+        # An attempt begun on a balancer this one replaced may end here.
+        stats.active = max(0, stats.active - 1)
+        if first_byte is None:
+            sample = max(FAILURE, 2 * self._slowest)
+        else:
+            sample = first_byte
+            self._slowest = max(self._slowest, first_byte)
+        old = stats.ewma
+        if old is None:
+            stats.ewma = sample
+            self._measured += 1
+            self._sum += sample
+        else:
+            stats.ewma = old + DECAY * (sample - old)
+            self._sum += stats.ewma - old
+
+
+@implementer(IPlugin, IBalancerFactory)
+@attrs.frozen
+class Latency:
+    """
+    The C{latency} algorithm.
+    """
+
+    name: str = "latency"
+
+    def build(
+        self, upstream: Upstream, targets: Sequence[Target], health: IHealthView
+    ) -> IBalancer:
+        return LatencyBalancer(targets, health)

@@ -1,0 +1,141 @@
+"""
+Tests for L{aigateway.balancer.latency}.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from random import Random
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from aigateway.balancer.context import PickContext
+from aigateway.balancer.latency import Latency, LatencyBalancer
+from aigateway.model import Target
+
+from .balancing import FakeHealth, pick_keys, targets, upstream
+
+
+def _run(
+    balancer: LatencyBalancer,
+    count: int,
+    firstByte: Callable[[Target], float | None],
+) -> list[str]:
+    """
+    Make C{count} attempts one after another, each answering after
+    C{firstByte(target)} seconds; return the keys picked.
+    """
+    ctx = PickContext()
+    keys = []
+    for _ in range(count):
+        chosen = balancer.pick(ctx, ())
+        assert chosen is not None
+        balancer.started(chosen)
+        balancer.finished(chosen, firstByte(chosen))
+        keys.append(chosen.key)
+    return keys
+
+
+class LatencyTests(SynchronousTestCase):
+    """
+    The latency balancer favours targets that answer sooner, and notices
+    when a slow one gets fast again.
+    """
+
+    def test_factory(self) -> None:
+        """
+        The factory is named C{latency}.
+        """
+        factory = Latency()
+        self.assertEqual(factory.name, "latency")
+        built = factory.build(upstream(), targets(100), FakeHealth())
+        self.assertIsInstance(built, LatencyBalancer)
+
+    def test_slow_target(self) -> None:
+        """
+        After warm-up, a target 50 ms slower than the other gets less than
+        20% of the attempts.
+        """
+        fast, slow = targets(100, 100)
+        balancer = LatencyBalancer([fast, slow], FakeHealth(), Random(1))
+        times = {fast.key: 0.010, slow.key: 0.060}
+        _run(balancer, 100, lambda t: times[t.key])
+        counts = Counter(_run(balancer, 2000, lambda t: times[t.key]))
+        self.assertLess(counts[slow.key] / 2000, 0.2)
+
+    def test_recovery(self) -> None:
+        """
+        When the slow target becomes as fast as the other, within 600
+        attempts it gets its weight share back (about 220 are expected:
+        see the module's docstring).
+        """
+        fast, slow = targets(100, 100)
+        balancer = LatencyBalancer([fast, slow], FakeHealth(), Random(2))
+        times = {fast.key: 0.010, slow.key: 0.060}
+        _run(balancer, 500, lambda t: times[t.key])
+        times[slow.key] = 0.010
+        _run(balancer, 600, lambda t: times[t.key])
+        counts = Counter(_run(balancer, 1000, lambda t: times[t.key]))
+        self.assertLess(abs(counts[slow.key] / 1000 - 0.5), 0.07)
+
+    def test_weights(self) -> None:
+        """
+        Targets that answer equally fast share attempts by weight.
+        """
+        ts = targets(100, 300)
+        balancer = LatencyBalancer(ts, FakeHealth(), Random(3))
+        counts = Counter(_run(balancer, 4000, lambda t: 0.02))
+        self.assertLess(abs(counts[ts[1].key] / 4000 - 0.75), 0.03)
+
+    def test_failures(self) -> None:
+        """
+        A target whose attempts fail is avoided like a slow one.
+        """
+        good, bad = targets(100, 100)
+        balancer = LatencyBalancer([good, bad], FakeHealth(), Random(4))
+        _run(balancer, 100, lambda t: 0.5 if t is good else None)
+        counts = Counter(_run(balancer, 1000, lambda t: 0.5 if t is good else None))
+        self.assertLess(counts[bad.key] / 1000, 0.2)
+
+    def test_in_flight(self) -> None:
+        """
+        Attempts in flight add to a target's cost: of two equally fast
+        targets, one holding many attempts open gets none of the next.
+        """
+        busy, idle = targets(100, 100)
+        balancer = LatencyBalancer([busy, idle], FakeHealth(), Random(5))
+        _run(balancer, 20, lambda t: 0.01)
+        for _ in range(10):
+            balancer.started(busy)
+        counts = Counter(pick_keys(balancer, 200))
+        self.assertLess(counts[busy.key] / 200, 0.1)
+
+    def test_skips(self) -> None:
+        """
+        Excluded, unavailable and weight-0 targets are never picked, even
+        when they are the fastest; with none left, a pick is L{None}.
+        """
+        ts = targets(100, 100, 100, 0, 100)
+        health = FakeHealth([ts[1].key, ts[4].key])
+        balancer = LatencyBalancer(ts, health, Random(6))
+        for t in ts:
+            balancer.started(t)
+            balancer.finished(t, 0.001 if t is not ts[2] else 1.0)
+        keys = pick_keys(balancer, 50, [ts[0].key])
+        self.assertEqual(set(keys), {ts[2].key})
+        self.assertEqual(pick_keys(balancer, 3, [ts[0].key, ts[2].key]), [None] * 3)
+        self.assertEqual(pick_keys(LatencyBalancer([], health), 1), [None])
+
+    def test_unknown_targets(self) -> None:
+        """
+        C{finished} for a target the balancer does not have is ignored, and
+        more C{finished} than C{started} leaves no negative count.
+        """
+        ts = targets(100, 100)
+        balancer = LatencyBalancer(ts, FakeHealth(), Random(7))
+        balancer.finished(targets(1, 1, 1)[2], 5.0)
+        balancer.finished(ts[0], 0.01)
+        balancer.finished(ts[1], 0.01)
+        counts = Counter(pick_keys(balancer, 400))
+        self.assertLess(abs(counts[ts[0].key] / 400 - 0.5), 0.08)
