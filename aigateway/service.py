@@ -82,7 +82,9 @@ class GatewayService(MultiService):
         self.runtime.apply(ConfigSnapshot.build(version, records))
         if self.settings.config:
             await self.parts.load_declarative(self.settings.config)
-        proxy = GatewaySite(self.parts.proxy_resource, self.settings.max_body)
+        proxy = self._proxy_site = GatewaySite(
+            self.parts.proxy_resource, self.settings.max_body
+        )
         admin = QuietSite(self.parts.admin_resource)
         self.proxy_port = await serverFromString(self.reactor, self.settings.proxy).listen(proxy)
         self.admin_port = await serverFromString(self.reactor, self.settings.admin).listen(admin)
@@ -94,6 +96,14 @@ class GatewayService(MultiService):
             admin=self.admin_port.getHost(),
             version=version,
         )
+
+    @property
+    def open_connections(self) -> int:
+        """
+        Client connections open to the proxy.
+        """
+        site = getattr(self, "_proxy_site", None)
+        return site.open_connections if site is not None else 0
 
     def _start_failed(self, failure: Any) -> Any:
         _log.failure("aigateway could not start", failure)

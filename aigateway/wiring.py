@@ -19,14 +19,18 @@ from twisted.internet.defer import Deferred
 from .admin import services, status, upstreams
 from .admin.app import handle_routing_errors
 from .admin.entities import Entities
-from .balancer import registry as algorithms
+from .accesslog import AccessLog
+from .balancer import registry as _algorithms
+from .health.manager import Probed
+from .metrics import Metrics, StateCollector, live_targets
+from .recorder import Recorder
 from .health.hook import build_health
 from .proxy.resource import ProxyResource
 from .runtime import Runtime
 
 
-def build_balancer(upstream: Any, targets: Any, health: Any) -> Any:
-    return algorithms.lookup(upstream.algorithm).build(
+def build_balancer(upstream: Any, targets: Any, health: Any) -> Any:  # TEMP until backup.py
+    return _algorithms.lookup(upstream.algorithm).build(
         upstream, [t for t in targets if not t.backup], health
     )
 
@@ -41,7 +45,7 @@ class Parts:
     entities: Entities
     proxy_resource: Any
     admin_resource: Any
-    metrics: CollectorRegistry
+    metrics: Metrics
     load_declarative: Callable[[str], Deferred[None]]
     stop: Callable[[], None]
 
@@ -51,17 +55,40 @@ def build(reactor: Any, node: Any) -> Parts:
     Build the runtime, proxy resource and Admin API of C{node}.
     """
     settings = node.settings
-    metrics = CollectorRegistry(auto_describe=True)
-    health = build_health(reactor, metrics)
+    registry = CollectorRegistry(auto_describe=True)
+    metrics = Metrics(registry)
+    health = build_health(reactor)
     runtime = Runtime(health, build_balancer)
     entities = Entities(node.store, runtime, reactor)
+    access_log = AccessLog(reactor, settings.access_log) if settings.access_log else None
     proxy = ProxyResource(
         runtime,
         node.agents,
         reactor,
+        Recorder(reactor, metrics, access_log),
         latency_headers=settings.latency_headers,
         trust_forwarded_for=settings.trust_forwarded_for,
     )
+
+    def connections() -> dict[str, int]:
+        pooled = node.agents.pool._connections.values()
+        return {
+            "client_open": node.open_connections,
+            "upstream_pooled": sum(len(c) for c in pooled),
+        }
+
+    registry.register(StateCollector(metrics, lambda: runtime.snapshot, health, connections))
+    runtime.observe(lambda snapshot: metrics.forget(live_targets(snapshot)))
+
+    def probed(event: Any) -> None:
+        if isinstance(event, Probed):
+            outcome = event.outcome
+            result = str(outcome.code) if outcome.kind == "status" else outcome.kind
+            metrics.for_target(
+                metrics.probes, event.upstream, event.target, event.upstream, event.target, result
+            ).inc()
+
+    health.add_observer(probed)
     app = Klein()
     upstreams.register(app, entities, health, node.node_id)
     services.register(app, entities)
@@ -70,16 +97,23 @@ def build(reactor: Any, node: Any) -> Parts:
         reachable = await node.store.ping()
         return {
             "node_id": node.node_id,
-            "uptime": reactor.seconds() - node.started_at,
+            "uptime": round(reactor.seconds() - node.started_at, 3),
             "configuration_version": runtime.snapshot.version,
             "database": {"reachable": reachable},
+            "connections": connections(),
+            "inflight_requests": sum(metrics.inflight.values()),
         }
 
-    status.register(app, node.node_id, metrics, node_status)
+    status.register(app, node.node_id, registry, node_status)
     handle_routing_errors(app)
 
     def load_declarative(path: str) -> Deferred[None]:
         raise NotImplementedError("declarative configuration is not built yet")
+
+    def stop() -> None:
+        health.stop()
+        if access_log is not None:
+            access_log.close()
 
     return Parts(
         runtime=runtime,
@@ -88,5 +122,5 @@ def build(reactor: Any, node: Any) -> Parts:
         admin_resource=app.resource(),
         metrics=metrics,
         load_declarative=load_declarative,
-        stop=health.stop,
+        stop=stop,
     )

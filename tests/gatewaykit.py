@@ -194,7 +194,8 @@ class TargetResource(Resource):
             call = reactor.callLater(self.delay, _finish, request, body)
             request.notifyFinish().addErrback(lambda _: call.active() and call.cancel())
             return NOT_DONE_YET
-        request.setHeader(b"content-type", b"text/plain")
+        if b"content-type" not in {k.lower() for k in self.headers}:
+            request.setHeader(b"content-type", b"text/plain")
         return body
 
 
@@ -219,6 +220,7 @@ class SSEResource(Resource):
         self.interval = interval
         self.sent: list[float] = []
         self.break_after: int | None = None
+        self.usage: dict[str, int] | None = None
         self.connections: list[Any] = []
 
     def render(self, request: Any) -> Any:
@@ -233,6 +235,9 @@ class SSEResource(Resource):
                 request.channel.transport.abortConnection()
                 return
             if n == self.count:
+                if self.usage is not None:
+                    final = {"model": "stream-model", "choices": [], "usage": self.usage}
+                    request.write(b"data: " + json.dumps(final).encode() + b"\n\n")
                 request.write(b"data: [DONE]\n\n")
                 request.finish()
                 return

@@ -124,7 +124,7 @@ def register(app: Klein, entities: Entities, health: Any, node_id: str) -> None:
 
 def _balancer_health(upstream: Record, targets: list[Target], health: Any) -> Record:
     total = sum(t.weight for t in targets)
-    available = sum(t.weight for t in targets if health.available(t))
+    available = sum(t.weight for t in targets if health.is_available(t))
     states = {health.describe(t)["health"] for t in targets}
     if states == {"HEALTHCHECKS_OFF"}:
         overall = "HEALTHCHECKS_OFF"

@@ -14,7 +14,9 @@ import json
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
+import attrs
+
+from twisted.internet.defer import Deferred, TimeoutError, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
@@ -23,14 +25,16 @@ from twisted.web.http import PotentialDataLoss as HTTPPotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
 
+from ..model import Target, format_target
 from .headers import copy_response_headers, upstream_headers
+from .usage import Usage, sniffer_for
 
 if TYPE_CHECKING:
     from twisted.web.server import Request
 
     from ..balancer.context import PickContext
     from ..balancer.interfaces import IBalancer
-    from ..model import Route, Service, Target, Upstream
+    from ..model import Route, Service, Upstream
     from .client import Agents
 
 NO_PEER = "failure to get a peer from the ring-balancer"
@@ -77,59 +81,94 @@ def write_error(request: Request, code: int, message: str, request_id: str) -> N
     request.finish()
 
 
+@attrs.frozen
+class Hooks:
+    """
+    What every exchange of one proxy shares.
+
+    @ivar health: the passive-health hook (L{HealthManager} or alike).
+    @ivar decorate: adds the gateway's own headers to a response.
+    @ivar observer: told of each attempt and of the exchange's end, for
+        metrics and the access log.
+    """
+
+    agents: Agents
+    clock: Any
+    health: Any
+    decorate: Callable[[Exchange, Request], None]
+    observer: ExchangeObserver
+
+
+class ExchangeObserver:
+    """
+    Does nothing; the base of what watches exchanges.
+    """
+
+    def attempt_started(self, exchange: Exchange, target: Target) -> None:
+        """
+        An attempt on C{target} began.
+        """
+
+    def attempt_ended(
+        self, exchange: Exchange, target: Target, code: str, first_byte: float | None
+    ) -> None:
+        """
+        An attempt ended: C{code} is the status, or C{error} / C{timeout}.
+        """
+
+    def done(self, exchange: Exchange) -> None:
+        """
+        The exchange is over.
+        """
+
+
 class Exchange:
     """
     One client request on its way through the gateway.
 
     @ivar attempts: attempts made so far.
     @ivar tried: keys of the targets already tried.
+    @ivar usage: the token usage the answer reported, if any.
     """
 
     def __init__(
         self,
-        agents: Agents,
-        clock: Any,
+        hooks: Hooks,
         request: Request,
+        route: Route,
         service: Service,
         upstream: Upstream | None,
         balancer: IBalancer | None,
-        health: Any,
         context: PickContext,
         path: bytes,
-        route: Route,
         body: bytes,
         request_id: str,
         started: float,
-        decorate: Callable[[Exchange, Request], None],
-        on_done: Callable[[Exchange], None],
     ) -> None:
-        self.agents = agents
-        self.clock = clock
+        self.hooks = hooks
+        self.clock = hooks.clock
         self.request = request
+        self.route = route
         self.service = service
         self.upstream = upstream
         self.balancer = balancer
-        self.health = health
         self.context = context
         self.path = path
-        self.route = route
         self.body = body
         self.request_id = request_id
         self.started = started
-        self.decorate = decorate
-        self.on_done = on_done
         self.attempts = 0
         self.tried: set[str] = set()
         self.target: Target | None = None
         self.status = 0
         self.upstream_latency: float | None = None
         self.proxy_latency: float | None = None
-        self.sent_at = 0.0
         self.bytes_out = 0
         self.error: str | None = None
+        self.usage: Usage | None = None
+        self.gone = False
         self._pending: Deferred[Any] | None = None
         self._relay: _Relay | None = None
-        self._gone = False
         self._finished = False
 
     def start(self) -> None:
@@ -145,28 +184,35 @@ class Exchange:
 
     def _pick(self) -> Target | None:
         if self.balancer is None:
-            return self._direct_target()
+            service = self.service
+            return Target(
+                id="",
+                upstream_id="",
+                key=format_target(service.host, service.port),
+                host=service.host,
+                port=service.port,
+                weight=1,
+            )
         return self.balancer.pick(self.context, self.tried)
 
-    def _direct_target(self) -> Target | None:
-        from ..model import Target, format_target
-
-        service = self.service
-        return Target(
-            id="",
-            upstream_id="",
-            key=format_target(service.host, service.port),
-            host=service.host,
-            port=service.port,
-            weight=1,
-        )
-
-    def _attempt(self, target: Target) -> None:
+    def _begin(self, target: Target) -> None:
         self.attempts += 1
         self.target = target
         self.tried.add(target.key)
         if self.balancer is not None:
             self.balancer.started(target)
+        self.hooks.observer.attempt_started(self, target)
+
+    def end(self, target: Target, code: str, first_byte: float | None) -> None:
+        """
+        An attempt on C{target} is over (its last byte, or an error).
+        """
+        if self.balancer is not None:
+            self.balancer.finished(target, first_byte)
+        self.hooks.observer.attempt_ended(self, target, code, first_byte)
+
+    def _attempt(self, target: Target) -> None:
+        self._begin(target)
         service = self.service
         request = self.request
         upstream = self.upstream
@@ -179,8 +225,7 @@ class Exchange:
             host = target.host.encode("ascii")
         else:
             host = target.key.encode("ascii")
-        scheme = service.protocol.encode("ascii")
-        url = b"%s://%s%s" % (scheme, target.key.encode("ascii"), self.path)
+        url = b"%s://%s%s" % (service.protocol.encode("ascii"), target.key.encode("ascii"), self.path)
         headers = upstream_headers(
             request.requestHeaders,
             host,
@@ -195,8 +240,7 @@ class Exchange:
         now = self.clock.seconds()
         if self.attempts == 1:
             self.proxy_latency = now - self.started
-        self.sent_at = now
-        d = self.agents.agent(service.connect_timeout).request(
+        d = self.hooks.agents.agent(service.connect_timeout).request(
             request.method, url, headers, body
         )
         d.addTimeout(service.read_timeout, self.clock, _timed_out)
@@ -205,15 +249,14 @@ class Exchange:
 
     def _failed(self, failure: Failure, target: Target) -> None:
         self._pending = None
-        if self.balancer is not None:
-            self.balancer.finished(target, None)
         timeout = failure.check(TimeoutError) is not None
-        if failure.check(CancelledError) and self._gone:
+        self.end(target, "timeout" if timeout else "error", None)
+        if self.gone:
+            # The client cancelled: not the target's fault.
+            self.done()
             return
-        self.health.report_failure(target, timeout)
+        self.hooks.health.report_failure(target, timeout)
         self.error = failure.getErrorMessage()
-        if self._gone:
-            return
         if self.attempts <= self.service.retries:
             following = self._pick()
             if following is not None:
@@ -226,15 +269,18 @@ class Exchange:
         first_byte = self.clock.seconds() - sent
         status = response.code
         retry_after = response.headers.getRawHeaders(b"retry-after")
-        self.health.report_status(target, status, retry_after[0] if retry_after else None)
+        self.hooks.health.report_status(target, status, retry_after[0] if retry_after else None)
         if (
             status in self.service.retry_on_statuses
             and self.attempts <= self.service.retries
-            and not self._gone
+            and not self.gone
         ):
             following = self._pick()
             if following is not None:
-                self._discard(response, target, first_byte)
+                # Another target can take it: this answer never reaches
+                # the client.
+                self.end(target, str(status), first_byte)
+                response.deliverBody(_Discard())
                 self._attempt(following)
                 return
         self.upstream_latency = first_byte
@@ -247,18 +293,13 @@ class Exchange:
             request.responseHeaders.setRawHeaders(
                 b"content-length", [b"%d" % response.length]
             )
-        self.decorate(self, request)
+        self.hooks.decorate(self, request)
         relay = _Relay(self, target, first_byte)
         self._relay = relay
         response.deliverBody(relay)
 
-    def _discard(self, response: IResponse, target: Target, first_byte: float) -> None:
-        if self.balancer is not None:
-            self.balancer.finished(target, first_byte)
-        response.deliverBody(_Discard())
-
     def _client_gone(self, failure: Failure) -> None:
-        self._gone = True
+        self.gone = True
         if self._pending is not None:
             self._pending.cancel()
         if self._relay is not None:
@@ -269,8 +310,8 @@ class Exchange:
         Answer the client with a gateway error.
         """
         self.status = code
-        if not self._gone:
-            self.decorate(self, self.request)
+        if not self.gone:
+            self.hooks.decorate(self, self.request)
             write_error(self.request, code, message, self.request_id)
         self.done()
 
@@ -280,7 +321,7 @@ class Exchange:
         """
         if not self._finished:
             self._finished = True
-            self.on_done(self)
+            self.hooks.observer.done(self)
 
 
 def _timed_out(result: object, timeout: float) -> Failure:
@@ -312,6 +353,12 @@ class _Relay(Protocol):
         self.target = target
         self.first_byte = first_byte
         self._stalled: Any = None
+        self._stall_cause: str | None = None
+        content_type = exchange.request.responseHeaders.getRawHeaders(
+            b"content-type", [b""]
+        )[0]
+        self._stream = content_type.startswith(b"text/event-stream")
+        self._sniffer = sniffer_for(content_type)
 
     def connectionMade(self) -> None:
         exchange = self.exchange
@@ -324,12 +371,14 @@ class _Relay(Protocol):
         exchange = self.exchange
         exchange.bytes_out += len(data)
         exchange.request.write(data)
+        if self._sniffer is not None:
+            self._sniffer.feed(data)
         if self._stalled is not None:
             self._stalled.reset(exchange.service.read_timeout)
 
     def _stall(self) -> None:
         self._stalled = None
-        self.exchange.error = "read timeout"
+        self._stall_cause = "read timeout"
         if self.transport is not None:
             self.transport.stopProducing()
 
@@ -345,14 +394,15 @@ class _Relay(Protocol):
         if self._stalled is not None:
             self._stalled.cancel()
             self._stalled = None
-        if exchange.balancer is not None:
-            exchange.balancer.finished(self.target, self.first_byte)
+        exchange.end(self.target, str(exchange.status), self.first_byte)
         request = exchange.request
-        if exchange._gone:
+        if exchange.gone:
             exchange.done()
             return
         request.unregisterProducer()
-        if reason.check(*_DONE) and exchange.error is None:
+        if reason.check(*_DONE) and self._stall_cause is None:
+            if self._sniffer is not None:
+                exchange.usage = self._sniffer.usage()
             request.finish()
         else:
             self._broken(reason)
@@ -366,17 +416,21 @@ class _Relay(Protocol):
         answer.
         """
         exchange = self.exchange
-        cause = exchange.error or reason.getErrorMessage()
+        cause = self._stall_cause or reason.getErrorMessage()
         exchange.error = cause
-        timeout = cause == "read timeout"
-        exchange.health.report_failure(self.target, timeout)
+        exchange.hooks.health.report_failure(self.target, cause == "read timeout")
         request = exchange.request
-        content_type = request.responseHeaders.getRawHeaders(b"content-type", [b""])[0]
-        if content_type.startswith(b"text/event-stream"):
+        if self._stream:
             event = json.dumps(
-                {"error": {"message": "upstream stream broken: " + cause,
-                           "type": "upstream_error", "request_id": exchange.request_id}}
+                {
+                    "error": {
+                        "message": "upstream stream broken: " + cause,
+                        "type": "upstream_error",
+                        "request_id": exchange.request_id,
+                    }
+                }
             )
             request.write(b"event: error\ndata: " + event.encode() + b"\n\n")
-        request.channel.transport.loseConnection()
+        transport = request.channel.transport  # type: ignore[union-attr]
+        transport.loseConnection()
 

@@ -21,7 +21,7 @@ from .._version import __version__
 from ..balancer.context import PickContext
 from ..runtime import Runtime
 from .client import Agents
-from .forward import Exchange, write_error
+from .forward import Exchange, ExchangeObserver, Hooks, write_error
 from .router import join_path
 
 NO_ROUTE = "no Route matched with those values"
@@ -62,10 +62,25 @@ class GatewaySite(QuietSite):
     """
 
     requestFactory = GatewayRequest
+    open_connections = 0
 
     def __init__(self, resource: Resource, max_body: int, **kwargs: Any) -> None:
         super().__init__(resource, **kwargs)
         self.max_body = max_body
+
+    def buildProtocol(self, addr: Any) -> Any:
+        protocol = super().buildProtocol(addr)
+        if protocol is None:
+            return None
+        self.open_connections += 1
+        lost = protocol.connectionLost
+
+        def connection_lost(reason: Any) -> None:
+            self.open_connections -= 1
+            lost(reason)
+
+        protocol.connectionLost = connection_lost
+        return protocol
 
 
 def _model_of(request: Request) -> Callable[[], str | None]:
@@ -99,17 +114,22 @@ class ProxyResource(Resource):
         runtime: Runtime,
         agents: Agents,
         clock: Any,
-        on_done: Callable[[Exchange], None] = lambda exchange: None,
+        observer: ExchangeObserver | None = None,
         latency_headers: bool = True,
         trust_forwarded_for: bool = False,
     ) -> None:
         super().__init__()
         self._runtime = runtime
-        self._agents = agents
         self._clock = clock
-        self._on_done = on_done
         self._latency_headers = latency_headers
         self._trust_xff = trust_forwarded_for
+        self._hooks = Hooks(
+            agents=agents,
+            clock=clock,
+            health=runtime.health,
+            decorate=self._decorate,
+            observer=observer or ExchangeObserver(),
+        )
 
     def render(self, request: Request) -> Any:
         started = self._clock.seconds()
@@ -155,24 +175,19 @@ class ProxyResource(Resource):
             uri_captures=match.captures,
         )
         request.content.seek(0)
-        exchange = Exchange(
-            self._agents,
-            self._clock,
+        Exchange(
+            self._hooks,
             request,
+            match.route,
             service,
             upstream,
             balancer,
-            self._runtime.health,
             context,
             forward_path,
-            match.route,
             request.content.read(),
             request_id,
             started,
-            self._decorate,
-            self._on_done,
-        )
-        exchange.start()
+        ).start()
         return NOT_DONE_YET
 
     def _client_ip(self, request: Request) -> str:

@@ -1,0 +1,130 @@
+# -*- test-case-name: tests.test_metrics -*-
+"""
+Turning finished exchanges into metrics and access log lines.
+
+This runs when an attempt or a request is over, never before the response
+is written, so its cost never delays the bytes a client is waiting for.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .accesslog import AccessLog
+from .metrics import Metrics
+from .model import Target
+from .proxy.forward import Exchange, ExchangeObserver
+
+
+def _names(exchange: Exchange) -> tuple[str, str]:
+    service, route = exchange.service, exchange.route
+    return service.name or service.id, route.name or route.id
+
+
+def _upstream_name(exchange: Exchange) -> str:
+    return exchange.upstream.name if exchange.upstream is not None else ""
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
+class Recorder(ExchangeObserver):
+    """
+    Counts attempts and requests, and logs each request.
+    """
+
+    def __init__(self, clock: Any, metrics: Metrics, access_log: AccessLog | None) -> None:
+        self._clock = clock
+        self._metrics = metrics
+        self._log = access_log
+
+    def attempt_started(self, exchange: Exchange, target: Target) -> None:
+        upstream = _upstream_name(exchange)
+        self._metrics.inflight[(upstream, target.key)] += 1
+        if exchange.attempts > 1:
+            self._metrics.retries.labels(upstream).inc()
+
+    def attempt_ended(
+        self, exchange: Exchange, target: Target, code: str, first_byte: float | None
+    ) -> None:
+        metrics = self._metrics
+        upstream = _upstream_name(exchange)
+        key = (upstream, target.key)
+        metrics.inflight[key] = max(0, metrics.inflight[key] - 1)
+        metrics.for_target(
+            metrics.target_requests, upstream, target.key, upstream, target.key, code
+        ).inc()
+        if first_byte is not None:
+            service, route = _names(exchange)
+            metrics.for_target(
+                metrics.upstream_latency, upstream, target.key,
+                service, route, upstream, target.key,
+            ).observe(first_byte * 1000)
+
+    def done(self, exchange: Exchange) -> None:
+        metrics = self._metrics
+        service, route = _names(exchange)
+        elapsed = self._clock.seconds() - exchange.started
+        metrics.requests.labels(service, route, str(exchange.status)).inc()
+        metrics.request_latency.labels(service, route).observe(elapsed * 1000)
+        if exchange.proxy_latency is not None:
+            metrics.proxy_latency.labels(service, route).observe(exchange.proxy_latency * 1000)
+        metrics.bandwidth.labels(service, route, "ingress").inc(len(exchange.body))
+        metrics.bandwidth.labels(service, route, "egress").inc(exchange.bytes_out)
+        usage = exchange.usage
+        target = exchange.target
+        upstream = _upstream_name(exchange)
+        if usage is not None and target is not None:
+            model = metrics.model_label(usage.model)
+            metrics.for_target(
+                metrics.llm_requests, upstream, target.key, upstream, target.key, model
+            ).inc()
+            for kind, count in (
+                ("prompt", usage.prompt),
+                ("completion", usage.completion),
+                ("total", usage.total),
+            ):
+                metrics.for_target(
+                    metrics.llm_tokens, upstream, target.key,
+                    upstream, target.key, model, kind,
+                ).inc(count)
+        if self._log is not None:
+            self._log.write(self._record(exchange, service, route, upstream, elapsed))
+
+    def _record(
+        self, exchange: Exchange, service: str, route: str, upstream: str, elapsed: float
+    ) -> dict[str, Any]:
+        request = exchange.request
+        usage = exchange.usage
+        return {
+            "time": round(exchange.started, 3),
+            "request_id": exchange.request_id,
+            "client_ip": exchange.context.client_ip,
+            "method": request.method.decode("latin-1"),
+            "path": exchange.context.path,
+            "route": route,
+            "service": service,
+            "upstream": upstream or None,
+            "target": exchange.target.key if exchange.target is not None else None,
+            "status": exchange.status,
+            "attempts": exchange.attempts,
+            "tried": sorted(exchange.tried),
+            "bytes_in": len(exchange.body),
+            "bytes_out": exchange.bytes_out,
+            "latency_ms": {
+                "request": _ms(elapsed),
+                "upstream": _ms(exchange.upstream_latency),
+                "proxy": _ms(exchange.proxy_latency),
+            },
+            "tokens": None
+            if usage is None
+            else {
+                "model": usage.model,
+                "prompt": usage.prompt,
+                "completion": usage.completion,
+                "total": usage.total,
+            },
+            "error": exchange.error,
+            "client_gone": exchange.gone,
+        }

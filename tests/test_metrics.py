@@ -1,0 +1,187 @@
+"""
+Metrics, token accounting and the access log, end to end.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest_twisted
+from prometheus_client.parser import text_string_to_metric_families
+
+from aigateway.proxy.usage import Sniffer, sniffer_for
+
+from .gatewaykit import Gateway, SSEResource, TargetResource, address, listen, sleep
+
+COMPLETION = {
+    "model": "gpt-test",
+    "choices": [{"message": {"content": "hi"}}],
+    "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18},
+}
+
+
+async def scrape(gateway) -> dict:
+    """
+    /metrics parsed with prometheus_client's own parser, as
+    C{{(sample name, sorted labels): value}}.
+    """
+    reply = await gateway.admin.get("/metrics")
+    assert reply.code == 200
+    samples = {}
+    for family in text_string_to_metric_families(reply.body.decode()):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples, name, **labels):
+    return samples.get((name, tuple(sorted(labels.items()))), 0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_known_mix(tmp_path, servers):
+    """
+    Retries, a 502 and a streamed completion with usage: every counter,
+    histogram count and token total equals what was sent, and the access
+    log has a line per request with its target, attempts and tokens.
+    """
+    log_path = tmp_path / "access.log"
+    node = await Gateway(str(tmp_path / "m.db"), access_log=str(log_path)).start()
+    try:
+        good = TargetResource("good")
+        good.headers = {b"content-type": b"application/json"}
+        good.body = json.dumps(COMPLETION).encode()
+        servers.append(good_port := listen(good))
+        closed = listen(TargetResource("closed"))
+        dead = address(closed)
+        await closed.stopListening()
+        await node.admin.post("/upstreams", form={"name": "llm"})
+        for target in (address(good_port), dead):
+            await node.admin.post("/upstreams/llm/targets", form={"target": target})
+        await node.admin.post("/services", form={"name": "chat", "host": "llm"})
+        await node.admin.post("/services/chat/routes", form={"name": "chat-route", "paths[]": "/v1"})
+
+        await node.admin.post("/upstreams", form={"name": "gone"})
+        await node.admin.post("/upstreams/gone/targets", form={"target": dead})
+        await node.admin.post("/services", form={"name": "broken", "host": "gone", "retries": "0"})
+        await node.admin.post("/services/broken/routes", form={"name": "broken-route", "paths[]": "/broken"})
+
+        sse = SSEResource(count=3, interval=0.01)
+        sse.usage = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+        servers.append(sse_port := listen(sse))
+        await node.admin.post("/upstreams", form={"name": "streams"})
+        await node.admin.post("/upstreams/streams/targets", form={"target": address(sse_port)})
+        await node.admin.post("/services", form={"name": "streaming", "host": "streams"})
+        await node.admin.post("/services/streaming/routes", form={"name": "stream-route", "paths[]": "/stream"})
+
+        body = b'{"model": "gpt-test", "messages": []}'
+        for _ in range(10):
+            reply = await node.proxy.post("/v1/chat/completions", body=body)
+            assert reply.code == 200
+        assert (await node.proxy.get("/broken")).code == 502
+        reply = await node.proxy.post("/stream", body=b'{"stream": true}')
+        assert reply.code == 200 and b'"usage"' in reply.body
+
+        samples = await scrape(node)
+        good_key, route = address(good_port), "chat-route"
+        assert value(samples, "aigateway_http_requests_total", service="chat", route=route, code="200") == 10
+        assert value(samples, "aigateway_http_requests_total", service="broken", route="broken-route", code="502") == 1
+        assert value(samples, "aigateway_http_requests_total", service="streaming", route="stream-route", code="200") == 1
+        assert value(samples, "aigateway_upstream_target_requests_total", upstream="llm", target=good_key, code="200") == 10
+        retried = value(samples, "aigateway_upstream_target_requests_total", upstream="llm", target=dead, code="error")
+        assert 5 <= retried <= 10  # passive checks are off: the dead target keeps its turns
+        assert value(samples, "aigateway_proxy_retries_total", upstream="llm") == retried
+        assert value(samples, "aigateway_upstream_target_requests_total", upstream="gone", target=dead, code="error") == 1
+        assert value(samples, "aigateway_request_latency_ms_count", service="chat", route=route) == 10
+        assert value(samples, "aigateway_proxy_latency_ms_count", service="chat", route=route) == 10
+        assert value(samples, "aigateway_upstream_latency_ms_count", service="chat", route=route, upstream="llm", target=good_key) == 10
+        assert value(samples, "aigateway_bandwidth_bytes_total", service="chat", route=route, direction="ingress") == 10 * len(body)
+        assert value(samples, "aigateway_bandwidth_bytes_total", service="chat", route=route, direction="egress") == 10 * len(good.body)
+        tokens = "aigateway_ai_llm_tokens_total"
+        for kind, count in (("prompt", 110), ("completion", 70), ("total", 180)):
+            assert value(samples, tokens, upstream="llm", target=good_key, model="gpt-test", token_type=kind) == count
+        assert value(samples, "aigateway_ai_llm_requests_total", upstream="llm", target=good_key, model="gpt-test") == 10
+        sse_key = address(sse_port)
+        assert value(samples, tokens, upstream="streams", target=sse_key, model="stream-model", token_type="total") == 8
+        assert value(samples, "aigateway_upstream_target_health", upstream="llm", target=good_key, state="healthchecks_off") == 1
+        assert value(samples, "aigateway_inflight_requests", upstream="llm", target=good_key) == 0
+        assert value(samples, "aigateway_connections", state="upstream_pooled") >= 1
+
+        await node.stop()
+        lines = [json.loads(line) for line in log_path.read_text().splitlines()]
+        assert len(lines) == 12
+        chat = [line for line in lines if line["service"] == "chat"]
+        assert sum(line["attempts"] - 1 for line in chat) == retried
+        assert all(line["attempts"] in (1, 2) for line in chat)
+        assert all(line["target"] == good_key and line["status"] == 200 for line in chat)
+        assert all(line["tokens"]["total"] == 18 for line in chat)
+        assert {tuple(line["tried"]) for line in chat if line["attempts"] == 2} == {tuple(sorted([good_key, dead]))}
+        broken = next(line for line in lines if line["service"] == "broken")
+        assert (broken["status"], broken["target"], broken["tokens"]) == (502, dead, None)
+        stream = next(line for line in lines if line["service"] == "streaming")
+        assert stream["tokens"]["completion"] == 3
+    finally:
+        await node.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_health_series_follow_probes_and_deletion(gateway, servers):
+    """
+    A target an active probe finds dead flips its health series within one
+    interval; deleting the target removes every series that names it.
+    """
+    alive = TargetResource("alive")
+    servers.append(port := listen(alive))
+    doomed = listen(TargetResource("doomed"))
+    doomed_key = address(doomed)
+    await gateway.configure("checked", {address(port): 100, doomed_key: 100})
+    await gateway.admin.patch(
+        "/upstreams/checked",
+        form={
+            "healthchecks.active.healthy.interval": "0.5",
+            "healthchecks.active.unhealthy.interval": "0.5",
+            "healthchecks.active.unhealthy.tcp_failures": "1",
+        },
+    )
+    for _ in range(4):
+        await gateway.proxy.get("/")
+    samples = await scrape(gateway)
+    assert value(samples, "aigateway_upstream_target_health", upstream="checked", target=doomed_key, state="healthy") == 1
+    await doomed.stopListening()
+    await sleep(1.2)
+    samples = await scrape(gateway)
+    assert value(samples, "aigateway_upstream_target_health", upstream="checked", target=doomed_key, state="unhealthy") == 1
+    assert value(samples, "aigateway_upstream_target_health", upstream="checked", target=doomed_key, state="healthy") == 0
+    assert value(samples, "aigateway_health_probes_total", upstream="checked", target=doomed_key, result="tcp_failure") >= 1
+    assert value(samples, "aigateway_health_probes_total", upstream="checked", target=address(port), result="200") >= 1
+
+    assert (await gateway.admin.delete(f"/upstreams/checked/targets/{doomed_key}")).code == 204
+    samples = await scrape(gateway)
+    assert not [key for key in samples if ("target", doomed_key) in key[1]]
+    assert value(samples, "aigateway_upstream_target_health", upstream="checked", target=address(port), state="healthy") == 1
+
+
+def test_sniffer_reads_usage():
+    """
+    JSON answers are parsed whole; streams only keep their tail; other
+    content types are not looked at.
+    """
+    assert sniffer_for(b"text/html") is None
+    json_sniffer = sniffer_for(b"application/json; charset=utf-8")
+    document = json.dumps(COMPLETION).encode()
+    for i in range(0, len(document), 7):
+        json_sniffer.feed(document[i : i + 7])
+    usage = json_sniffer.usage()
+    assert (usage.model, usage.prompt, usage.completion, usage.total) == ("gpt-test", 11, 7, 18)
+
+    stream = Sniffer(stream=True)
+    for n in range(5000):
+        stream.feed(b'data: {"choices": [{"delta": {"content": "x%d"}}]}\n\n' % n)
+    stream.feed(b'data: {"model": "m", "usage": {"prompt_tokens": 1, "completion_tokens": 2}}\n\ndata: [DONE]\n\n')
+    usage = stream.usage()
+    assert (usage.model, usage.prompt, usage.completion, usage.total) == ("m", 1, 2, 3)
+    assert sum(len(c) for c in stream._chunks) < 20 * 1024
+
+    plain = Sniffer(stream=False)
+    plain.feed(b'{"no": "usage"}')
+    assert plain.usage() is None
