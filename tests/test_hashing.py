@@ -26,7 +26,7 @@ _IDS = [f"user-{i}" for i in range(10000)]
 
 
 def _balancer(
-    ts: list[Target], health: FakeHealth | None = None, **fields: Any
+    ts: list[Target], *, health: FakeHealth | None = None, **fields: Any
 ) -> ConsistentHashingBalancer:
     fields.setdefault("hash_on", "header")
     if fields["hash_on"] == "header":
@@ -142,7 +142,7 @@ class RingTests(SynchronousTestCase):
         """
         ts = targets(100, 100, 100, 0)
         health = FakeHealth()
-        balancer = _balancer(ts, health)
+        balancer = _balancer(ts, health=health)
         before = _owners(balancer)
         self.assertNotIn(ts[3].key, before.values())
         for exclude, down in [((ts[1].key,), []), ((), [ts[1].key])]:
@@ -158,7 +158,7 @@ class RingTests(SynchronousTestCase):
         With no target to pick, a pick is L{None}.
         """
         ts = targets(100, 100)
-        balancer = _balancer(ts, FakeHealth([ts[0].key]))
+        balancer = _balancer(ts, health=FakeHealth([ts[0].key]))
         self.assertIsNone(balancer.pick(context({"x-user": "a"}), [ts[1].key]))
         self.assertIsNone(_balancer([]).pick(context({"x-user": "a"}), ()))
         self.assertIsNone(_balancer(targets(0)).pick(context({"x-user": "a"}), ()))
@@ -298,7 +298,7 @@ class SourceTests(SynchronousTestCase):
         C{hash_fallback} reads its own header and URI capture fields.
         """
         ts = targets(100, 100, 100)
-        cases: list[tuple[dict[str, str], Callable[[str], PickContext]]] = [
+        cases: list[tuple[dict[str, Any], Callable[[str], PickContext]]] = [
             (
                 {"hash_fallback": "header", "hash_fallback_header": "x-b"},
                 lambda v: context({"x-b": v}),
