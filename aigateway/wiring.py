@@ -20,19 +20,13 @@ from .admin import services, status, upstreams
 from .admin.app import handle_routing_errors
 from .admin.entities import Entities
 from .accesslog import AccessLog
-from .balancer import registry as _algorithms
+from .balancer.backup import build_balancer
 from .health.manager import Probed
 from .metrics import Metrics, StateCollector, live_targets
 from .recorder import Recorder
 from .health.hook import build_health
 from .proxy.resource import ProxyResource
 from .runtime import Runtime
-
-
-def build_balancer(upstream: Any, targets: Any, health: Any) -> Any:  # TEMP until backup.py
-    return _algorithms.lookup(upstream.algorithm).build(
-        upstream, [t for t in targets if not t.backup], health
-    )
 
 
 @attrs.define
