@@ -51,8 +51,9 @@ from .interfaces import IBalancer, IBalancerFactory, IHealthView
 from .roundrobin import RoundRobinBalancer, usable
 
 #: The most points one target gets, whatever its weight: it bounds the
-#: memory of a ring (8 bytes a point) to about 0.5 MiB a target.  At the
-#: default C{slots}, weights above 6553 get no larger share than 6553.
+#: memory of a ring (12 bytes a point: the point and its owner's index) to
+#: 0.75 MiB a target.  At the default C{slots}, weights above 6553 get no
+#: larger share than 6553.
 MAX_POINTS = 65536
 
 #: How a request yields the value to hash, or L{None} when it has none.
@@ -162,7 +163,7 @@ class ConsistentHashingBalancer:
         mask = (1 << shift) - 1
         return (
             array("Q", [entry >> shift for entry in tagged]),
-            array("L", [entry & mask for entry in tagged]),
+            array("I", [entry & mask for entry in tagged]),
         )
 
     def _cookie(self, context: PickContext) -> str:
