@@ -1,0 +1,413 @@
+"""
+Turns one benchmark run's raw outputs (the directory bench/run.sh wrote:
+wrk-*.txt, hey-*.txt, streams-*.json, latency-headers.json, metrics.txt,
+profile.raw) into a dated Markdown section, prints it and appends it to
+bench/RESULTS.md (append only: other sections of that file are not ours).
+
+Usage: python bench/report.py --out bench/out/run-... --results bench/RESULTS.md
+    --command "make bench" --duration 10 --quick 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from profile_top import markdown as profile_markdown  # noqa: E402
+
+NAMES = ("direct", "nginx", "gateway")
+
+
+def read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def metrics(out: str) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for line in read(os.path.join(out, "metrics.txt")).splitlines():
+        key, _, value = line.partition(" ")
+        try:
+            values[key] = json.loads(value)
+        except ValueError:
+            values[key] = value
+    return values
+
+
+def wrk(out: str, name: str) -> dict[str, Any] | None:
+    match = re.search(
+        r"^WRKJSON (.*)$", read(os.path.join(out, f"wrk-{name}.txt")), re.M
+    )
+    if not match:
+        return None
+    data: dict[str, Any] = json.loads(match.group(1))
+    data["rps"] = data["requests"] / (data["duration_us"] / 1e6)
+    data["errors"] = sum(data[k] for k in data if k.startswith("err_"))
+    return data
+
+
+def hey(out: str, name: str) -> dict[str, Any] | None:
+    text = read(os.path.join(out, f"hey-{name}.txt"))
+    if not text:
+        return None
+    data: dict[str, Any] = {}
+    match = re.search(r"Requests/sec:\s*([\d.]+)", text)
+    data["rps"] = float(match.group(1)) if match else None
+    for pct, secs in re.findall(r"^\s*(\d+)%+ in ([\d.]+) secs", text, re.M):
+        data[f"p{pct}"] = float(secs) * 1000
+    codes = dict(re.findall(r"\[(\d+)\]\s+(\d+) responses", text))
+    data["ok"] = int(codes.get("200", 0))
+    data["non200"] = sum(int(v) for k, v in codes.items() if k != "200")
+    errors = (
+        text.split("Error distribution:", 1)[1] if "Error distribution:" in text else ""
+    )
+    data["errors"] = (
+        sum(int(n) for n in re.findall(r"^\s*\[(\d+)\]", errors, re.M)) + data["non200"]
+    )
+    return data
+
+
+def load_json(out: str, name: str) -> dict[str, Any] | None:
+    text = read(os.path.join(out, name))
+    try:
+        return json.loads(text) if text.strip() else None
+    except ValueError:
+        return None
+
+
+def fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
+        return f"{value:.{digits}f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def ratio(a: Any, b: Any) -> str:
+    if a is None or b is None or not b:
+        return "–"
+    return f"{a / b:.2f}×"
+
+
+def row(label: str, values: dict[str, Any], digits: int = 2) -> str:
+    d, n, g = (values.get(k) for k in NAMES)
+    return (
+        f"| {label} | {fmt(d, digits)} | {fmt(n, digits)} | {fmt(g, digits)} "
+        f"| {ratio(g, d)} | {ratio(g, n)} |"
+    )
+
+
+def verdict(ok: bool | None) -> str:
+    return "–" if ok is None else ("**met**" if ok else "**not met**")
+
+
+def git_commit(root: str) -> str:
+    try:
+        return subprocess.run(
+            ["git", "-C", root, "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+
+
+def versions() -> str:
+    parts = [f"Python {platform.python_version()}"]
+    try:
+        import twisted
+
+        parts.append(f"Twisted {twisted.__version__}")
+    except ImportError:
+        pass
+    try:
+        nginx = subprocess.run(
+            ["nginx", "-v"], capture_output=True, text=True
+        ).stderr.strip()
+        parts.append(nginx.replace("nginx version: ", ""))
+    except OSError:
+        pass
+    return ", ".join(parts)
+
+
+def cpu_model() -> str:
+    for line in read("/proc/cpuinfo").splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "?"
+
+
+def build(options: Any) -> str:
+    out = options.out
+    m = metrics(out)
+    w = {name: wrk(out, name) for name in NAMES}
+    h = {name: hey(out, name) for name in NAMES}
+    s = {name: load_json(out, f"streams-{name}.json") for name in NAMES}
+    many = load_json(out, "streams-many.json")
+    headers = load_json(out, "latency-headers.json")
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    quick = " (quick mode: short runs, indicative only)" if options.quick == "1" else ""
+
+    def pick(
+        source: dict[str, Any | None], key: str, scale: float = 1.0
+    ) -> dict[str, Any]:
+        return {
+            k: (v[key] if scale == 1.0 else v[key] * scale)
+            if v and v.get(key) is not None
+            else None
+            for k, v in source.items()
+        }
+
+    cpu_us = {}
+    for name in NAMES:
+        seconds = m.get(f"wrk_{name}_cpu_s")
+        if w[name] and seconds is not None and w[name]["requests"]:
+            cpu_us[name] = float(seconds) * 1e6 / w[name]["requests"]
+        else:
+            cpu_us[name] = None
+
+    lines = [
+        f"## Load benchmark, {now}{quick}",
+        "",
+        f"- Command: `{options.command}` at commit `{git_commit(root)}`; raw outputs in `{os.path.relpath(out, root)}` (not committed)",
+        f"- Machine: `nproc` = {os.cpu_count()}, CPU: {cpu_model()}; {versions()}",
+        "- Placement: each proxy under test (aigateway via `taskset -c 1 twistd -n aigateway`, nginx with 1 worker) "
+        "on CPU 1; load generators (wrk, hey, Python clients, py-spy) on CPU 0; the targets (one nginx worker "
+        "with two server blocks, and bench/sse_target.py) unpinned. Everything on 127.0.0.1.",
+        "- Ratios: aigateway's figure divided by the same figure direct to a target and through nginx.",
+        "",
+        f"### Throughput: wrk, 1 thread, 50 keep-alive connections, POST of a 305-byte chat request, {options.duration} s",
+        "",
+        "| | direct | nginx | aigateway | ÷ direct | ÷ nginx |",
+        "|---|---:|---:|---:|---:|---:|",
+        row("requests/s", pick(w, "rps"), 0),
+        row("p50 latency, ms", pick(w, "p50_us", 1e-3)),
+        row("p99 latency, ms", pick(w, "p99_us", 1e-3)),
+        row("errors (connect/read/write/status/timeout)", pick(w, "errors")),
+        row(
+            "server CPU per request, µs (utime+stime of the serving process)", cpu_us, 1
+        ),
+        "",
+        f"aigateway RSS: {fmt(m.get('gw_rss_idle_kb', 0) / 1024, 1)} MB idle (configured, before load), "
+        f"{fmt(m.get('gw_rss_load_kb', 0) / 1024, 1)} MB peak under the wrk load, "
+        f"{fmt(m.get('gw_rss_end_kb', 0) / 1024, 1)} MB at the end of the run.",
+        "",
+        f"### Latency at a fixed rate: hey -c 50 -q 20 (~1,000 req/s), keep-alive, {options.duration} s",
+        "",
+        "| | direct | nginx | aigateway | ÷ direct | ÷ nginx |",
+        "|---|---:|---:|---:|---:|---:|",
+        row("achieved requests/s", pick(h, "rps"), 0),
+        row("p50 latency, ms", pick(h, "p50")),
+        row("p90 latency, ms", pick(h, "p90")),
+        row("p99 latency, ms", pick(h, "p99")),
+        row("errors", pick(h, "errors")),
+    ]
+    added50 = added99 = None
+    if h["gateway"] and h["direct"] and h["gateway"].get("p99") is not None:
+        added50 = h["gateway"]["p50"] - h["direct"]["p50"]
+        added99 = h["gateway"]["p99"] - h["direct"]["p99"]
+        n_added99 = (
+            h["nginx"]["p99"] - h["direct"]["p99"]
+            if h["nginx"] and h["nginx"].get("p99")
+            else None
+        )
+        lines += [
+            "",
+            f"Added by aigateway (vs direct): p50 {added50:+.2f} ms, p99 {added99:+.2f} ms"
+            + (
+                f"; added by nginx: p99 {n_added99:+.2f} ms."
+                if n_added99 is not None
+                else "."
+            ),
+        ]
+    hs = {name: hey(out, f"smooth-{name}") for name in NAMES}
+    if any(hs.values()):
+        lines += [
+            "",
+            "hey's workers tick in step, so `-c 50 -q 20` arrives as bursts of 50 requests every 50 ms; "
+            "the same rate with smoother arrivals (`-c 4 -q 250`, bursts of 4 every 4 ms):",
+            "",
+            "| | direct | nginx | aigateway | ÷ direct | ÷ nginx |",
+            "|---|---:|---:|---:|---:|---:|",
+            row("achieved requests/s", pick(hs, "rps"), 0),
+            row("p50 latency, ms", pick(hs, "p50")),
+            row("p99 latency, ms", pick(hs, "p99")),
+            row("errors", pick(hs, "errors")),
+        ]
+    smooth99 = None
+    if hs["gateway"] and hs["direct"] and hs["gateway"].get("p99") is not None:
+        smooth99 = hs["gateway"]["p99"] - hs["direct"]["p99"]
+        lines += [
+            "",
+            f"Added by aigateway with smoother arrivals: p99 {smooth99:+.2f} ms.",
+        ]
+    if headers:
+        pl = headers["proxy_latency_ms"]
+        lines += [
+            "",
+            f"aigateway's own `X-Proxy-Latency` header over {headers['count']} sequential requests "
+            f"(whole ms, time from `render` to the upstream request): p50 {fmt(pl['p50'], 0)}, "
+            f"p99 {fmt(pl['p99'], 0)}, max {fmt(pl['max'], 0)}; histogram (ms: count) {pl['histogram']}. "
+            f"`X-Upstream-Latency` p50 {fmt(headers['upstream_latency_ms']['p50'], 0)} / "
+            f"p99 {fmt(headers['upstream_latency_ms']['p99'], 0)} ms; "
+            f"client-side p50 {fmt(headers['client_ms']['p50'])} / p99 {fmt(headers['client_ms']['p99'])} ms; "
+            f"errors {headers['errors']}.",
+        ]
+    streams_n = next((v["requests"] for v in s.values() if v), 0)
+    lines += [
+        "",
+        f"### Streaming: 100 concurrent SSE streams, 20 chunks 20 ms apart ({streams_n} streams measured after a warm-up round)",
+        "",
+        "Each stream is a new client connection (`Connection: close`); time to first chunk counts from before `connect()`.",
+        "",
+        "| | direct | nginx | aigateway | ÷ direct | ÷ nginx |",
+        "|---|---:|---:|---:|---:|---:|",
+        row("time to first chunk p50, ms", pick(s, "ttfc_p50_ms")),
+        row("time to first chunk p99, ms", pick(s, "ttfc_p99_ms")),
+        row("total time p50, ms", pick(s, "total_p50_ms"), 1),
+        row("total time p99, ms", pick(s, "total_p99_ms"), 1),
+        row("errors", pick(s, "errors")),
+    ]
+    ttfc_over = None
+    if s["gateway"] and s["direct"] and s["gateway"]["ttfc_p99_ms"] is not None:
+        ttfc_over = s["gateway"]["ttfc_p99_ms"] - s["direct"]["ttfc_p99_ms"]
+        lines += [
+            "",
+            f"p99 time-to-first-chunk overhead of aigateway vs direct: {ttfc_over:+.2f} ms.",
+        ]
+
+    many_ok = None
+    if many:
+        cpu_s = float(m.get("many_gw_cpu_s", 0))
+        wall = float(m.get("many_wall_s", 0)) or 1.0
+        rss_mb = m.get("many_rss_kb", 0) / 1024
+        lines += [
+            "",
+            f"### Concurrency: {fmt(m.get('many_streams'))} slow streams through aigateway "
+            f"({m.get('many_chunks')} chunks 1 s apart, opened {fmt(m.get('many_ramp'))}/s)",
+            "",
+            "| streams | completed | errors | peak open at once (client) | peak streaming at once | "
+            "gateway peak RSS, MB | gateway CPU, s (share of one core) | TTFC p50 / p99, ms | total p99, s |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            f"| {fmt(many['requests'])} | {fmt(many['ok'])} | {fmt(many['errors'])} {many['error_kinds'] or ''} "
+            f"| {fmt(many['peak_open'])} | {fmt(many['peak_streaming'])} | {fmt(rss_mb, 1)} "
+            f"| {fmt(cpu_s, 1)} ({100 * cpu_s / wall:.0f}% over {wall:.1f} s) "
+            f"| {fmt(many['ttfc_p50_ms'], 1)} / {fmt(many['ttfc_p99_ms'], 1)} "
+            f"| {fmt((many['total_p99_ms'] or 0) / 1000, 2)} |",
+        ]
+        if m.get("many_note"):
+            lines += ["", f"Note: {m['many_note']}."]
+        many_ok = many["errors"] == 0 and rss_mb <= 1024
+
+    # Goals.
+    g = w["gateway"]
+    thr_ratio = g["rps"] / w["nginx"]["rps"] if g and w["nginx"] else None
+    goals = [
+        (
+            "non-streaming throughput ≥ 0.10 × nginx",
+            f"{thr_ratio:.3f} × nginx" if thr_ratio else "–",
+            None if thr_ratio is None else thr_ratio >= 0.10,
+        ),
+        (
+            "gateway CPU ≤ 100 µs per request",
+            f"{fmt(cpu_us['gateway'], 1)} µs",
+            None if cpu_us["gateway"] is None else cpu_us["gateway"] <= 100,
+        ),
+        (
+            "p99 ≤ 10 ms under that (wrk, 50 connections) load",
+            f"{fmt(g['p99_us'] / 1000 if g else None)} ms",
+            None if not g else g["p99_us"] / 1000 <= 10,
+        ),
+        (
+            "added p99 latency at 1,000 req/s ≤ 1 ms (hey -c 50 -q 20)",
+            f"{added99:+.2f} ms" if added99 is not None else "–",
+            None if added99 is None else added99 <= 1.0,
+        ),
+        (
+            "… same rate, smoother arrivals (hey -c 4 -q 250)",
+            f"{smooth99:+.2f} ms" if smooth99 is not None else "–",
+            None if smooth99 is None else smooth99 <= 1.0,
+        ),
+        (
+            "streaming p99 time-to-first-chunk overhead ≤ 5 ms (100 streams)",
+            f"{ttfc_over:+.2f} ms" if ttfc_over is not None else "–",
+            None if ttfc_over is None else ttfc_over <= 5.0,
+        ),
+        (
+            "10,000 concurrent streams, 0 errors, RSS ≤ 1 GB",
+            (
+                f"{fmt(many['requests'])} streams, {many['errors']} errors, {fmt(m.get('many_rss_kb', 0) / 1024, 0)} MB"
+                if many
+                else "–"
+            ),
+            None if many_ok is None else (many_ok and many["requests"] >= 10000),
+        ),
+    ]
+    lines += ["", "### Goals", "", "| goal | measured | verdict |", "|---|---|---|"]
+    for goal, measured, ok in goals:
+        lines.append(f"| {goal} | {measured} | {verdict(ok)} |")
+    if many and many["requests"] < 10000 and many_ok:
+        lines += [
+            "",
+            f"The 10,000-stream goal is marked not met only because {fmt(many['requests'])} streams "
+            "is the most this machine's descriptor limit allows; at that count there were 0 errors and RSS within 1 GB.",
+        ]
+
+    profile = os.path.join(out, "profile.raw")
+    if os.path.exists(profile) and os.path.getsize(profile):
+        wp = wrk(out, "profile")
+        lines += [
+            "",
+            "### Profile: py-spy (250 Hz, blocking) of aigateway under the wrk load",
+            "",
+            (
+                f"wrk during the profile: {fmt(wp['rps'], 0)} req/s (py-spy's pauses slow it down). "
+                if wp
+                else ""
+            )
+            + "",
+            profile_markdown(profile, 15).rstrip("\n"),
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--results", required=True)
+    parser.add_argument("--command", default="make bench")
+    parser.add_argument("--duration", default="10")
+    parser.add_argument("--quick", default="0")
+    options = parser.parse_args()
+    section = build(options)
+    print(section)
+    with open(os.path.join(options.out, "report.md"), "w") as f:
+        f.write(section)
+    new = not os.path.exists(options.results) or os.path.getsize(options.results) == 0
+    with open(options.results, "a") as f:
+        if new:
+            f.write("# aigateway benchmark results\n\n")
+        else:
+            f.write("\n")
+        f.write(section)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,326 @@
+#!/usr/bin/env bash
+# The aigateway load benchmark (`make bench`).
+#
+# Starts, all on 127.0.0.1: two nginx targets (one nginx, two server blocks)
+# answering a fixed ~600-byte chat completion, a Twisted SSE target
+# (bench/sse_target.py), nginx as a reference reverse proxy over the same
+# targets, and aigateway (twistd, temp SQLite, pinned to CPU 1) configured
+# through its Admin API.  Then measures, load generators pinned to CPU 0:
+#   1. wrk, 50 keep-alive connections, POST chat: direct / nginx / aigateway
+#      (+ gateway CPU µs per request and RSS idle/under load)
+#   2. hey at ~1,000 req/s: latency added, direct / nginx / aigateway
+#      (+ the gateway's own X-Proxy-Latency header, bench/latency_sample.py)
+#   3. 100 concurrent SSE streams of 20 chunks 20 ms apart
+#      (bench/stream_client.py): time to first chunk and total time
+#   4. ~10,000 concurrent slow streams held open through the gateway
+#   5. a py-spy profile of the gateway under the wrk load
+# and appends a dated Markdown report to bench/RESULTS.md (bench/report.py).
+# Everything it starts is stopped by PID on exit.
+#
+# Environment: BENCH_QUICK=1 (3 s runs, fewer rounds, 2,000 slow streams),
+# BENCH_DURATION (s), BENCH_STREAMS (slow streams), BENCH_PORT_BASE (18100),
+# BENCH_NO_RESULTS=1 (do not touch bench/RESULTS.md).
+
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+BENCH=$ROOT/bench
+VENV=${VENV:-$ROOT/.venv}
+PY=$VENV/bin/python
+TWISTD=$VENV/bin/twistd
+STAMP=$(date -u +%Y%m%d-%H%M%S)
+OUT=$BENCH/out/run-$STAMP
+mkdir -p "$OUT"
+
+QUICK=${BENCH_QUICK:-0}
+if [ "$QUICK" = 1 ]; then
+    DURATION=${BENCH_DURATION:-3}; WARMUP=1; ROUNDS=1; MANY=${BENCH_STREAMS:-2000}; SAMPLES=200
+else
+    DURATION=${BENCH_DURATION:-10}; WARMUP=2; ROUNDS=3; MANY=${BENCH_STREAMS:-10000}; SAMPLES=500
+fi
+BASE=${BENCH_PORT_BASE:-18100}
+T1=$BASE; T2=$((BASE + 1)); SSE=$((BASE + 2)); NGX=$((BASE + 3)); GW=$((BASE + 4)); ADMIN=$((BASE + 5))
+CONNS=50
+
+log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "FAILED: $*"; exit 1; }
+metric() { printf '%s %s\n' "$1" "$2" >> "$OUT/metrics.txt"; }
+
+# --- cleanup: stop what we started, by PID -------------------------------
+PIDS=()
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    for pid in "${PIDS[@]}"; do
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]}"; do
+        for _ in $(seq 50); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$pid" 2>/dev/null || true
+    done
+    wait 2>/dev/null || true
+    if [ $rc -ne 0 ]; then log "exit $rc; logs in $OUT"; fi
+    exit $rc
+}
+trap cleanup EXIT INT TERM
+
+# --- 1. tools --------------------------------------------------------------
+need=()
+for tool in wrk nginx hey taskset curl; do
+    command -v "$tool" >/dev/null 2>&1 || need+=("$tool")
+done
+if [ ${#need[@]} -gt 0 ]; then
+    pkgs=()
+    for tool in "${need[@]}"; do
+        case $tool in taskset) pkgs+=(util-linux) ;; *) pkgs+=("$tool") ;; esac
+    done
+    log "installing ${pkgs[*]} with apt-get"
+    SUDO=; [ "$(id -u)" -ne 0 ] && SUDO=sudo
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${pkgs[@]}" >/dev/null
+fi
+[ -x "$TWISTD" ] || die "$TWISTD missing: run make (the venv) first"
+if [ ! -x "$VENV/bin/py-spy" ]; then
+    log "installing py-spy into the venv"
+    "$VENV/bin/pip" install --quiet py-spy || log "py-spy unavailable: no profile"
+fi
+
+# Raise the descriptor limit as far as allowed; every process inherits it.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+NOFILE=$(ulimit -n)
+NCPU=$(nproc)
+[ "$NCPU" -ge 2 ] || die "needs 2 CPUs (load generator on CPU 0, proxy on CPU 1)"
+CLK=$(getconf CLK_TCK)
+
+# --- helpers ------------------------------------------------------------------
+port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+wait_http() { # url what [timeout-s]
+    local deadline=$((SECONDS + ${3:-20}))
+    until curl -sf -o /dev/null --max-time 2 "$1"; do
+        [ $SECONDS -lt $deadline ] || die "$2 not ready at $1 (see $OUT)"
+        sleep 0.1
+    done
+}
+cpu_ticks() { sed 's/^.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
+rss_kb() { awk '/^VmRSS/{print $2}' "/proc/$1/status"; }
+sample_rss() { # pid seconds outfile: max VmRSS (kB) over the window
+    local max=0 v end=$((SECONDS + $2))
+    while [ $SECONDS -lt $end ] && kill -0 "$1" 2>/dev/null; do
+        v=$(rss_kb "$1" 2>/dev/null || echo 0)
+        [ "${v:-0}" -gt "$max" ] && max=$v && echo "$max" > "$3"
+        sleep 0.25
+    done
+}
+start() { # name command...: background, remember the PID
+    local name=$1; shift
+    "$@" > "$OUT/$name.out" 2> "$OUT/$name.err" &
+    PIDS+=("$!")
+    eval "PID_${name//-/_}=$!"
+}
+
+for p in $T1 $T2 $SSE $NGX $GW $ADMIN; do
+    port_busy "$p" && die "port $p is in use (set BENCH_PORT_BASE)"
+done
+
+log "output in $OUT (quick=$QUICK, ${DURATION}s runs, nofile=$NOFILE)"
+
+# --- 2. targets ------------------------------------------------------------------
+CHAT_JSON='{"id":"chatcmpl-9bench0000000000000000000001","object":"chat.completion","created":1700000000,"model":"gpt-4o-mini-2024-07-18","choices":[{"index":0,"message":{"role":"assistant","content":"A reverse proxy keeps connections to its targets alive so that each request skips the TCP handshake and slow start, which cuts latency and CPU on both sides.","refusal":null},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":41,"completion_tokens":33,"total_tokens":74,"prompt_tokens_details":{"cached_tokens":0},"completion_tokens_details":{"reasoning_tokens":0}},"system_fingerprint":"fp_bench0001"}'
+
+nginx_common() { # name
+    mkdir -p "$OUT/nginx-$1"
+    cat <<EOF
+daemon off;
+master_process on;
+worker_processes 1;
+worker_rlimit_nofile $NOFILE;
+pid $OUT/nginx-$1/nginx.pid;
+error_log $OUT/nginx-$1/error.log warn;
+user root;
+events { worker_connections 16384; multi_accept on; }
+http {
+    access_log off;
+    client_body_temp_path $OUT/nginx-$1/body;
+    proxy_temp_path $OUT/nginx-$1/proxy;
+    fastcgi_temp_path $OUT/nginx-$1/fastcgi;
+    uwsgi_temp_path $OUT/nginx-$1/uwsgi;
+    scgi_temp_path $OUT/nginx-$1/scgi;
+    keepalive_requests 1000000;
+    keepalive_timeout 65;
+    tcp_nodelay on;
+EOF
+}
+
+{
+    nginx_common targets
+    for port in $T1 $T2; do
+        cat <<EOF
+    server {
+        listen 127.0.0.1:$port backlog=4096;
+        location = /health { default_type text/plain; return 200 'ok'; }
+        location / { default_type application/json; return 200 '$CHAT_JSON'; }
+    }
+EOF
+    done
+    echo "}"
+} > "$OUT/nginx-targets.conf"
+
+{
+    nginx_common proxy
+    cat <<EOF
+    upstream chat { server 127.0.0.1:$T1; server 127.0.0.1:$T2; keepalive 128; }
+    upstream sse { server 127.0.0.1:$SSE; keepalive 128; }
+    server {
+        listen 127.0.0.1:$NGX backlog=4096;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        location / { proxy_pass http://chat; }
+        location /sse { proxy_pass http://sse; proxy_buffering off; proxy_read_timeout 120s; }
+    }
+}
+EOF
+} > "$OUT/nginx-proxy.conf"
+
+# Targets float between both CPUs; each proxy under test gets CPU 1 to itself
+# (apart from the targets), the load generators CPU 0.
+start targets nginx -p "$OUT" -c "$OUT/nginx-targets.conf"
+start sse "$PY" "$BENCH/sse_target.py" --port "$SSE"
+start nginx_proxy taskset -c 1 nginx -p "$OUT" -c "$OUT/nginx-proxy.conf"
+wait_http "http://127.0.0.1:$T1/health" "nginx target 1"
+wait_http "http://127.0.0.1:$T2/health" "nginx target 2"
+wait_http "http://127.0.0.1:$SSE/health" "SSE target"
+wait_http "http://127.0.0.1:$NGX/health" "nginx proxy"
+
+# --- 4. the gateway ------------------------------------------------------------
+start gateway taskset -c 1 "$TWISTD" -n --pidfile "$OUT/twistd.pid" --logfile "$OUT/gateway.log" \
+    aigateway --proxy "tcp:$GW:interface=127.0.0.1" --admin "tcp:$ADMIN:interface=127.0.0.1" \
+    --database "$OUT/gateway.db"
+GWPID=$PID_gateway
+wait_http "http://127.0.0.1:$ADMIN/status" "aigateway Admin API" 30
+
+admin() { # path form-fields...: POST, expect 201
+    local path=$1 code; shift
+    local args=()
+    for field in "$@"; do args+=(--data-urlencode "$field"); done
+    code=$(curl -sS -o "$OUT/admin.last" -w '%{http_code}' "${args[@]}" "http://127.0.0.1:$ADMIN$path")
+    [ "$code" = 201 ] || die "POST $path $* answered $code: $(cat "$OUT/admin.last")"
+}
+admin /upstreams name=chat
+admin /upstreams/chat/targets "target=127.0.0.1:$T1" weight=100
+admin /upstreams/chat/targets "target=127.0.0.1:$T2" weight=100
+admin /services name=chat host=chat
+admin /services/chat/routes 'paths[]=/' strip_path=false
+admin /upstreams name=sse
+admin /upstreams/sse/targets "target=127.0.0.1:$SSE" weight=100
+admin /services name=sse host=sse
+admin /services/sse/routes 'paths[]=/sse' strip_path=false
+wait_http "http://127.0.0.1:$GW/health" "aigateway proxy route" 20
+wait_http "http://127.0.0.1:$GW/sse/x?chunks=1&delay=0" "aigateway SSE route" 20
+curl -sf "http://127.0.0.1:$GW/v1/chat/completions" -d '{}' -o "$OUT/sample-gateway.json" -D "$OUT/sample-gateway.headers"
+sleep 1
+metric gw_rss_idle_kb "$(rss_kb "$GWPID")"
+
+# --- 5. throughput with wrk ------------------------------------------------------
+run_wrk() { # name port pid: the PID whose CPU time is charged to the requests
+    local name=$1 port=$2 pid=$3 url="http://127.0.0.1:$2/v1/chat/completions"
+    taskset -c 0 wrk -t1 -c$CONNS -d${WARMUP}s -s "$BENCH/chat.lua" "$url" > /dev/null
+    local before=$(cpu_ticks "$pid")
+    sample_rss "$pid" "$((DURATION + 1))" "$OUT/rss-$name.kb" &
+    local sampler=$!
+    log "wrk $name: $CONNS connections, ${DURATION}s"
+    taskset -c 0 wrk -t1 -c$CONNS -d${DURATION}s --timeout 5s --latency -s "$BENCH/chat.lua" "$url" > "$OUT/wrk-$name.txt"
+    local after=$(cpu_ticks "$pid")
+    kill "$sampler" 2>/dev/null || true; wait "$sampler" 2>/dev/null || true
+    metric "wrk_${name}_cpu_s" "$(awk -v a="$after" -v b="$before" -v c="$CLK" 'BEGIN{print (a-b)/c}')"
+    grep -q WRKJSON "$OUT/wrk-$name.txt" || die "wrk $name printed no summary"
+}
+# nginx does its work in its (single) worker process, not the master.
+TARGET_WORKER=$(pgrep -P "$PID_targets" | head -1)
+PROXY_WORKER=$(pgrep -P "$PID_nginx_proxy" | head -1)
+[ -n "$TARGET_WORKER" ] && [ -n "$PROXY_WORKER" ] || die "nginx workers not found"
+run_wrk direct "$T1" "$TARGET_WORKER"
+run_wrk nginx "$NGX" "$PROXY_WORKER"
+run_wrk gateway "$GW" "$GWPID"
+metric gw_rss_load_kb "$(cat "$OUT/rss-gateway.kb" 2>/dev/null || echo 0)"
+
+# --- 6. latency at a fixed rate with hey ----------------------------------------
+printf '%s' "$(sed -n "s/^wrk.body = '\(.*\)'$/\1/p" "$BENCH/chat.lua")" > "$OUT/body.json"
+run_hey() { # name port workers rate-per-worker
+    log "hey $1: $3 workers x $4 req/s, ${DURATION}s"
+    taskset -c 0 hey -z "${DURATION}s" -c "$3" -q "$4" -m POST -T application/json -D "$OUT/body.json" \
+        "http://127.0.0.1:$2/v1/chat/completions" > "$OUT/hey-$1.txt"
+}
+# hey's workers tick in step, so -c 50 -q 20 sends bursts of 50 requests every
+# 50 ms; -c 4 -q 250 (bursts of 4 every 4 ms) is the same rate, smoother.
+run_hey direct "$T1" 50 20
+run_hey nginx "$NGX" 50 20
+run_hey gateway "$GW" 50 20
+run_hey smooth-direct "$T1" 4 250
+run_hey smooth-nginx "$NGX" 4 250
+run_hey smooth-gateway "$GW" 4 250
+log "sampling X-Proxy-Latency ($SAMPLES requests)"
+taskset -c 0 "$PY" "$BENCH/latency_sample.py" --port "$GW" --count "$SAMPLES" > "$OUT/latency-headers.json"
+
+# --- 7. streaming: 100 concurrent SSE streams -------------------------------------
+run_streams() { # name port path
+    log "streams $1: 100 concurrent x 20 chunks x 20 ms, $ROUNDS round(s)"
+    taskset -c 0 "$PY" "$BENCH/stream_client.py" --port "$2" --path "$3" --streams 100 \
+        --chunks 20 --delay 0.02 --rounds "$ROUNDS" --warmup 1 --timeout 30 > "$OUT/streams-$1.json"
+}
+run_streams direct "$SSE" /sse/v1/chat/completions
+run_streams nginx "$NGX" /sse/v1/chat/completions
+run_streams gateway "$GW" /sse/v1/chat/completions
+
+# --- 8. concurrency: many slow streams through the gateway -------------------------
+# The gateway holds two descriptors per stream (client and target side).
+FDMAX=$(( (NOFILE - 200) / 2 ))
+if [ "$MANY" -gt "$FDMAX" ]; then
+    metric many_note "\"$MANY streams need $((2 * MANY + 200)) descriptors in the gateway; the hard limit here is $NOFILE (no CAP_SYS_RESOURCE to raise it), so $FDMAX streams were run\""
+    MANY=$FDMAX
+fi
+MANY_CHUNKS=10
+MANY_RAMP=2000
+metric many_streams "$MANY"
+metric many_chunks "$MANY_CHUNKS"
+metric many_ramp "$MANY_RAMP"
+HOLD=$(( MANY / MANY_RAMP + MANY_CHUNKS + 20 ))
+log "slow streams: $MANY through the gateway, $MANY_CHUNKS chunks 1 s apart, opened $MANY_RAMP/s"
+before=$(cpu_ticks "$GWPID")
+sample_rss "$GWPID" "$HOLD" "$OUT/rss-many.kb" &
+sampler=$!
+started=$(date +%s.%N)
+taskset -c 0 "$PY" "$BENCH/stream_client.py" --port "$GW" --path /sse/v1/chat/completions --streams "$MANY" \
+    --chunks $MANY_CHUNKS --delay 1 --rounds 1 --warmup 0 --ramp $MANY_RAMP --timeout $HOLD > "$OUT/streams-many.json"
+ended=$(date +%s.%N)
+after=$(cpu_ticks "$GWPID")
+kill "$sampler" 2>/dev/null || true; wait "$sampler" 2>/dev/null || true
+metric many_gw_cpu_s "$(awk -v a="$after" -v b="$before" -v c="$CLK" 'BEGIN{print (a-b)/c}')"
+metric many_wall_s "$(awk -v a="$ended" -v b="$started" 'BEGIN{print a-b}')"
+metric many_rss_kb "$(cat "$OUT/rss-many.kb" 2>/dev/null || echo 0)"
+
+# --- 10. profile under the wrk load ---------------------------------------------------
+if [ -x "$VENV/bin/py-spy" ]; then
+    log "profiling the gateway with py-spy under wrk, ${DURATION}s"
+    taskset -c 0 wrk -t1 -c$CONNS -d$((DURATION + 2))s -s "$BENCH/chat.lua" \
+        "http://127.0.0.1:$GW/v1/chat/completions" > "$OUT/wrk-profile.txt" &
+    wrkpid=$!
+    sleep 1
+    if ! taskset -c 0 "$VENV/bin/py-spy" record --pid "$GWPID" --duration "$DURATION" --rate 250 \
+        --format raw --full-filenames --output "$OUT/profile.raw" > "$OUT/py-spy.log" 2>&1; then
+        log "py-spy failed: $(tail -1 "$OUT/py-spy.log")"
+    fi
+    wait "$wrkpid" || true
+fi
+
+# --- 9. report --------------------------------------------------------------------
+metric gw_rss_end_kb "$(rss_kb "$GWPID")"
+COMMAND="make bench"
+[ "$QUICK" = 1 ] && COMMAND="BENCH_QUICK=1 make bench"
+RESULTS=$BENCH/RESULTS.md
+[ "${BENCH_NO_RESULTS:-0}" = 1 ] && RESULTS=$OUT/RESULTS.md
+"$PY" "$BENCH/report.py" --out "$OUT" --results "$RESULTS" --command "$COMMAND (bash bench/run.sh)" \
+    --duration "$DURATION" --quick "$QUICK"
+log "done: report appended to $RESULTS, logs in $OUT"
