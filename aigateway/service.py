@@ -54,8 +54,14 @@ class GatewayService(MultiService):
     @ivar admin_port: the Admin API's listening port, once ready.
     """
 
-    def __init__(self, reactor: Any, settings: Settings) -> None:
+    def __init__(self, reactor: Any, settings: Settings, exit_on_failure: bool = False) -> None:
+        """
+        @param exit_on_failure: stop the reactor when start-up fails, so a
+            twistd process with a bad configuration exits instead of idling
+            without listeners.
+        """
         super().__init__()
+        self._exit_on_failure = exit_on_failure
         from .wiring import build
 
         self.reactor = reactor
@@ -82,6 +88,7 @@ class GatewayService(MultiService):
         self.runtime.apply(ConfigSnapshot.build(version, records))
         if self.settings.config:
             await self.parts.load_declarative(self.settings.config)
+            _log.info("loaded declarative configuration {path}", path=self.settings.config)
         proxy = self._proxy_site = GatewaySite(
             self.parts.proxy_resource, self.settings.max_body
         )
@@ -107,7 +114,7 @@ class GatewayService(MultiService):
 
     def _start_failed(self, failure: Any) -> Any:
         _log.failure("aigateway could not start", failure)
-        if self.reactor.running:
+        if self._exit_on_failure and self.reactor.running:
             self.reactor.stop()
         return failure
 

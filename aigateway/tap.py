@@ -77,5 +77,5 @@ def makeService(options: Options) -> IService:
         latency_headers=not options["no-latency-headers"],
         trust_forwarded_for=bool(options["trust-forwarded-for"]),
     )
-    service: Any = GatewayService(reactor, settings)
+    service: Any = GatewayService(reactor, settings, exit_on_failure=True)
     return service

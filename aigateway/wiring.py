@@ -8,15 +8,17 @@ before runtime, runtime before the resources that read it) is in one place.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import attrs
 from klein import Klein
 from prometheus_client import CollectorRegistry
-from twisted.internet.defer import Deferred
 
+from . import declarative
+from .admin import declarative as config
 from .admin import services, status, upstreams
+from .admin.declarative import apply_document
 from .admin.app import handle_routing_errors
 from .admin.entities import Entities
 from .accesslog import AccessLog
@@ -40,7 +42,7 @@ class Parts:
     proxy_resource: Any
     admin_resource: Any
     metrics: Metrics
-    load_declarative: Callable[[str], Deferred[None]]
+    load_declarative: Callable[[str], Coroutine[Any, Any, None]]
     stop: Callable[[], None]
 
 
@@ -99,10 +101,13 @@ def build(reactor: Any, node: Any) -> Parts:
         }
 
     status.register(app, node.node_id, registry, node_status)
+    config.register(app, entities, reactor)
     handle_routing_errors(app)
 
-    def load_declarative(path: str) -> Deferred[None]:
-        raise NotImplementedError("declarative configuration is not built yet")
+    async def load_declarative(path: str) -> None:
+        with open(path, encoding="utf-8") as f:
+            document = declarative.parse(f.read())
+        await apply_document(entities, reactor, document)
 
     def stop() -> None:
         health.stop()

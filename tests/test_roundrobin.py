@@ -71,11 +71,15 @@ class RoundRobinTests(SynchronousTestCase):
 
     def test_exclude(self) -> None:
         """
-        Excluded targets are skipped.
+        Excluded targets are skipped; a pick with exclusions (a retry)
+        borrows the next target's turn without taking it, so it does not
+        move the rotation of first attempts.
         """
         ts = targets(100, 100, 100)
-        keys = pick_keys(RoundRobinBalancer(ts, FakeHealth()), 30, [ts[1].key])
-        self.assertEqual(set(keys), {ts[0].key, ts[2].key})
+        balancer = RoundRobinBalancer(ts, FakeHealth())
+        keys = pick_keys(balancer, 30, [ts[1].key])
+        self.assertNotIn(ts[1].key, keys)
+        self.assertEqual(pick_keys(balancer, 3), [t.key for t in ts])
 
     def test_unavailable(self) -> None:
         """
@@ -100,3 +104,32 @@ class RoundRobinTests(SynchronousTestCase):
         self.assertEqual(pick_keys(balancer, 3, [ts[1].key]), [None] * 3)
         self.assertEqual(pick_keys(RoundRobinBalancer([], health), 1), [None])
         self.assertEqual(pick_keys(balancer, 2), [ts[1].key] * 2)
+
+
+class RetryTests(SynchronousTestCase):
+    """
+    Retries do not disturb the rotation of first attempts.
+    """
+
+    def test_failing_target_keeps_its_share(self):
+        """
+        With one of two equal targets failing every attempt, first attempts
+        still alternate: the failing target costs half of the requests a
+        retry, not every request.
+        """
+        from aigateway.balancer.context import PickContext
+        from aigateway.balancer.roundrobin import RoundRobinBalancer
+
+        from .balancing import FakeHealth, target
+
+        good, bad = target("good:1"), target("bad:1")
+        balancer = RoundRobinBalancer([good, bad], FakeHealth())
+        firsts = []
+        for _ in range(10):
+            first = balancer.pick(PickContext(), ())
+            firsts.append(first.key)
+            if first is bad:
+                retry = balancer.pick(PickContext(), {bad.key})
+                self.assertIs(retry, good)
+        self.assertEqual(firsts.count("bad:1"), 5)
+        self.assertEqual(firsts.count("good:1"), 5)

@@ -42,7 +42,8 @@ def answer(request: IRequest, status: int, body: Any) -> bytes:
 def endpoint(handler: Handler) -> Callable[..., Any]:
     """
     Wrap an async handler: its result is the JSON body (or a
-    C{(status, body)} pair), and an L{AdminError} becomes its Kong-shaped
+    C{(status, body)} pair, or L{bytes} already rendered with their own
+    content type), and an L{AdminError} becomes its Kong-shaped
     answer instead of a traceback.
     """
 
@@ -56,6 +57,8 @@ def endpoint(handler: Handler) -> Callable[..., Any]:
             _log.failure("Admin API request failed: {method} {uri}",
                          method=request.method, uri=request.uri)
             return answer(request, 500, {"message": "An unexpected error occurred"})
+        if isinstance(result, bytes):
+            return result
         if isinstance(result, tuple):
             return answer(request, *result)
         return answer(request, 200, result)

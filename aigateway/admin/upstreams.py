@@ -10,20 +10,10 @@ from typing import Any
 from klein import Klein
 from twisted.web.iweb import IRequest
 
+from ..declarative import mask
 from ..model import Target
 from .app import crud, endpoint, paginate
 from .entities import Entities, Record
-
-
-def mask(value: str) -> str:
-    """
-    Hide a secret header value, keeping enough to tell keys apart:
-    C{"Bearer sk-abcdef0123456789"} becomes C{"Bearer sk-…6789"}.
-    """
-    if len(value) <= 12:
-        return "…"
-    keep = min(10, len(value) // 3)
-    return value[:keep] + "…" + value[-4:]
 
 
 def show_target(record: Record) -> Record:

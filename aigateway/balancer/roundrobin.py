@@ -55,20 +55,32 @@ class RoundRobinBalancer:
     def pick(self, context: PickContext, exclude: Collection[str]) -> Target | None:
         heap = self._heap
         health = self._health
+        tried = []
         skipped = []
         chosen = None
         # Each entry is looked at most once per pick, so a pick with every
         # target unavailable is O(n log n) and ends.
         while heap:
-            _, index, turns, target = heap[0]
-            if usable(target, exclude, health):
-                turns += 1
-                heapq.heapreplace(heap, (turns / target.weight, index, turns, target))
+            target = heap[0][3]
+            if target.key in exclude:
+                tried.append(heapq.heappop(heap))
+            elif not health.available(target):
+                skipped.append(heapq.heappop(heap))
+            else:
                 chosen = target
+                if not exclude:
+                    _, index, turns, _ = heap[0]
+                    turns += 1
+                    heapq.heapreplace(heap, (turns / target.weight, index, turns, target))
                 break
-            skipped.append(heapq.heappop(heap))
+        # A retry (something excluded) borrows a turn without taking it, and
+        # the target it retries from keeps its place: otherwise a target that
+        # refuses every connection would be tried first by every request
+        # instead of by its weight's share of them.
+        for entry in tried:
+            heapq.heappush(heap, entry)
         for _, index, turns, target in skipped:
-            # A skipped target loses its turn, so it does not burst when back.
+            # An unavailable target loses its turn, so it does not burst when back.
             turns += 1
             heapq.heappush(heap, (turns / target.weight, index, turns, target))
         return chosen
