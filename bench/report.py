@@ -190,7 +190,8 @@ def build(options: Any) -> str:
         f"- Machine: `nproc` = {os.cpu_count()}, CPU: {cpu_model()}; {versions()}",
         "- Placement: each proxy under test (aigateway via `taskset -c 1 twistd -n aigateway`, nginx with 1 worker) "
         "on CPU 1; load generators (wrk, hey, Python clients, py-spy) on CPU 0; the targets (one nginx worker "
-        "with two server blocks, and bench/sse_target.py) unpinned. Everything on 127.0.0.1.",
+        "with two server blocks, and bench/sse_target.py) unpinned. Everything on 127.0.0.1. "
+        f"Listen backlog {m.get('gw_backlog', 50)} for aigateway (`--proxy tcp:PORT:backlog=N`), 4096 for nginx and the targets.",
         "- Ratios: aigateway's figure divided by the same figure direct to a target and through nginx.",
         "",
         f"### Throughput: wrk, 1 thread, 50 keep-alive connections, POST of a 305-byte chat request, {options.duration} s",
