@@ -62,7 +62,8 @@ class ConfigSnapshot:
             upstreams={u.name: u for u in upstreams},
             upstreams_by_id={u.id: u for u in upstreams},
             targets={
-                uid: tuple(sorted(ts, key=lambda t: t.key)) for uid, ts in targets.items()
+                uid: tuple(sorted(ts, key=lambda t: t.key))
+                for uid, ts in targets.items()
             },
             services={
                 sid: Service.from_record(r) for sid, r in records["services"].items()

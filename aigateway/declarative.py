@@ -38,7 +38,12 @@ from .schema import flatten
 FORMAT_VERSIONS = ("1.1", "2.1", "3.0")
 _SERVER_FIELDS = ("id", "created_at", "updated_at")
 _NESTED = {"upstreams": ("targets", "upstream"), "services": ("routes", "service")}
-_UNIQUE = {"upstreams": "name", "services": "name", "routes": "name", "targets": "target"}
+_UNIQUE = {
+    "upstreams": "name",
+    "services": "name",
+    "routes": "name",
+    "targets": "target",
+}
 MASK = "…"
 
 
@@ -96,9 +101,7 @@ def load(
         raise InvalidDocument(["the document must be a mapping"])
     version = document.get("_format_version")
     if str(version) not in FORMAT_VERSIONS:
-        errors.append(
-            f"_format_version: expected one of: {', '.join(FORMAT_VERSIONS)}"
-        )
+        errors.append(f"_format_version: expected one of: {', '.join(FORMAT_VERSIONS)}")
     for key in document:
         if key not in ("_format_version", "_transform", "upstreams", "services"):
             errors.append(f"{key}: unknown field")
@@ -127,7 +130,9 @@ def load(
                     errors.append(f"{there}: expected a record")
                     continue
                 child = dict(child)
-                child[parent_field] = {"id": parent["id"] if parent else str(uuid.uuid4())}
+                child[parent_field] = {
+                    "id": parent["id"] if parent else str(uuid.uuid4())
+                }
                 if child_kind == "targets":
                     _restore_secrets(child, body.get("name"), secrets)
                 _record(child_kind, child, now, there, errors, records, seen)
@@ -161,7 +166,9 @@ def _record(
         errors.extend(f"{where}.{line}" for line in flatten(problems))
         return None
     record["id"] = record.get("id") or str(uuid.uuid4())
-    record["created_at"] = record["updated_at"] = round(now, 3) if kind == "targets" else int(now)
+    record["created_at"] = record["updated_at"] = (
+        round(now, 3) if kind == "targets" else int(now)
+    )
     records[kind][record["id"]] = record
     return record
 
@@ -172,7 +179,9 @@ def _scope(kind: str, data: Mapping[str, Any]) -> Any:
     return ref.get("id") if isinstance(ref, Mapping) else None
 
 
-def _secrets(current: Mapping[str, Mapping[str, Any]]) -> dict[tuple[str, str, str], str]:
+def _secrets(
+    current: Mapping[str, Mapping[str, Any]],
+) -> dict[tuple[str, str, str], str]:
     names = {u["id"]: u["name"] for u in current.get("upstreams", {}).values()}
     found = {}
     for target in current.get("targets", {}).values():
@@ -191,7 +200,9 @@ def _restore_secrets(
     restored = dict(headers)
     for header, value in headers.items():
         if isinstance(value, str) and MASK in value:
-            real = secrets.get((str(upstream), str(target.get("target")), header.lower()))
+            real = secrets.get(
+                (str(upstream), str(target.get("target")), header.lower())
+            )
             if real is not None and mask(real) == value:
                 restored[header] = real
     target["headers"] = restored
@@ -209,7 +220,9 @@ def export(records: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str, 
         return out
 
     def ordered(items: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
-        return sorted(items, key=lambda r: (str(r.get(key) or ""), json.dumps(r, sort_keys=True)))
+        return sorted(
+            items, key=lambda r: (str(r.get(key) or ""), json.dumps(r, sort_keys=True))
+        )
 
     document: dict[str, Any] = {"_format_version": "3.0"}
     for kind, (child_kind, parent_field) in _NESTED.items():

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterator
+from contextlib import suppress
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -101,7 +102,9 @@ class Metrics:
             "Tokens reported in OpenAI-style usage objects.",
             ["upstream", "target", "model", "token_type"],
         )
-        self._series: dict[TargetKey, set[tuple[Any, tuple[str, ...]]]] = defaultdict(set)
+        self._series: dict[TargetKey, set[tuple[Any, tuple[str, ...]]]] = defaultdict(
+            set
+        )
         self._models: set[str] = set()
         self.inflight: dict[TargetKey, int] = defaultdict(int)
 
@@ -135,10 +138,8 @@ class Metrics:
         """
         for key in [k for k in self._series if k not in keep]:
             for metric, labels in self._series.pop(key):
-                try:
+                with suppress(KeyError):
                     metric.remove(*labels)
-                except KeyError:
-                    pass
         for key in [k for k in self.inflight if k not in keep]:
             del self.inflight[key]
 
@@ -191,7 +192,8 @@ class StateCollector(Collector):
                 current = self._state(target)
                 for state in HEALTH_STATES:
                     health.add_metric(
-                        [upstream.name, target.key, state], 1.0 if state == current else 0.0
+                        [upstream.name, target.key, state],
+                        1.0 if state == current else 0.0,
                     )
                 inflight.add_metric(
                     [upstream.name, target.key],

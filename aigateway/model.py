@@ -37,8 +37,9 @@ _TAGS = Field("array", default=None, elements=Field("string"), unique=True)
 
 def _name(value: str) -> str | None:
     if not _NAME.match(value):
-        return "invalid value '%s': it must only contain alphanumerics and '.', '-', '_', '~'" % (
-            value,
+        return (
+            f"invalid value '{value}': it must only contain alphanumerics "
+            "and '.', '-', '_', '~'"
         )
     return None
 
@@ -97,7 +98,11 @@ def format_target(host: str, port: int) -> str:
 
 
 def _target(value: str) -> str | None:
-    return None if parse_target(value) else "Invalid target; not a valid hostname or ip address"
+    return (
+        None
+        if parse_target(value)
+        else "Invalid target; not a valid hostname or ip address"
+    )
 
 
 def _path(value: str) -> str | None:
@@ -116,8 +121,11 @@ def route_regex(path: str) -> str:
     """
     Kong's (PCRE) regex path syntax, C{~/v1/(?<model>[^/]+)}, in Python's.
     """
-    return path[1:].replace("(?<", "(?P<").replace("(?P<=", "(?<=").replace(
-        "(?P<!", "(?<!"
+    return (
+        path[1:]
+        .replace("(?<", "(?P<")
+        .replace("(?P<=", "(?<=")
+        .replace("(?P<!", "(?<!")
     )
 
 
@@ -130,7 +138,11 @@ UPSTREAM = {
     "hash_on_header": Field("string"),
     "hash_fallback_header": Field("string"),
     "hash_on_cookie": Field("string"),
-    "hash_on_cookie_path": Field("string", default="/", check=lambda v: _path(v) if not v.startswith("~") else "should start with: /"),
+    "hash_on_cookie_path": Field(
+        "string",
+        default="/",
+        check=lambda v: _path(v) if not v.startswith("~") else "should start with: /",
+    ),
     "hash_on_query_arg": Field("string"),
     "hash_fallback_query_arg": Field("string"),
     "hash_on_uri_capture": Field("string"),
@@ -161,7 +173,9 @@ SERVICE = {
     "protocol": Field("string", default="http", one_of=("http", "https")),
     "host": Field("string", default=REQUIRED, check=_host),
     "port": Field("integer", default=80, between=(0, 65535)),
-    "path": Field("string", check=lambda v: None if v.startswith("/") else "should start with: /"),
+    "path": Field(
+        "string", check=lambda v: None if v.startswith("/") else "should start with: /"
+    ),
     "retries": Field("integer", default=5, between=(0, 32767)),
     "connect_timeout": Field("integer", default=60000, between=(1, MAX_INT)),
     "write_timeout": Field("integer", default=60000, between=(1, MAX_INT)),
@@ -187,8 +201,18 @@ ROUTE = {
         elements=Field("string", one_of=("http", "https")),
         unique=True,
     ),
-    "methods": Field("array", elements=Field("string", check=lambda v: None if v.isalpha() and v.isupper() else "invalid value: " + v)),
-    "hosts": Field("array", elements=Field("string", check=lambda v: _host(v.replace("*", "x", 1)))),
+    "methods": Field(
+        "array",
+        elements=Field(
+            "string",
+            check=lambda v: (
+                None if v.isalpha() and v.isupper() else "invalid value: " + v
+            ),
+        ),
+    ),
+    "hosts": Field(
+        "array", elements=Field("string", check=lambda v: _host(v.replace("*", "x", 1)))
+    ),
     "paths": Field("array", elements=Field("string", check=_path)),
     "models": Field("array", elements=Field("string")),
     "strip_path": Field("boolean", default=True),
@@ -208,38 +232,52 @@ SCHEMAS: Mapping[str, Mapping[str, Field]] = {
 }
 
 
+_HASH_PARAMETER = {
+    "header": "header",
+    "cookie": "cookie",
+    "query_arg": "query_arg",
+    "uri_capture": "uri_capture",
+}
+
+
 def check_upstream(rec: dict[str, Any], given: Mapping[str, Any]) -> Errors:
     """
     Kong's cross-field rules for upstream hashing.
 
     C{hash_on} other than C{none} implies consistent hashing when no
-    algorithm was given; each hash source needs its parameter.
+    algorithm was given; each hash source needs its parameter; a fallback
+    needs a primary that can be missing (a cookie never is: the gateway
+    sets one).
     """
     errors: Errors = {}
-    if rec["hash_on"] != "none" and "algorithm" not in given:
+    on, fallback = rec["hash_on"], rec["hash_fallback"]
+    if on != "none" and "algorithm" not in given:
         rec["algorithm"] = "consistent-hashing"
-    if rec["algorithm"] == "consistent-hashing" and rec["hash_on"] == "none":
-        pass  # hashes on nothing: Kong then behaves as round-robin; so do we
-    elif rec["algorithm"] != "consistent-hashing" and rec["hash_on"] != "none":
+    if on != "none" and rec["algorithm"] != "consistent-hashing":
         errors["hash_on"] = "must be 'none' unless algorithm is 'consistent-hashing'"
-    if rec["hash_on"] in ("none", "cookie") and rec["hash_fallback"] != "none":
-        errors["hash_fallback"] = "must be 'none' when 'hash_on' is '%s'" % rec["hash_on"]
-    if rec["hash_fallback"] != "none" and rec["hash_fallback"] == rec["hash_on"] and rec["hash_on"] != "header":
-        errors["hash_fallback"] = "must differ from 'hash_on'"
-    for side in ("on", "fallback"):
-        how = rec[f"hash_{side}"]
-        needs = {"header": "header", "cookie": "cookie", "query_arg": "query_arg", "uri_capture": "uri_capture"}.get(how)
-        if needs is None:
+    if fallback != "none":
+        if on in ("none", "cookie"):
+            errors["hash_fallback"] = f"must be 'none' when 'hash_on' is '{on}'"
+        elif fallback == "cookie":
+            errors["hash_fallback"] = "must not be 'cookie'"
+        elif fallback == on and on not in ("header", "query_arg", "uri_capture"):
+            errors["hash_fallback"] = "must differ from 'hash_on'"
+    for side, how in (("on", on), ("fallback", fallback)):
+        parameter = _HASH_PARAMETER.get(how)
+        if parameter is None or (side == "fallback" and how == "cookie"):
             continue
-        field = f"hash_{side}_{needs}"
-        if side == "fallback" and how == "cookie":
-            errors["hash_fallback"] = "expected one of: none, header, ip, path, query_arg, uri_capture"
-        elif not rec.get(field):
-            errors[field] = "required field missing"
-    if rec["hash_on"] == "header" == rec["hash_fallback"] and rec["hash_on_header"] and (
-        (rec["hash_on_header"] or "").lower() == (rec["hash_fallback_header"] or "").lower()
-    ):
-        errors["hash_fallback_header"] = "must differ from 'hash_on_header'"
+        if not rec.get(f"hash_{side}_{parameter}"):
+            errors[f"hash_{side}_{parameter}"] = "required field missing"
+    parameter = _HASH_PARAMETER.get(on)
+    if on == fallback and parameter and not errors:
+        primary, secondary = (
+            rec[f"hash_on_{parameter}"],
+            rec[f"hash_fallback_{parameter}"],
+        )
+        if primary.lower() == secondary.lower():
+            errors[f"hash_fallback_{parameter}"] = (
+                f"must differ from 'hash_on_{parameter}'"
+            )
     return errors
 
 
@@ -292,7 +330,9 @@ def expand_service_url(data: dict[str, Any]) -> Errors:
         return {"url": "expected a string"}
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        return {"url": "missing host in url" if parts.scheme else "missing protocol in url"}
+        return {
+            "url": "missing host in url" if parts.scheme else "missing protocol in url"
+        }
     data["protocol"] = parts.scheme
     data["host"] = parts.hostname
     try:
@@ -305,7 +345,9 @@ def expand_service_url(data: dict[str, Any]) -> Errors:
     return {}
 
 
-def build_record(kind: str, data: Mapping[str, Any], coerce: bool) -> tuple[dict[str, Any], Errors]:
+def build_record(
+    kind: str, data: Mapping[str, Any], coerce: bool
+) -> tuple[dict[str, Any], Errors]:
     """
     Validate a full entity and fill in its defaults.
 

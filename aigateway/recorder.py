@@ -34,7 +34,9 @@ class Recorder(ExchangeObserver):
     Counts attempts and requests, and logs each request.
     """
 
-    def __init__(self, clock: Any, metrics: Metrics, access_log: AccessLog | None) -> None:
+    def __init__(
+        self, clock: Any, metrics: Metrics, access_log: AccessLog | None
+    ) -> None:
         self._clock = clock
         self._metrics = metrics
         self._log = access_log
@@ -58,8 +60,13 @@ class Recorder(ExchangeObserver):
         if first_byte is not None:
             service, route = _names(exchange)
             metrics.for_target(
-                metrics.upstream_latency, upstream, target.key,
-                service, route, upstream, target.key,
+                metrics.upstream_latency,
+                upstream,
+                target.key,
+                service,
+                route,
+                upstream,
+                target.key,
             ).observe(first_byte * 1000)
 
     def done(self, exchange: Exchange) -> None:
@@ -69,7 +76,9 @@ class Recorder(ExchangeObserver):
         metrics.requests.labels(service, route, str(exchange.status)).inc()
         metrics.request_latency.labels(service, route).observe(elapsed * 1000)
         if exchange.proxy_latency is not None:
-            metrics.proxy_latency.labels(service, route).observe(exchange.proxy_latency * 1000)
+            metrics.proxy_latency.labels(service, route).observe(
+                exchange.proxy_latency * 1000
+            )
         metrics.bandwidth.labels(service, route, "ingress").inc(len(exchange.body))
         metrics.bandwidth.labels(service, route, "egress").inc(exchange.bytes_out)
         usage = exchange.usage
@@ -86,14 +95,24 @@ class Recorder(ExchangeObserver):
                 ("total", usage.total),
             ):
                 metrics.for_target(
-                    metrics.llm_tokens, upstream, target.key,
-                    upstream, target.key, model, kind,
+                    metrics.llm_tokens,
+                    upstream,
+                    target.key,
+                    upstream,
+                    target.key,
+                    model,
+                    kind,
                 ).inc(count)
         if self._log is not None:
             self._log.write(self._record(exchange, service, route, upstream, elapsed))
 
     def _record(
-        self, exchange: Exchange, service: str, route: str, upstream: str, elapsed: float
+        self,
+        exchange: Exchange,
+        service: str,
+        route: str,
+        upstream: str,
+        elapsed: float,
     ) -> dict[str, Any]:
         request = exchange.request
         usage = exchange.usage

@@ -54,7 +54,9 @@ class GatewayService(MultiService):
     @ivar admin_port: the Admin API's listening port, once ready.
     """
 
-    def __init__(self, reactor: Any, settings: Settings, exit_on_failure: bool = False) -> None:
+    def __init__(
+        self, reactor: Any, settings: Settings, exit_on_failure: bool = False
+    ) -> None:
         """
         @param exit_on_failure: stop the reactor when start-up fails, so a
             twistd process with a bad configuration exits instead of idling
@@ -88,13 +90,19 @@ class GatewayService(MultiService):
         self.runtime.apply(ConfigSnapshot.build(version, records))
         if self.settings.config:
             await self.parts.load_declarative(self.settings.config)
-            _log.info("loaded declarative configuration {path}", path=self.settings.config)
+            _log.info(
+                "loaded declarative configuration {path}", path=self.settings.config
+            )
         proxy = self._proxy_site = GatewaySite(
             self.parts.proxy_resource, self.settings.max_body
         )
         admin = QuietSite(self.parts.admin_resource)
-        self.proxy_port = await serverFromString(self.reactor, self.settings.proxy).listen(proxy)
-        self.admin_port = await serverFromString(self.reactor, self.settings.admin).listen(admin)
+        self.proxy_port = await serverFromString(
+            self.reactor, self.settings.proxy
+        ).listen(proxy)
+        self.admin_port = await serverFromString(
+            self.reactor, self.settings.admin
+        ).listen(admin)
         _log.info(
             "aigateway {node} ready: proxy on {proxy}, Admin API on {admin}, "
             "configuration version {version}",
@@ -130,4 +138,3 @@ class GatewayService(MultiService):
         stops.append(self.agents.close())
         stops.append(self.store.close())
         return DeferredList(stops, consumeErrors=True)
-

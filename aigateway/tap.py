@@ -37,16 +37,55 @@ class Options(usage.Options):
         "balancer for LLM providers, configured through a Kong-style Admin API."
     )
     optParameters = [
-        ["proxy", "p", DEFAULT_PROXY, "Endpoint the proxy listens on (a Twisted server endpoint string)."],
-        ["admin", "a", DEFAULT_ADMIN, "Endpoint the Admin API listens on; keep it on a private interface."],
-        ["database", "d", DEFAULT_DATABASE, "Configuration store: an SQLite file path (created if missing)."],
-        ["config", "c", None, "Declarative YAML configuration loaded at start, replacing the stored one."],
-        ["access-log", None, None, "Write one JSON line per proxied request to this file ('-' for stdout)."],
-        ["max-body", None, 16 * 1024 * 1024, "Largest request body the proxy accepts, in bytes.", _size],
+        [
+            "proxy",
+            "p",
+            DEFAULT_PROXY,
+            "Endpoint the proxy listens on (a Twisted server endpoint string).",
+        ],
+        [
+            "admin",
+            "a",
+            DEFAULT_ADMIN,
+            "Endpoint the Admin API listens on; keep it on a private interface.",
+        ],
+        [
+            "database",
+            "d",
+            DEFAULT_DATABASE,
+            "Configuration store: an SQLite file path (created if missing).",
+        ],
+        [
+            "config",
+            "c",
+            None,
+            "Declarative YAML configuration loaded at start, replacing the stored one.",
+        ],
+        [
+            "access-log",
+            None,
+            None,
+            "Write one JSON line per proxied request to this file ('-' for stdout).",
+        ],
+        [
+            "max-body",
+            None,
+            16 * 1024 * 1024,
+            "Largest request body the proxy accepts, in bytes.",
+            _size,
+        ],
     ]
     optFlags = [
-        ["no-latency-headers", None, "Do not add X-Upstream-Latency and X-Proxy-Latency to responses."],
-        ["trust-forwarded-for", None, "Take the client address from X-Forwarded-For (behind a trusted load balancer)."],
+        [
+            "no-latency-headers",
+            None,
+            "Do not add X-Upstream-Latency and X-Proxy-Latency to responses.",
+        ],
+        [
+            "trust-forwarded-for",
+            None,
+            "Take the client address from X-Forwarded-For (behind a trusted load balancer).",
+        ],
     ]
 
     def postOptions(self) -> None:
@@ -56,7 +95,9 @@ class Options(usage.Options):
             try:
                 _parseServer(self[name], None)
             except (ValueError, KeyError) as e:
-                raise usage.UsageError(f"--{name}: invalid endpoint {self[name]!r}: {e}")
+                raise usage.UsageError(
+                    f"--{name}: invalid endpoint {self[name]!r}: {e}"
+                ) from None
 
 
 def makeService(options: Options) -> IService:

@@ -16,18 +16,18 @@ from klein import Klein
 from prometheus_client import CollectorRegistry
 
 from . import declarative
+from .accesslog import AccessLog
 from .admin import declarative as config
 from .admin import services, status, upstreams
-from .admin.declarative import apply_document
 from .admin.app import handle_routing_errors
+from .admin.declarative import apply_document
 from .admin.entities import Entities
-from .accesslog import AccessLog
 from .balancer.backup import build_balancer
+from .health.hook import build_health
 from .health.manager import Probed
 from .metrics import Metrics, StateCollector, live_targets
-from .recorder import Recorder
-from .health.hook import build_health
 from .proxy.resource import ProxyResource
+from .recorder import Recorder
 from .runtime import Runtime
 
 
@@ -56,7 +56,9 @@ def build(reactor: Any, node: Any) -> Parts:
     health = build_health(reactor)
     runtime = Runtime(health, build_balancer)
     entities = Entities(node.store, runtime, reactor)
-    access_log = AccessLog(reactor, settings.access_log) if settings.access_log else None
+    access_log = (
+        AccessLog(reactor, settings.access_log) if settings.access_log else None
+    )
     proxy = ProxyResource(
         runtime,
         node.agents,
@@ -73,7 +75,9 @@ def build(reactor: Any, node: Any) -> Parts:
             "upstream_pooled": sum(len(c) for c in pooled),
         }
 
-    registry.register(StateCollector(metrics, lambda: runtime.snapshot, health, connections))
+    registry.register(
+        StateCollector(metrics, lambda: runtime.snapshot, health, connections)
+    )
     runtime.observe(lambda snapshot: metrics.forget(live_targets(snapshot)))
 
     def probed(event: Any) -> None:
@@ -81,7 +85,12 @@ def build(reactor: Any, node: Any) -> Parts:
             outcome = event.outcome
             result = str(outcome.code) if outcome.kind == "status" else outcome.kind
             metrics.for_target(
-                metrics.probes, event.upstream, event.target, event.upstream, event.target, result
+                metrics.probes,
+                event.upstream,
+                event.target,
+                event.upstream,
+                event.target,
+                result,
             ).inc()
 
     health.add_observer(probed)

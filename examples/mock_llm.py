@@ -39,7 +39,9 @@ class MockLLM(Resource):
         if self.status != 200:
             request.setResponseCode(self.status)
             request.setHeader(b"content-type", b"application/json")
-            return json.dumps({"error": {"message": f"{self.name} is failing"}}).encode()
+            return json.dumps(
+                {"error": {"message": f"{self.name} is failing"}}
+            ).encode()
         if request.path == b"/v1/models":
             request.setHeader(b"content-type", b"application/json")
             return json.dumps({"data": [{"id": "mock-1", "object": "model"}]}).encode()
@@ -62,11 +64,18 @@ class MockLLM(Resource):
                 "choices": [
                     {
                         "index": 0,
-                        "message": {"role": "assistant", "content": f"Hello from {self.name}."},
+                        "message": {
+                            "role": "assistant",
+                            "content": f"Hello from {self.name}.",
+                        },
                         "finish_reason": "stop",
                     }
                 ],
-                "usage": {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13},
+                "usage": {
+                    "prompt_tokens": 9,
+                    "completion_tokens": 4,
+                    "total_tokens": 13,
+                },
             }
         ).encode()
 
@@ -79,15 +88,25 @@ class MockLLM(Resource):
                 return
             if n < self.chunks:
                 delta = {"content": f"{self.name}-{n} "}
-                chunk = {"object": "chat.completion.chunk", "model": model,
-                         "choices": [{"index": 0, "delta": delta}]}
+                chunk = {
+                    "object": "chat.completion.chunk",
+                    "model": model,
+                    "choices": [{"index": 0, "delta": delta}],
+                }
                 request.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
                 reactor.callLater(self.delay, send, n + 1)
                 return
             if usage:
-                final = {"object": "chat.completion.chunk", "model": model, "choices": [],
-                         "usage": {"prompt_tokens": 9, "completion_tokens": self.chunks,
-                                   "total_tokens": 9 + self.chunks}}
+                final = {
+                    "object": "chat.completion.chunk",
+                    "model": model,
+                    "choices": [],
+                    "usage": {
+                        "prompt_tokens": 9,
+                        "completion_tokens": self.chunks,
+                        "total_tokens": 9 + self.chunks,
+                    },
+                }
                 request.write(b"data: " + json.dumps(final).encode() + b"\n\n")
             request.write(b"data: [DONE]\n\n")
             request.finish()

@@ -131,7 +131,9 @@ class Gateway:
             await self.service.stopService()
             self.service = None
 
-    async def configure(self, upstream: str, targets: dict[str, int], **fields: Any) -> None:
+    async def configure(
+        self, upstream: str, targets: dict[str, int], **fields: Any
+    ) -> None:
         """
         Create an upstream with targets (C{host:port} to weight), a service
         on it and a route on C{/}.
@@ -140,10 +142,13 @@ class Gateway:
         assert reply.code == 201, reply.body
         for target, weight in targets.items():
             reply = await self.admin.post(
-                f"/upstreams/{upstream}/targets", form={"target": target, "weight": weight}
+                f"/upstreams/{upstream}/targets",
+                form={"target": target, "weight": weight},
             )
             assert reply.code == 201, reply.body
-        reply = await self.admin.post("/services", form={"name": upstream, "host": upstream})
+        reply = await self.admin.post(
+            "/services", form={"name": upstream, "host": upstream}
+        )
         assert reply.code == 201, reply.body
         reply = await self.admin.post(
             f"/services/{upstream}/routes", form={"paths[]": "/", "strip_path": "false"}
@@ -236,7 +241,11 @@ class SSEResource(Resource):
                 return
             if n == self.count:
                 if self.usage is not None:
-                    final = {"model": "stream-model", "choices": [], "usage": self.usage}
+                    final = {
+                        "model": "stream-model",
+                        "choices": [],
+                        "usage": self.usage,
+                    }
                     request.write(b"data: " + json.dumps(final).encode() + b"\n\n")
                 request.write(b"data: [DONE]\n\n")
                 request.finish()
@@ -262,3 +271,169 @@ def address(port: Any) -> str:
     The C{host:port} target string of a listening port.
     """
     return f"127.0.0.1:{port.getHost().port}"
+
+
+# Helpers for the balancing and health end-to-end tests (appended).
+
+
+class HoldingTarget(TargetResource):
+    """
+    A target that can hold its answers until told to let them go, and
+    that records the order of arrivals across targets.
+
+    @ivar holding: while true, requests are kept in C{held} unanswered.
+    @ivar arrivals: a list shared by several targets; each request appends
+        the target's name to it on arrival.
+    @ivar statuses: per-path status overrides (e.g. C{{"/health": 500}}).
+    """
+
+    def __init__(self, name: str, arrivals: list[str] | None = None) -> None:
+        super().__init__(name)
+        self.holding = False
+        self.held: list[Any] = []
+        self.arrivals = arrivals if arrivals is not None else []
+        self.statuses: dict[str, int] = {}
+
+    def render(self, request: Any) -> Any:
+        self.arrivals.append(self.name)
+        path = request.path.decode()
+        if path in self.statuses:
+            self.hits[path] += 1
+            request.setResponseCode(self.statuses[path])
+            return self.name.encode()
+        if not self.holding:
+            return super().render(request)
+        self.hits[path] += 1
+        self.held.append(request)
+        request.notifyFinish().addErrback(lambda _: None)
+        return NOT_DONE_YET
+
+    def release(self) -> None:
+        """
+        Answer every held request and stop holding.
+        """
+        self.holding = False
+        held, self.held = self.held, []
+        for request in held:
+            if not request.finished and not request._disconnected:
+                request.setResponseCode(self.status)
+                request.write(self.name.encode())
+                request.finish()
+
+
+class TrackingSite(Site):
+    """
+    A site that keeps its open connections, so a test can kill a target
+    the way a crashed process dies: no listener and no open connection.
+    """
+
+    def __init__(self, resource: Resource) -> None:
+        super().__init__(resource)
+        self.protocols: set[Any] = set()
+
+    def buildProtocol(self, addr: Any) -> Any:
+        protocol = super().buildProtocol(addr)
+        self.protocols.add(protocol)
+        lost = protocol.connectionLost
+
+        def connection_lost(reason: Any) -> None:
+            self.protocols.discard(protocol)
+            lost(reason)
+
+        protocol.connectionLost = connection_lost
+        return protocol
+
+    def log(self, request: Any) -> None:
+        pass
+
+
+def listen_killable(resource: Resource, port: int = 0) -> Any:
+    """
+    Like L{listen}, on a L{TrackingSite}, so L{kill} can close it whole.
+    """
+    return reactor.listenTCP(port, TrackingSite(resource), interface="127.0.0.1")
+
+
+async def kill(port: Any, servers: list[Any] | None = None) -> None:
+    """
+    Stop listening on C{port} and abort its open connections: the target
+    now refuses connections, and pooled ones to it are gone.  C{port} is
+    taken out of C{servers} (the fixture's list), as it is closed already.
+    """
+    if servers is not None and port in servers:
+        servers.remove(port)
+    await port.stopListening()
+    for protocol in list(port.factory.protocols):
+        transport = getattr(protocol, "transport", None) or getattr(
+            getattr(protocol, "_channel", None), "transport", None
+        )
+        if transport is not None:
+            transport.abortConnection()
+
+
+async def bounded(count: int, concurrency: int, call: Any) -> list[Any]:
+    """
+    Run C{await call(i)} for i in range(count), at most C{concurrency} at a
+    time; returns the results in order.
+    """
+    from twisted.internet.defer import gatherResults
+
+    results: list[Any] = [None] * count
+    indexes = iter(range(count))
+
+    async def worker() -> None:
+        for i in indexes:
+            results[i] = await call(i)
+
+    await gatherResults(
+        [Deferred.fromCoroutine(worker()) for _ in range(min(count, concurrency))]
+    )
+    return results
+
+
+async def scrape(
+    gateway: Gateway,
+) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """
+    C{GET /metrics} parsed by prometheus_client, as C{{(sample name, sorted
+    labels): value}}.
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    reply = await gateway.admin.get("/metrics")
+    assert reply.code == 200
+    samples = {}
+    for family in text_string_to_metric_families(reply.body.decode()):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def sample(samples: dict[Any, float], name: str, **labels: str) -> float:
+    """
+    One sample's value from L{scrape}'s result (0 when absent).
+    """
+    return samples.get((name, tuple(sorted(labels.items()))), 0)
+
+
+async def health_of(gateway: Gateway, upstream: str) -> dict[str, str]:
+    """
+    C{GET /upstreams/{upstream}/health} as C{{target: health}}.
+    """
+    reply = await gateway.admin.get(f"/upstreams/{upstream}/health")
+    assert reply.code == 200, reply.body
+    return {row["target"]: row["health"] for row in reply.json["data"]}
+
+
+async def wait_for(check: Any, bound: float, step: float = 0.1) -> float:
+    """
+    Poll C{await check()} every C{step} seconds until it is true; returns
+    the seconds it took, or raises C{AssertionError} after C{bound}.
+    """
+    start = reactor.seconds()
+    while True:
+        if await check():
+            return reactor.seconds() - start
+        if reactor.seconds() - start > bound:
+            raise AssertionError(f"not within {bound} s")
+        await sleep(step)

@@ -19,7 +19,9 @@ async def dump(gateway) -> dict:
         out[path] = (await gateway.admin.get(path)).json["data"]
     for upstream in out["/upstreams"]:
         name = upstream["name"]
-        out[name] = (await gateway.admin.get(f"/upstreams/{name}/targets/all")).json["data"]
+        out[name] = (await gateway.admin.get(f"/upstreams/{name}/targets/all")).json[
+            "data"
+        ]
     return out
 
 
@@ -31,23 +33,76 @@ async def test_bad_input_changes_nothing(gateway):
     """
     admin = gateway.admin
     assert (await admin.post("/upstreams", form={"name": "up"})).code == 201
-    assert (await admin.post("/upstreams/up/targets", form={"target": "10.0.0.1:80"})).code == 201
+    assert (
+        await admin.post("/upstreams/up/targets", form={"target": "10.0.0.1:80"})
+    ).code == 201
     before = await dump(gateway)
 
     cases = [
-        (await admin.post("/upstreams", body=b"{nope", headers={"Content-Type": "application/json"}), 400, None),
-        (await admin.post("/upstreams", form={"name": "x", "algorithm": "fastest"}), 400, "algorithm"),
-        (await admin.patch("/upstreams/up", form={"algorithm": "fastest"}), 400, "algorithm"),
-        (await admin.post("/upstreams/up/targets", form={"target": "10.0.0.2:80", "weight": "70000"}), 400, "weight"),
-        (await admin.post("/upstreams/up/targets", form={"target": ":::"}), 400, "target"),
+        (
+            await admin.post(
+                "/upstreams",
+                body=b"{nope",
+                headers={"Content-Type": "application/json"},
+            ),
+            400,
+            None,
+        ),
+        (
+            await admin.post("/upstreams", form={"name": "x", "algorithm": "fastest"}),
+            400,
+            "algorithm",
+        ),
+        (
+            await admin.patch("/upstreams/up", form={"algorithm": "fastest"}),
+            400,
+            "algorithm",
+        ),
+        (
+            await admin.post(
+                "/upstreams/up/targets",
+                form={"target": "10.0.0.2:80", "weight": "70000"},
+            ),
+            400,
+            "weight",
+        ),
+        (
+            await admin.post("/upstreams/up/targets", form={"target": ":::"}),
+            400,
+            "target",
+        ),
         (await admin.post("/upstreams", form={"name": "up"}), 409, "name"),
-        (await admin.post("/upstreams/nope/targets", form={"target": "10.0.0.3:80"}), 404, None),
-        (await admin.post("/upstreams", json_body={"name": "y", "slots": "many"}), 400, "slots"),
-        (await admin.post("/upstreams", form={"name": "z", "healthchecks.active.timeout": "-1"}), 400, "healthchecks"),
-        (await admin.post("/upstreams", json_body={"name": "w", "colour": "red"}), 400, "colour"),
+        (
+            await admin.post("/upstreams/nope/targets", form={"target": "10.0.0.3:80"}),
+            404,
+            None,
+        ),
+        (
+            await admin.post("/upstreams", json_body={"name": "y", "slots": "many"}),
+            400,
+            "slots",
+        ),
+        (
+            await admin.post(
+                "/upstreams", form={"name": "z", "healthchecks.active.timeout": "-1"}
+            ),
+            400,
+            "healthchecks",
+        ),
+        (
+            await admin.post("/upstreams", json_body={"name": "w", "colour": "red"}),
+            400,
+            "colour",
+        ),
         (await admin.post("/services", form={"name": "s"}), 400, "host"),
         (await admin.post("/routes", form={"paths[]": "/x"}), 400, "service"),
-        (await admin.post("/routes", json_body={"paths": ["/x"], "service": {"name": "none"}}), 400, "service"),
+        (
+            await admin.post(
+                "/routes", json_body={"paths": ["/x"], "service": {"name": "none"}}
+            ),
+            400,
+            "service",
+        ),
         (await admin.get("/upstreams?size=0"), 400, None),
     ]
     for reply, status, field in cases:
@@ -98,12 +153,20 @@ async def test_patch_put_delete(gateway):
     by_id = await admin.get("/upstreams/" + created["id"])
     assert by_id.json["name"] == "up"
 
-    target = (await admin.post("/upstreams/up/targets", form={"target": "[::1]:9000"})).json
+    target = (
+        await admin.post("/upstreams/up/targets", form={"target": "[::1]:9000"})
+    ).json
     assert target["target"] == "[::1]:9000"
-    assert (await admin.get("/upstreams/up/targets/[::1]:9000")).json["id"] == target["id"]
-    default_port = (await admin.post("/upstreams/up/targets", form={"target": "example.com"})).json
+    assert (await admin.get("/upstreams/up/targets/[::1]:9000")).json["id"] == target[
+        "id"
+    ]
+    default_port = (
+        await admin.post("/upstreams/up/targets", form={"target": "example.com"})
+    ).json
     assert default_port["target"] == "example.com:8000"
-    reply = await admin.patch(f"/upstreams/up/targets/{target['id']}", form={"weight": "5"})
+    reply = await admin.patch(
+        f"/upstreams/up/targets/{target['id']}", form={"weight": "5"}
+    )
     assert reply.json["weight"] == 5
 
     assert (await admin.delete("/upstreams/up")).code == 204
@@ -120,13 +183,23 @@ async def test_services_and_routes(gateway):
     still used by a route cannot be deleted.
     """
     admin = gateway.admin
-    service = await admin.post("/services", form={"name": "s", "url": "https://api.example.com/v1"})
+    service = await admin.post(
+        "/services", form={"name": "s", "url": "https://api.example.com/v1"}
+    )
     assert service.code == 201
-    assert (service.json["protocol"], service.json["port"], service.json["path"]) == ("https", 443, "/v1")
-    route = await admin.post("/routes", json_body={"name": "r", "paths": ["/a"], "service": {"name": "s"}})
+    assert (service.json["protocol"], service.json["port"], service.json["path"]) == (
+        "https",
+        443,
+        "/v1",
+    )
+    route = await admin.post(
+        "/routes", json_body={"name": "r", "paths": ["/a"], "service": {"name": "s"}}
+    )
     assert route.code == 201, route.body
     assert route.json["service"]["id"] == service.json["id"]
-    nested = await admin.post("/services/s/routes", form={"paths[]": ["/b", "/c"], "methods": "POST"})
+    nested = await admin.post(
+        "/services/s/routes", form={"paths[]": ["/b", "/c"], "methods": "POST"}
+    )
     assert nested.json["paths"] == ["/b", "/c"]
     assert nested.json["methods"] == ["POST"]
     listed = (await admin.get("/services/s/routes")).json["data"]
@@ -172,7 +245,9 @@ async def test_entities_survive_restart(tmp_path):
     first = await Gateway(database).start()
     try:
         await first.configure("llm", {"127.0.0.1:9": 100, "127.0.0.1:10": 50})
-        await first.admin.patch("/upstreams/llm", form={"healthchecks.passive.unhealthy.cooldown": "7"})
+        await first.admin.patch(
+            "/upstreams/llm", form={"healthchecks.passive.unhealthy.cooldown": "7"}
+        )
         before = await dump(first)
     finally:
         await first.stop()

@@ -58,7 +58,7 @@ async def test_every_documented_command(gateway):
 
     conflicts = [r for r in results if r[1] == 409]
     assert len(conflicts) == 2
-    for argv, status, body in conflicts:
+    for argv, _status, body in conflicts:
         assert "name=ai-upstream" in argv
         assert "PATCH /upstreams/ai-upstream" in body
     for argv, status, body in results:
@@ -79,8 +79,13 @@ async def test_every_documented_command(gateway):
     by_target = {t["target"]: t for t in targets}
     assert by_target["api1.example.com:443"]["weight"] == 200
     assert by_target["backup-api.example.com:443"]["backup"] is True
-    openai = (await gateway.admin.get("/upstreams/openai-upstream/targets")).json["data"]
-    assert sorted(t["target"] for t in openai) == ["api.openai.com:443", "api2.openai.com:443"]
+    openai = (await gateway.admin.get("/upstreams/openai-upstream/targets")).json[
+        "data"
+    ]
+    assert sorted(t["target"] for t in openai) == [
+        "api.openai.com:443",
+        "api2.openai.com:443",
+    ]
 
     health = (await gateway.admin.get("/upstreams/ai-upstream/health")).json
     assert {t["target"] for t in health["data"]} == set(by_target)

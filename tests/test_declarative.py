@@ -10,7 +10,7 @@ import yaml
 
 from aigateway import declarative
 
-from .gatewaykit import Gateway, TargetResource, address, listen
+from .gatewaykit import Gateway, TargetResource, listen
 
 DOCUMENT = """
 _format_version: "3.0"
@@ -103,7 +103,9 @@ async def test_config_at_start_and_round_trip(tmp_path, servers):
     path.write_text(DOCUMENT.format(port=port.getHost().port))
     node = await Gateway(str(tmp_path / "d.db"), config=str(path)).start()
     try:
-        reply = await node.proxy.get("/v1/x", headers={"Authorization": "Bearer client"})
+        reply = await node.proxy.get(
+            "/v1/x", headers={"Authorization": "Bearer client"}
+        )
         assert reply.code == 200
         assert target.requests[-1]["headers"].getRawHeaders(b"authorization") == [
             b"Bearer sk-live-0123456789abcdef"
@@ -111,13 +113,18 @@ async def test_config_at_start_and_round_trip(tmp_path, servers):
 
         first = await node.admin.get("/config")
         assert first.code == 200
-        assert first.headers.getRawHeaders(b"content-type")[0].startswith(b"application/yaml")
+        assert first.headers.getRawHeaders(b"content-type")[0].startswith(
+            b"application/yaml"
+        )
         assert b"sk-live-0123456789abcdef" not in first.body
         exported = yaml.safe_load(first.body)
         assert exported["upstreams"][0]["algorithm"] == "least-connections"
         assert exported["services"][0]["routes"][0]["paths"] == ["/v1"]
 
-        bad = await node.admin.post("/config", body=b"_format_version: '3.0'\nservices:\n- name: x\n- host: '::bad::'\n")
+        bad = await node.admin.post(
+            "/config",
+            body=b"_format_version: '3.0'\nservices:\n- name: x\n- host: '::bad::'\n",
+        )
         assert bad.code == 400
         assert bad.json["name"] == "invalid declarative configuration"
         assert len(bad.json["fields"]["errors"]) == 2

@@ -42,22 +42,37 @@ async def test_each_target_gets_its_own_key(tmp_path, servers):
         await node.admin.post("/services/chat/routes", form={"paths[]": "/v1"})
         for _ in range(20):
             reply = await node.proxy.post(
-                "/v1/chat/completions", body=b"{}", headers={"Authorization": "Bearer client"}
+                "/v1/chat/completions",
+                body=b"{}",
+                headers={"Authorization": "Bearer client"},
             )
             assert reply.code == 200
         for target, key in ((a, KEY_A), (b, KEY_B)):
             assert len(target.requests) == 10
-            seen = {tuple(r["headers"].getRawHeaders(b"authorization")) for r in target.requests}
+            seen = {
+                tuple(r["headers"].getRawHeaders(b"authorization"))
+                for r in target.requests
+            }
             assert seen == {(key.encode(),)}
 
         # Patching another field keeps the secret.
-        await node.admin.patch(f"/upstreams/openai/targets/{address(port_a)}", form={"weight": "50"})
+        await node.admin.patch(
+            f"/upstreams/openai/targets/{address(port_a)}", form={"weight": "50"}
+        )
         await node.proxy.post("/v1/chat/completions", body=b"{}")
-        assert a.requests[-1]["headers"].getRawHeaders(b"authorization") == [KEY_A.encode()]
+        assert a.requests[-1]["headers"].getRawHeaders(b"authorization") == [
+            KEY_A.encode()
+        ]
 
         exposed = []
-        for path in ("/upstreams/openai/targets", "/upstreams/openai/targets/all",
-                     "/upstreams/openai/health", "/config", "/config?format=json", "/metrics"):
+        for path in (
+            "/upstreams/openai/targets",
+            "/upstreams/openai/targets/all",
+            "/upstreams/openai/health",
+            "/config",
+            "/config?format=json",
+            "/metrics",
+        ):
             exposed.append((await node.admin.get(path)).body)
         await node.stop()
         exposed.append(log.read_bytes())
@@ -78,7 +93,9 @@ async def test_rate_limited_target_is_failed_over(gateway, servers):
     servers.extend([port_a := listen(a), port_b := listen(b)])
     await gateway.configure("llm", {address(port_a): 100, address(port_b): 100})
     # Passive checks on: a rate limit must not count toward unhealthy.
-    await gateway.admin.patch("/upstreams/llm", form={"healthchecks.passive.unhealthy.http_failures": "1"})
+    await gateway.admin.patch(
+        "/upstreams/llm", form={"healthchecks.passive.unhealthy.http_failures": "1"}
+    )
     started = reactor.seconds()
     for _ in range(500):
         reply = await gateway.proxy.post("/", body=b"{}")
@@ -179,7 +196,9 @@ async def test_broken_stream_is_not_a_complete_answer(gateway, servers):
     sse.break_after = 3
     servers.append(port := listen(sse))
     await gateway.configure("stream", {address(port): 100})
-    await gateway.admin.patch("/upstreams/stream", form={"healthchecks.passive.unhealthy.tcp_failures": "5"})
+    await gateway.admin.patch(
+        "/upstreams/stream", form={"healthchecks.passive.unhealthy.tcp_failures": "5"}
+    )
     proxy_port = gateway.service.proxy_port.getHost().port
     raw = await raw_request(
         proxy_port,
@@ -207,7 +226,9 @@ async def test_stream_failing_before_first_event_fails_over(gateway, servers):
     dead.break_after = 0
     good = SSEResource(count=5, interval=0.01)
     servers.extend([port_dead := listen(dead), port_good := listen(good)])
-    await gateway.configure("stream", {address(port_dead): 100, address(port_good): 100})
+    await gateway.configure(
+        "stream", {address(port_dead): 100, address(port_good): 100}
+    )
     for _ in range(4):
         reply = await gateway.proxy.post("/v1/chat/completions", body=b"{}")
         assert reply.code == 200
@@ -222,19 +243,40 @@ async def test_models_route_to_services(gateway, servers):
     Routes on the same path with models[] send each model to its own
     service; a request without a model takes the route without models.
     """
-    gpt, llama, other = TargetResource("gpt"), TargetResource("llama"), TargetResource("other")
+    gpt, llama, other = (
+        TargetResource("gpt"),
+        TargetResource("llama"),
+        TargetResource("other"),
+    )
     servers.extend(ports := [listen(gpt), listen(llama), listen(other)])
     admin = gateway.admin
-    for name, port, models in (("gpt", ports[0], ["gpt-4o"]), ("llama", ports[1], ["llama3", "llama3:70b"]), ("other", ports[2], None)):
-        await admin.post("/services", form={"name": name, "url": f"http://{address(port)}"})
+    for name, port, models in (
+        ("gpt", ports[0], ["gpt-4o"]),
+        ("llama", ports[1], ["llama3", "llama3:70b"]),
+        ("other", ports[2], None),
+    ):
+        await admin.post(
+            "/services", form={"name": name, "url": f"http://{address(port)}"}
+        )
         form = {"paths[]": "/v1/chat"}
         if models:
             form["models[]"] = models
         reply = await admin.post(f"/services/{name}/routes", form=form)
         assert reply.code == 201, reply.body
-    for model, expected in (("gpt-4o", b"gpt"), ("llama3:70b", b"llama"), ("llama3", b"llama"), ("mistral", b"other")):
+    for model, expected in (
+        ("gpt-4o", b"gpt"),
+        ("llama3:70b", b"llama"),
+        ("llama3", b"llama"),
+        ("mistral", b"other"),
+    ):
         body = json.dumps({"model": model, "messages": []}).encode()
-        reply = await gateway.proxy.post("/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
+        reply = await gateway.proxy.post(
+            "/v1/chat/completions",
+            body=body,
+            headers={"Content-Type": "application/json"},
+        )
         assert reply.body == expected, model
     assert (await gateway.proxy.get("/v1/chat/completions")).body == b"other"
-    assert (await gateway.proxy.post("/v1/chat/completions", body=b"not json")).body == b"other"
+    assert (
+        await gateway.proxy.post("/v1/chat/completions", body=b"not json")
+    ).body == b"other"

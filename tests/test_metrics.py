@@ -59,20 +59,34 @@ async def test_known_mix(tmp_path, servers):
         for target in (address(good_port), dead):
             await node.admin.post("/upstreams/llm/targets", form={"target": target})
         await node.admin.post("/services", form={"name": "chat", "host": "llm"})
-        await node.admin.post("/services/chat/routes", form={"name": "chat-route", "paths[]": "/v1"})
+        await node.admin.post(
+            "/services/chat/routes", form={"name": "chat-route", "paths[]": "/v1"}
+        )
 
         await node.admin.post("/upstreams", form={"name": "gone"})
         await node.admin.post("/upstreams/gone/targets", form={"target": dead})
-        await node.admin.post("/services", form={"name": "broken", "host": "gone", "retries": "0"})
-        await node.admin.post("/services/broken/routes", form={"name": "broken-route", "paths[]": "/broken"})
+        await node.admin.post(
+            "/services", form={"name": "broken", "host": "gone", "retries": "0"}
+        )
+        await node.admin.post(
+            "/services/broken/routes",
+            form={"name": "broken-route", "paths[]": "/broken"},
+        )
 
         sse = SSEResource(count=3, interval=0.01)
         sse.usage = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
         servers.append(sse_port := listen(sse))
         await node.admin.post("/upstreams", form={"name": "streams"})
-        await node.admin.post("/upstreams/streams/targets", form={"target": address(sse_port)})
-        await node.admin.post("/services", form={"name": "streaming", "host": "streams"})
-        await node.admin.post("/services/streaming/routes", form={"name": "stream-route", "paths[]": "/stream"})
+        await node.admin.post(
+            "/upstreams/streams/targets", form={"target": address(sse_port)}
+        )
+        await node.admin.post(
+            "/services", form={"name": "streaming", "host": "streams"}
+        )
+        await node.admin.post(
+            "/services/streaming/routes",
+            form={"name": "stream-route", "paths[]": "/stream"},
+        )
 
         body = b'{"model": "gpt-test", "messages": []}'
         for _ in range(10):
@@ -84,27 +98,160 @@ async def test_known_mix(tmp_path, servers):
 
         samples = await scrape(node)
         good_key, route = address(good_port), "chat-route"
-        assert value(samples, "aigateway_http_requests_total", service="chat", route=route, code="200") == 10
-        assert value(samples, "aigateway_http_requests_total", service="broken", route="broken-route", code="502") == 1
-        assert value(samples, "aigateway_http_requests_total", service="streaming", route="stream-route", code="200") == 1
-        assert value(samples, "aigateway_upstream_target_requests_total", upstream="llm", target=good_key, code="200") == 10
-        retried = value(samples, "aigateway_upstream_target_requests_total", upstream="llm", target=dead, code="error")
-        assert retried == 5  # equal weights: the dead target has every other first attempt
-        assert value(samples, "aigateway_proxy_retries_total", upstream="llm") == retried
-        assert value(samples, "aigateway_upstream_target_requests_total", upstream="gone", target=dead, code="error") == 1
-        assert value(samples, "aigateway_request_latency_ms_count", service="chat", route=route) == 10
-        assert value(samples, "aigateway_proxy_latency_ms_count", service="chat", route=route) == 10
-        assert value(samples, "aigateway_upstream_latency_ms_count", service="chat", route=route, upstream="llm", target=good_key) == 10
-        assert value(samples, "aigateway_bandwidth_bytes_total", service="chat", route=route, direction="ingress") == 10 * len(body)
-        assert value(samples, "aigateway_bandwidth_bytes_total", service="chat", route=route, direction="egress") == 10 * len(good.body)
+        assert (
+            value(
+                samples,
+                "aigateway_http_requests_total",
+                service="chat",
+                route=route,
+                code="200",
+            )
+            == 10
+        )
+        assert (
+            value(
+                samples,
+                "aigateway_http_requests_total",
+                service="broken",
+                route="broken-route",
+                code="502",
+            )
+            == 1
+        )
+        assert (
+            value(
+                samples,
+                "aigateway_http_requests_total",
+                service="streaming",
+                route="stream-route",
+                code="200",
+            )
+            == 1
+        )
+        assert (
+            value(
+                samples,
+                "aigateway_upstream_target_requests_total",
+                upstream="llm",
+                target=good_key,
+                code="200",
+            )
+            == 10
+        )
+        retried = value(
+            samples,
+            "aigateway_upstream_target_requests_total",
+            upstream="llm",
+            target=dead,
+            code="error",
+        )
+        assert (
+            retried == 5
+        )  # equal weights: the dead target has every other first attempt
+        assert (
+            value(samples, "aigateway_proxy_retries_total", upstream="llm") == retried
+        )
+        assert (
+            value(
+                samples,
+                "aigateway_upstream_target_requests_total",
+                upstream="gone",
+                target=dead,
+                code="error",
+            )
+            == 1
+        )
+        assert (
+            value(
+                samples,
+                "aigateway_request_latency_ms_count",
+                service="chat",
+                route=route,
+            )
+            == 10
+        )
+        assert (
+            value(
+                samples, "aigateway_proxy_latency_ms_count", service="chat", route=route
+            )
+            == 10
+        )
+        assert (
+            value(
+                samples,
+                "aigateway_upstream_latency_ms_count",
+                service="chat",
+                route=route,
+                upstream="llm",
+                target=good_key,
+            )
+            == 10
+        )
+        assert value(
+            samples,
+            "aigateway_bandwidth_bytes_total",
+            service="chat",
+            route=route,
+            direction="ingress",
+        ) == 10 * len(body)
+        assert value(
+            samples,
+            "aigateway_bandwidth_bytes_total",
+            service="chat",
+            route=route,
+            direction="egress",
+        ) == 10 * len(good.body)
         tokens = "aigateway_ai_llm_tokens_total"
         for kind, count in (("prompt", 110), ("completion", 70), ("total", 180)):
-            assert value(samples, tokens, upstream="llm", target=good_key, model="gpt-test", token_type=kind) == count
-        assert value(samples, "aigateway_ai_llm_requests_total", upstream="llm", target=good_key, model="gpt-test") == 10
+            assert (
+                value(
+                    samples,
+                    tokens,
+                    upstream="llm",
+                    target=good_key,
+                    model="gpt-test",
+                    token_type=kind,
+                )
+                == count
+            )
+        assert (
+            value(
+                samples,
+                "aigateway_ai_llm_requests_total",
+                upstream="llm",
+                target=good_key,
+                model="gpt-test",
+            )
+            == 10
+        )
         sse_key = address(sse_port)
-        assert value(samples, tokens, upstream="streams", target=sse_key, model="stream-model", token_type="total") == 8
-        assert value(samples, "aigateway_upstream_target_health", upstream="llm", target=good_key, state="healthchecks_off") == 1
-        assert value(samples, "aigateway_inflight_requests", upstream="llm", target=good_key) == 0
+        assert (
+            value(
+                samples,
+                tokens,
+                upstream="streams",
+                target=sse_key,
+                model="stream-model",
+                token_type="total",
+            )
+            == 8
+        )
+        assert (
+            value(
+                samples,
+                "aigateway_upstream_target_health",
+                upstream="llm",
+                target=good_key,
+                state="healthchecks_off",
+            )
+            == 1
+        )
+        assert (
+            value(
+                samples, "aigateway_inflight_requests", upstream="llm", target=good_key
+            )
+            == 0
+        )
         assert value(samples, "aigateway_connections", state="upstream_pooled") >= 1
 
         await node.stop()
@@ -113,11 +260,19 @@ async def test_known_mix(tmp_path, servers):
         chat = [line for line in lines if line["service"] == "chat"]
         assert sum(line["attempts"] - 1 for line in chat) == retried
         assert all(line["attempts"] in (1, 2) for line in chat)
-        assert all(line["target"] == good_key and line["status"] == 200 for line in chat)
+        assert all(
+            line["target"] == good_key and line["status"] == 200 for line in chat
+        )
         assert all(line["tokens"]["total"] == 18 for line in chat)
-        assert {tuple(line["tried"]) for line in chat if line["attempts"] == 2} == {tuple(sorted([good_key, dead]))}
+        assert {tuple(line["tried"]) for line in chat if line["attempts"] == 2} == {
+            tuple(sorted([good_key, dead]))
+        }
         broken = next(line for line in lines if line["service"] == "broken")
-        assert (broken["status"], broken["target"], broken["tokens"]) == (502, dead, None)
+        assert (broken["status"], broken["target"], broken["tokens"]) == (
+            502,
+            dead,
+            None,
+        )
         stream = next(line for line in lines if line["service"] == "streaming")
         assert stream["tokens"]["completion"] == 3
     finally:
@@ -146,19 +301,75 @@ async def test_health_series_follow_probes_and_deletion(gateway, servers):
     for _ in range(4):
         await gateway.proxy.get("/")
     samples = await scrape(gateway)
-    assert value(samples, "aigateway_upstream_target_health", upstream="checked", target=doomed_key, state="healthy") == 1
+    assert (
+        value(
+            samples,
+            "aigateway_upstream_target_health",
+            upstream="checked",
+            target=doomed_key,
+            state="healthy",
+        )
+        == 1
+    )
     await doomed.stopListening()
     await sleep(1.2)
     samples = await scrape(gateway)
-    assert value(samples, "aigateway_upstream_target_health", upstream="checked", target=doomed_key, state="unhealthy") == 1
-    assert value(samples, "aigateway_upstream_target_health", upstream="checked", target=doomed_key, state="healthy") == 0
-    assert value(samples, "aigateway_health_probes_total", upstream="checked", target=doomed_key, result="tcp_failure") >= 1
-    assert value(samples, "aigateway_health_probes_total", upstream="checked", target=address(port), result="200") >= 1
+    assert (
+        value(
+            samples,
+            "aigateway_upstream_target_health",
+            upstream="checked",
+            target=doomed_key,
+            state="unhealthy",
+        )
+        == 1
+    )
+    assert (
+        value(
+            samples,
+            "aigateway_upstream_target_health",
+            upstream="checked",
+            target=doomed_key,
+            state="healthy",
+        )
+        == 0
+    )
+    assert (
+        value(
+            samples,
+            "aigateway_health_probes_total",
+            upstream="checked",
+            target=doomed_key,
+            result="tcp_failure",
+        )
+        >= 1
+    )
+    assert (
+        value(
+            samples,
+            "aigateway_health_probes_total",
+            upstream="checked",
+            target=address(port),
+            result="200",
+        )
+        >= 1
+    )
 
-    assert (await gateway.admin.delete(f"/upstreams/checked/targets/{doomed_key}")).code == 204
+    assert (
+        await gateway.admin.delete(f"/upstreams/checked/targets/{doomed_key}")
+    ).code == 204
     samples = await scrape(gateway)
     assert not [key for key in samples if ("target", doomed_key) in key[1]]
-    assert value(samples, "aigateway_upstream_target_health", upstream="checked", target=address(port), state="healthy") == 1
+    assert (
+        value(
+            samples,
+            "aigateway_upstream_target_health",
+            upstream="checked",
+            target=address(port),
+            state="healthy",
+        )
+        == 1
+    )
 
 
 def test_sniffer_reads_usage():
@@ -172,12 +383,19 @@ def test_sniffer_reads_usage():
     for i in range(0, len(document), 7):
         json_sniffer.feed(document[i : i + 7])
     usage = json_sniffer.usage()
-    assert (usage.model, usage.prompt, usage.completion, usage.total) == ("gpt-test", 11, 7, 18)
+    assert (usage.model, usage.prompt, usage.completion, usage.total) == (
+        "gpt-test",
+        11,
+        7,
+        18,
+    )
 
     stream = Sniffer(stream=True)
     for n in range(5000):
         stream.feed(b'data: {"choices": [{"delta": {"content": "x%d"}}]}\n\n' % n)
-    stream.feed(b'data: {"model": "m", "usage": {"prompt_tokens": 1, "completion_tokens": 2}}\n\ndata: [DONE]\n\n')
+    stream.feed(
+        b'data: {"model": "m", "usage": {"prompt_tokens": 1, "completion_tokens": 2}}\n\ndata: [DONE]\n\n'
+    )
     usage = stream.usage()
     assert (usage.model, usage.prompt, usage.completion, usage.total) == ("m", 1, 2, 3)
     assert sum(len(c) for c in stream._chunks) < 20 * 1024

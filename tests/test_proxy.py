@@ -53,9 +53,7 @@ async def test_weighted_round_robin_spread(gateway, servers):
     ports = {name: listen(r) for name, r in resources.items()}
     servers.extend(ports.values())
     weights = {"a": 100, "b": 100, "c": 200, "zero": 0}
-    await gateway.configure(
-        "llm", {address(ports[n]): w for n, w in weights.items()}
-    )
+    await gateway.configure("llm", {address(ports[n]): w for n, w in weights.items()})
     seen = await spread(gateway, 4000)
     assert sum(seen.values()) == 4000
     assert seen[b"zero"] == 0
@@ -121,11 +119,16 @@ async def test_request_forwarding(gateway, servers):
     """
     target = TargetResource("t")
     servers.append(port := listen(target))
-    await gateway.admin.post("/upstreams", form={"name": "up", "host_header": "api.example.com"})
+    await gateway.admin.post(
+        "/upstreams", form={"name": "up", "host_header": "api.example.com"}
+    )
     await gateway.admin.post("/upstreams/up/targets", form={"target": address(port)})
-    await gateway.admin.post("/services", form={"name": "svc", "host": "up", "path": "/base"})
+    await gateway.admin.post(
+        "/services", form={"name": "svc", "host": "up", "path": "/base"}
+    )
     reply = await gateway.admin.post(
-        "/services/svc/routes", form={"paths[]": "/openai", "methods[]": ["POST", "GET"]}
+        "/services/svc/routes",
+        form={"paths[]": "/openai", "methods[]": ["POST", "GET"]},
     )
     assert reply.code == 201
     body = json.dumps({"model": "gpt-4o", "messages": []}).encode()
@@ -174,8 +177,14 @@ async def test_gateway_errors(gateway, servers):
     await gateway.configure("dead", {dead: 100})
     reply = await gateway.proxy.get("/")
     assert reply.code == 502
-    assert reply.json["message"] == "An invalid response was received from the upstream server"
-    assert reply.json["request_id"] == reply.headers.getRawHeaders(b"x-request-id")[0].decode()
+    assert (
+        reply.json["message"]
+        == "An invalid response was received from the upstream server"
+    )
+    assert (
+        reply.json["request_id"]
+        == reply.headers.getRawHeaders(b"x-request-id")[0].decode()
+    )
 
     await gateway.admin.patch("/upstreams/dead/targets/" + dead, form={"weight": "0"})
     reply = await gateway.proxy.get("/")
@@ -186,7 +195,9 @@ async def test_gateway_errors(gateway, servers):
     slow.delay = 5
     servers.append(port := listen(slow))
     await gateway.admin.post("/upstreams/dead/targets", form={"target": address(port)})
-    await gateway.admin.patch("/services/dead", form={"read_timeout": "300", "retries": "0"})
+    await gateway.admin.patch(
+        "/services/dead", form={"read_timeout": "300", "retries": "0"}
+    )
     reply = await gateway.proxy.get("/")
     assert reply.code == 504
     assert reply.json["message"] == "The upstream server is timing out"
@@ -200,7 +211,8 @@ async def test_direct_service_host(gateway, servers):
     target = TargetResource("direct")
     servers.append(port := listen(target))
     reply = await gateway.admin.post(
-        "/services", form={"name": "d", "url": f"http://127.0.0.1:{port.getHost().port}/x"}
+        "/services",
+        form={"name": "d", "url": f"http://127.0.0.1:{port.getHost().port}/x"},
     )
     assert reply.code == 201, reply.body
     assert reply.json["path"] == "/x"

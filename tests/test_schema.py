@@ -29,7 +29,9 @@ class FormTests(SynchronousTestCase):
         self.assertEqual(
             data,
             {
-                "healthchecks": {"active": {"http_path": "/health", "healthy": {"interval": "5"}}},
+                "healthchecks": {
+                    "active": {"http_path": "/health", "healthy": {"interval": "5"}}
+                },
                 "paths": ["/a", "/b"],
                 "methods": ["GET", "POST"],
                 "hosts": [],
@@ -42,7 +44,9 @@ class FormTests(SynchronousTestCase):
         for body in (b"{", b"[1]"):
             with self.assertRaises(Exception) as caught:
                 parse_body("application/json; charset=utf-8", body)
-            self.assertEqual(caught.exception.body, {"message": "Cannot parse JSON body"})
+            self.assertEqual(
+                caught.exception.body, {"message": "Cannot parse JSON body"}
+            )
 
 
 class RecordTests(SynchronousTestCase):
@@ -64,7 +68,9 @@ class RecordTests(SynchronousTestCase):
         self.assertEqual(passive["unhealthy"]["cooldown"], 30)
 
     def test_coercion_only_for_forms(self):
-        record, errors = build_record("targets", {"target": "a:1", "weight": "5", "backup": "true"}, True)
+        record, errors = build_record(
+            "targets", {"target": "a:1", "weight": "5", "backup": "true"}, True
+        )
         self.assertEqual(errors, {})
         self.assertEqual((record["weight"], record["backup"]), (5, True))
         _, errors = build_record("targets", {"target": "a:1", "weight": "5"}, False)
@@ -73,30 +79,47 @@ class RecordTests(SynchronousTestCase):
         self.assertEqual(errors, {"weight": "expected an integer"})
 
     def test_hash_rules(self):
-        record, errors = build_record("upstreams", {"name": "u", "hash_on": "header", "hash_on_header": "x"}, False)
+        record, errors = build_record(
+            "upstreams",
+            {"name": "u", "hash_on": "header", "hash_on_header": "x"},
+            False,
+        )
         self.assertEqual(errors, {})
         self.assertEqual(record["algorithm"], "consistent-hashing")
         _, errors = build_record("upstreams", {"name": "u", "hash_on": "header"}, False)
         self.assertIn("hash_on_header", errors)
-        _, errors = build_record("upstreams", {"name": "u", "hash_on": "cookie", "hash_on_cookie": "c", "hash_fallback": "ip"}, False)
+        _, errors = build_record(
+            "upstreams",
+            {
+                "name": "u",
+                "hash_on": "cookie",
+                "hash_on_cookie": "c",
+                "hash_fallback": "ip",
+            },
+            False,
+        )
         self.assertIn("hash_fallback", errors)
-        _, errors = build_record("upstreams", {"name": "u", "hash_fallback": "ip"}, False)
+        _, errors = build_record(
+            "upstreams", {"name": "u", "hash_fallback": "ip"}, False
+        )
         self.assertIn("hash_fallback", errors)
 
     def test_messages(self):
         _, errors = build_record("upstreams", {"name": "bad name", "slots": 5}, False)
         self.assertEqual(errors["slots"], "value should be between 10 and 65536")
         self.assertIn("name", errors)
-        self.assertEqual(
-            flatten({"a": {"b": "x"}, "c": "y"}), ["a.b: x", "c: y"]
-        )
+        self.assertEqual(flatten({"a": {"b": "x"}, "c": "y"}), ["a.b: x", "c: y"])
 
     def test_route_needs_a_criterion(self):
         _, errors = build_record("routes", {"service": {"id": "s"}}, False)
         self.assertIn("@entity", errors)
-        _, errors = build_record("routes", {"paths": ["x"], "service": {"id": "s"}}, False)
+        _, errors = build_record(
+            "routes", {"paths": ["x"], "service": {"id": "s"}}, False
+        )
         self.assertIn("paths", errors)
-        _, errors = build_record("routes", {"paths": ["~/(unclosed"], "service": {"id": "s"}}, False)
+        _, errors = build_record(
+            "routes", {"paths": ["~/(unclosed"], "service": {"id": "s"}}, False
+        )
         self.assertIn("paths", errors)
 
     def test_merge_replaces_arrays(self):

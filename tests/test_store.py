@@ -22,15 +22,24 @@ async def test_write_load_and_reopen(tmp_path):
     version, records = await store.load()
     assert version == 0 and records["upstreams"] == {}
     up = {"id": "u1", "name": "a"}
-    assert await store.write([("upstreams", up), ("targets", {"id": "t1", "target": "x:1"})], []) == 1
+    assert (
+        await store.write(
+            [("upstreams", up), ("targets", {"id": "t1", "target": "x:1"})], []
+        )
+        == 1
+    )
     assert await store.write([], [("targets", "t1")]) == 2
     assert await store.ping() is True
     await store.close()
 
     # Durable on disk, readable without aigateway.
     with sqlite3.connect(path) as db:
-        assert db.execute("SELECT version FROM schema_version").fetchone() == (len(MIGRATIONS),)
-        assert db.execute("SELECT kind, id FROM entities").fetchall() == [("upstreams", "u1")]
+        assert db.execute("SELECT version FROM schema_version").fetchone() == (
+            len(MIGRATIONS),
+        )
+        assert db.execute("SELECT kind, id FROM entities").fetchall() == [
+            ("upstreams", "u1")
+        ]
 
     again = SQLiteStore(reactor, path)
     await again.start()

@@ -36,14 +36,22 @@ def test_public_names():
     The public surface stays small.
     """
     assert sorted(aigateway.__all__) == [
-        "IBalancer", "IBalancerFactory", "IHealthView", "PickContext", "__version__",
+        "IBalancer",
+        "IBalancerFactory",
+        "IHealthView",
+        "PickContext",
+        "__version__",
     ]
 
 
 def test_twistd_lists_plugin_and_options():
-    listed = subprocess.run([str(BIN / "twistd"), "--help"], capture_output=True, text=True)
+    listed = subprocess.run(
+        [str(BIN / "twistd"), "--help"], capture_output=True, text=True
+    )
     assert "aigateway" in listed.stdout
-    helped = subprocess.run([str(BIN / "twistd"), "aigateway", "--help"], capture_output=True, text=True)
+    helped = subprocess.run(
+        [str(BIN / "twistd"), "aigateway", "--help"], capture_output=True, text=True
+    )
     for option in ("--proxy", "--admin", "--database", "tcp:8000", "aigateway.db"):
         assert option in helped.stdout
 
@@ -68,8 +76,18 @@ def test_wheel_ships_the_plugin(tmp_path):
     out silently) and the balancer drop-ins.
     """
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
-         "--no-build-isolation", "-w", str(tmp_path), str(ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
         check=True,
     )
     (wheel,) = tmp_path.glob("aigateway-*.whl")

@@ -54,8 +54,11 @@ def endpoint(handler: Handler) -> Callable[..., Any]:
         except AdminError as error:
             return answer(request, error.status, error.body)
         except Exception:
-            _log.failure("Admin API request failed: {method} {uri}",
-                         method=request.method, uri=request.uri)
+            _log.failure(
+                "Admin API request failed: {method} {uri}",
+                method=request.method,
+                uri=request.uri,
+            )
             return answer(request, 500, {"message": "An unexpected error occurred"})
         if isinstance(result, bytes):
             return result
@@ -88,13 +91,19 @@ def paginate(request: IRequest, records: list[Record]) -> dict[str, Any]:
     if not 1 <= size <= MAX_SIZE:
         raise AdminError(
             400,
-            {"code": 2, "name": "invalid size", "message": f"size must be an integer between 1 and {MAX_SIZE}"},
+            {
+                "code": 2,
+                "name": "invalid size",
+                "message": f"size must be an integer between 1 and {MAX_SIZE}",
+            },
         )
     start = 0
     raw_offset = args.get(b"offset", [None])[0]
     if raw_offset:
         try:
-            start = int(base64.urlsafe_b64decode(raw_offset + b"=" * (-len(raw_offset) % 4)))
+            start = int(
+                base64.urlsafe_b64decode(raw_offset + b"=" * (-len(raw_offset) % 4))
+            )
         except ValueError:
             raise AdminError(
                 400, {"code": 7, "name": "invalid offset", "message": "invalid offset"}
@@ -104,7 +113,11 @@ def paginate(request: IRequest, records: list[Record]) -> dict[str, Any]:
     if following < len(records):
         offset = base64.urlsafe_b64encode(b"%d" % following).decode().rstrip("=")
         path = request.path.decode("latin-1")
-        return {"data": page, "next": f"{path}?offset={offset}&size={size}", "offset": offset}
+        return {
+            "data": page,
+            "next": f"{path}?offset={offset}&size={size}",
+            "offset": offset,
+        }
     return {"data": page, "next": None}
 
 
@@ -164,8 +177,15 @@ def crud(
 
     app.route(collection, methods=["GET"], endpoint=name + ":list")(endpoint(list_))
     app.route(collection, methods=["POST"], endpoint=name + ":create")(endpoint(create))
-    for method, handler in (("GET", get), ("PATCH", patch), ("PUT", put), ("DELETE", delete)):
-        app.route(item, methods=[method], endpoint=f"{name}:{method}")(endpoint(handler))
+    for method, handler in (
+        ("GET", get),
+        ("PATCH", patch),
+        ("PUT", put),
+        ("DELETE", delete),
+    ):
+        app.route(item, methods=[method], endpoint=f"{name}:{method}")(
+            endpoint(handler)
+        )
 
 
 def handle_routing_errors(app: Klein) -> None:

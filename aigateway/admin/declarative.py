@@ -67,4 +67,3 @@ def register(app: Klein, entities: Entities, clock: Any) -> None:
         except declarative.InvalidDocument as e:
             raise invalid(e) from None
         return 201, declarative.export(entities.snapshot.records)
-

@@ -11,13 +11,14 @@ running gateway as they were.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import suppress
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredLock
 
 from ..config import ConfigSnapshot
-from ..model import build_record, parse_target, format_target
+from ..model import build_record, format_target, parse_target
 from ..runtime import Runtime
 from ..schema import merge
 from ..store.interfaces import IStore
@@ -32,7 +33,12 @@ from .errors import (
 Record = dict[str, Any]
 _SERVER_FIELDS = ("id", "created_at", "updated_at")
 # Each kind's unique key within its scope, and the parent reference.
-_UNIQUE = {"upstreams": "name", "services": "name", "routes": "name", "targets": "target"}
+_UNIQUE = {
+    "upstreams": "name",
+    "services": "name",
+    "routes": "name",
+    "targets": "target",
+}
 _PARENT = {"targets": "upstream", "routes": "service"}
 
 
@@ -104,10 +110,14 @@ class Entities:
             if parent is None or _parent_id(kind, r) == parent
         ]
         records.sort(key=lambda r: (r.get("created_at") or 0, r["id"]))
-        return records
+        return [dict(r) for r in records]
 
     def create(
-        self, kind: str, data: Mapping[str, Any], coerce: bool, parent: str | None = None
+        self,
+        kind: str,
+        data: Mapping[str, Any],
+        coerce: bool,
+        parent: str | None = None,
     ) -> Deferred[Record]:
         """
         Validate and store a new entity.
@@ -115,7 +125,11 @@ class Entities:
         return self._locked(self._create, kind, dict(data), coerce, parent)
 
     def create_or_update(
-        self, kind: str, data: Mapping[str, Any], coerce: bool, parent: str | None = None
+        self,
+        kind: str,
+        data: Mapping[str, Any],
+        coerce: bool,
+        parent: str | None = None,
     ) -> Deferred[tuple[Record, bool]]:
         """
         POST that updates: when an entity with the same unique key exists
@@ -129,10 +143,8 @@ class Entities:
             key = data.get(_UNIQUE[kind])
             old = None
             if isinstance(key, str):
-                try:
+                with suppress(AdminError):
                     old = self.find(kind, key, parent)
-                except AdminError:
-                    pass
             if old is None:
                 created = self._create(kind, dict(data), coerce, parent)
                 return created.addCallback(lambda record: (record, True))
@@ -144,7 +156,12 @@ class Entities:
         return self._locked(run)
 
     def update(
-        self, kind: str, ref: str, data: Mapping[str, Any], coerce: bool, parent: str | None = None
+        self,
+        kind: str,
+        ref: str,
+        data: Mapping[str, Any],
+        coerce: bool,
+        parent: str | None = None,
     ) -> Deferred[Record]:
         """
         PATCH: deep-merge C{data} into the entity (arrays are replaced).
@@ -159,7 +176,12 @@ class Entities:
         return self._locked(patch)
 
     def upsert(
-        self, kind: str, ref: str, data: Mapping[str, Any], coerce: bool, parent: str | None = None
+        self,
+        kind: str,
+        ref: str,
+        data: Mapping[str, Any],
+        coerce: bool,
+        parent: str | None = None,
     ) -> Deferred[Record]:
         """
         PUT: replace the entity addressed by C{ref} (omitted fields go back
@@ -194,7 +216,9 @@ class Entities:
             record = self.find(kind, ref, parent)
             deletes = [(kind, record["id"])]
             if kind == "upstreams":
-                deletes += [("targets", t["id"]) for t in self.list("targets", record["id"])]
+                deletes += [
+                    ("targets", t["id"]) for t in self.list("targets", record["id"])
+                ]
             if kind == "services" and self.list("routes", record["id"]):
                 raise foreign_key_violation(
                     "an existing 'routes' entity references this 'services' entity",
@@ -204,7 +228,9 @@ class Entities:
 
         return self._locked(remove)
 
-    def _locked(self, function: Callable[..., Deferred[Any]], *args: Any) -> Deferred[Any]:
+    def _locked(
+        self, function: Callable[..., Deferred[Any]], *args: Any
+    ) -> Deferred[Any]:
         return self._lock.run(function, *args)
 
     def _create(
@@ -213,10 +239,14 @@ class Entities:
         given_id = data.pop("id", None)
         data.pop("created_at", None)
         data.pop("updated_at", None)
-        if given_id is not None and not (isinstance(given_id, str) and is_uuid(given_id)):
+        if given_id is not None and not (
+            isinstance(given_id, str) and is_uuid(given_id)
+        ):
             raise schema_violation({"id": "expected a valid UUID"})
-        if given_id in self.snapshot.records[kind]:
-            raise unique_violation(kind, "id", given_id, "use PATCH or PUT to change it")
+        if given_id is not None and given_id in self.snapshot.records[kind]:
+            raise unique_violation(
+                kind, "id", given_id, "use PATCH or PUT to change it"
+            )
         now = self._now(kind)
         old = {"id": given_id or str(uuid.uuid4()), "created_at": now}
         return self._save(kind, data, coerce, parent, old)
@@ -283,10 +313,14 @@ class Entities:
                 if kind == "targets":
                     hint = f"use PATCH /upstreams/{{upstream}}/targets/{value} to change it"
                 else:
-                    hint = f"use PATCH /{kind}/{value} or PUT /{kind}/{value} to change it"
+                    hint = (
+                        f"use PATCH /{kind}/{value} or PUT /{kind}/{value} to change it"
+                    )
                 raise unique_violation(kind, key, value, hint)
 
-    def _commit(self, puts: list[tuple[str, Record]], deletes: list[tuple[str, str]]) -> Deferred[Any]:
+    def _commit(
+        self, puts: Sequence[tuple[str, Record]], deletes: Sequence[tuple[str, str]]
+    ) -> Deferred[Any]:
         records = {kind: dict(by_id) for kind, by_id in self.snapshot.records.items()}
         for kind, record in puts:
             records[kind][record["id"]] = record
@@ -304,12 +338,11 @@ class Entities:
         transaction.
         """
 
+        def apply(version: int) -> None:
+            self._runtime.apply(ConfigSnapshot.build(version, records))
+
         def swap() -> Deferred[None]:
-            d = self._store.replace(records)
-            d.addCallback(
-                lambda version: self._runtime.apply(ConfigSnapshot.build(version, records))
-            )
-            return d
+            return self._store.replace(records).addCallback(apply)
 
         return self._locked(swap)
 

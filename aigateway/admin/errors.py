@@ -64,7 +64,12 @@ def foreign_key_violation(message: str, fields: Errors) -> AdminError:
     """
     return AdminError(
         400,
-        {"code": 3, "name": "foreign key violation", "message": message, "fields": fields},
+        {
+            "code": 3,
+            "name": "foreign key violation",
+            "message": message,
+            "fields": fields,
+        },
     )
 
 

@@ -38,7 +38,9 @@ def parse_body(content_type: str, body: bytes) -> tuple[dict[str, Any], bool]:
     if content_type.startswith("multipart/"):
         raise bad_request("multipart bodies are not supported: use a form or JSON")
     try:
-        pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=True)
+        pairs = parse_qsl(
+            body.decode("utf-8"), keep_blank_values=True, strict_parsing=True
+        )
     except (UnicodeDecodeError, ValueError):
         raise bad_request("Cannot parse form body") from None
     return unflatten(pairs), True
@@ -63,7 +65,9 @@ def unflatten(pairs: list[tuple[str, str]]) -> dict[str, Any]:
             node = child
         if leaf in node:
             existing = node[leaf]
-            node[leaf] = (existing if isinstance(existing, list) else [existing]) + [value]
+            node[leaf] = (existing if isinstance(existing, list) else [existing]) + [
+                value
+            ]
         elif is_array:
             node[leaf] = [] if value == "" else [value]
         else:

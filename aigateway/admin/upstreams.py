@@ -51,7 +51,9 @@ def register(app: Klein, entities: Entities, health: Any, node_id: str) -> None:
     @endpoint
     async def all_targets(request: IRequest, u: str) -> Any:
         owner = upstream_id({"u": u})
-        return paginate(request, [show_target(r) for r in entities.list("targets", owner)])
+        return paginate(
+            request, [show_target(r) for r in entities.list("targets", owner)]
+        )
 
     def set_health(healthy: bool) -> Any:
         async def handler(request: IRequest, u: str, ref: str) -> Any:
@@ -78,7 +80,10 @@ def register(app: Klein, entities: Entities, health: Any, node_id: str) -> None:
             if r["weight"] > 0
         ]
         if request.args.get(b"balancer_health", [b"0"])[0] in (b"1", b"true"):
-            return {"node_id": node_id, "data": _balancer_health(upstream, targets, health)}
+            return {
+                "node_id": node_id,
+                "data": _balancer_health(upstream, targets, health),
+            }
         rows = []
         records = entities.snapshot.records["targets"]
         for target in targets:
@@ -130,7 +135,11 @@ def _balancer_health(upstream: Record, targets: list[Target], health: Any) -> Re
         "health": overall,
         "balancer_health": balancer,
         "details": {
-            "weight": {"total": total, "available": available, "unavailable": total - available},
+            "weight": {
+                "total": total,
+                "available": available,
+                "unavailable": total - available,
+            },
             "threshold": threshold,
         },
     }

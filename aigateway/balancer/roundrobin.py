@@ -71,7 +71,9 @@ class RoundRobinBalancer:
                 if not exclude:
                     _, index, turns, _ = heap[0]
                     turns += 1
-                    heapq.heapreplace(heap, (turns / target.weight, index, turns, target))
+                    heapq.heapreplace(
+                        heap, (turns / target.weight, index, turns, target)
+                    )
                 break
         # A retry (something excluded) borrows a turn without taking it, and
         # the target it retries from keeps its place: otherwise a target that

@@ -22,7 +22,6 @@ def _statuses(default: list[int]) -> Field:
     return Field("array", default=default, elements=_STATUS, unique=True)
 
 
-
 _PASSIVE_HEALTHY = [*range(200, 209), 226, *range(300, 309)]
 
 SCHEMA = record(

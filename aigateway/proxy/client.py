@@ -56,7 +56,9 @@ class TargetEndpoints:
     certificate verification for C{https}.
     """
 
-    def __init__(self, reactor: Any, connect_timeout: float, verify: bool = True) -> None:
+    def __init__(
+        self, reactor: Any, connect_timeout: float, verify: bool = True
+    ) -> None:
         self._reactor = reactor
         self._timeout = connect_timeout
         self._verify = verify

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import attrs
-
 from twisted.internet.defer import Deferred, TimeoutError, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Protocol
@@ -41,6 +40,7 @@ NO_PEER = "failure to get a peer from the ring-balancer"
 BAD_GATEWAY = "An invalid response was received from the upstream server"
 TIMEOUT = "The upstream server is timing out"
 _DONE = (ResponseDone, PotentialDataLoss, HTTPPotentialDataLoss, ConnectionDone)
+_CONNECTION_DONE = Failure(ConnectionDone())
 _BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH", b"DELETE"})
 
 
@@ -225,7 +225,11 @@ class Exchange:
             host = target.host.encode("ascii")
         else:
             host = target.key.encode("ascii")
-        url = b"%s://%s%s" % (service.protocol.encode("ascii"), target.key.encode("ascii"), self.path)
+        url = b"%s://%s%s" % (
+            service.protocol.encode("ascii"),
+            target.key.encode("ascii"),
+            self.path,
+        )
         headers = upstream_headers(
             request.requestHeaders,
             host,
@@ -245,7 +249,12 @@ class Exchange:
         )
         d.addTimeout(service.read_timeout, self.clock, _timed_out)
         self._pending = d
-        d.addCallbacks(self._response, self._failed, (target, now), None, (target,))
+        d.addCallbacks(
+            self._response,
+            self._failed,
+            callbackArgs=(target, now),
+            errbackArgs=(target,),
+        )
 
     def _failed(self, failure: Failure, target: Target) -> None:
         self._pending = None
@@ -269,7 +278,9 @@ class Exchange:
         first_byte = self.clock.seconds() - sent
         status = response.code
         retry_after = response.headers.getRawHeaders(b"retry-after")
-        self.hooks.health.report_status(target, status, retry_after[0] if retry_after else None)
+        self.hooks.health.report_status(
+            target, status, retry_after[0] if retry_after else None
+        )
         if (
             status in self.service.retry_on_statuses
             and self.attempts <= self.service.retries
@@ -380,16 +391,17 @@ class _Relay(Protocol):
         self._stalled = None
         self._stall_cause = "read timeout"
         if self.transport is not None:
-            self.transport.stopProducing()
+            self.transport.stopProducing()  # type: ignore[attr-defined]
 
     def stop(self) -> None:
         """
         The client went away: stop reading from the target.
         """
         if self.transport is not None:
-            self.transport.stopProducing()
+            # A TransportProxyProducer: it can stop producing.
+            self.transport.stopProducing()  # type: ignore[attr-defined]
 
-    def connectionLost(self, reason: Failure = ConnectionDone()) -> None:
+    def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
         exchange = self.exchange
         if self._stalled is not None:
             self._stalled.cancel()
@@ -431,6 +443,6 @@ class _Relay(Protocol):
                 }
             )
             request.write(b"event: error\ndata: " + event.encode() + b"\n\n")
-        transport = request.channel.transport  # type: ignore[union-attr]
-        transport.loseConnection()
-
+        channel = request.channel
+        if channel is not None and channel.transport is not None:
+            channel.transport.loseConnection()

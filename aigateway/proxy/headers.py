@@ -32,9 +32,7 @@ def _dropped(headers: Headers) -> frozenset[bytes]:
     named = headers.getRawHeaders(b"connection")
     if not named:
         return HOP_BY_HOP
-    extra = {
-        token.strip().lower() for value in named for token in value.split(b",")
-    }
+    extra = {token.strip().lower() for value in named for token in value.split(b",")}
     return HOP_BY_HOP | extra
 
 
@@ -75,8 +73,8 @@ def upstream_headers(
     raw[b"X-Forwarded-Port"] = [port]
     raw[b"X-Real-Ip"] = [client_ip]
     raw[b"Host"] = [host]
-    for name, value in extra:
-        out.setRawHeaders(name, [value])
+    for header, value in extra:
+        out.setRawHeaders(header, [value])
     return out
 
 

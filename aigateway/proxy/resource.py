@@ -39,7 +39,7 @@ class GatewayRequest(Request):
 
     def handleContentChunk(self, data: bytes) -> None:
         self._received += len(data)
-        if self._received > self.channel.site.max_body:  # type: ignore[union-attr]
+        if self._received > self.channel.site.max_body:  # type: ignore[attr-defined]
             self.too_large = True
             return
         super().handleContentChunk(data)
@@ -73,29 +73,40 @@ class GatewaySite(QuietSite):
         if protocol is None:
             return None
         self.open_connections += 1
-        lost = protocol.connectionLost
+        made, lost = protocol.makeConnection, protocol.connectionLost
+
+        def make_connection(transport: Any) -> None:
+            # Without TCP_NODELAY, small server-sent-event chunks can wait
+            # for the client's delayed ACK.
+            set_nodelay = getattr(transport, "setTcpNoDelay", None)
+            if set_nodelay is not None:
+                set_nodelay(True)
+            made(transport)
 
         def connection_lost(reason: Any) -> None:
             self.open_connections -= 1
             lost(reason)
 
+        protocol.makeConnection = make_connection
         protocol.connectionLost = connection_lost
         return protocol
 
 
-def _model_of(request: Request) -> Callable[[], str | None]:
+def _model_of(body: bytes) -> Callable[[], str | None]:
+    """
+    The JSON body's C{model}, parsed only when a route asks for it.
+    """
     cache: list[str | None] = []
 
     def model() -> str | None:
         if not cache:
             value = None
             try:
-                request.content.seek(0)
-                parsed = json.loads(request.content.read() or b"null")
-                if isinstance(parsed, dict) and isinstance(parsed.get("model"), str):
-                    value = parsed["model"]
+                parsed = json.loads(body or b"null")
             except ValueError:
-                pass
+                parsed = None
+            if isinstance(parsed, dict) and isinstance(parsed.get("model"), str):
+                value = parsed["model"]
             cache.append(value)
         return cache[0]
 
@@ -134,14 +145,14 @@ class ProxyResource(Resource):
     def render(self, request: Request) -> Any:
         started = self._clock.seconds()
         request_id = os.urandom(12).hex()
-        channel = request.channel
-        if not getattr(channel, "_aigateway_nodelay", False):
-            channel.transport.setTcpNoDelay(True)  # type: ignore[union-attr]
-            channel._aigateway_nodelay = True  # type: ignore[union-attr]
         request.responseHeaders.setRawHeaders(b"x-request-id", [request_id.encode()])
         if getattr(request, "too_large", False):
             write_error(request, 413, "Request size limit exceeded", request_id)
             return NOT_DONE_YET
+        content = request.content
+        assert content is not None  # twisted.web sets it before render
+        content.seek(0)
+        body = content.read()
         compiled = self._runtime.current
         host = (request.getHeader(b"host") or b"").decode("latin-1").lower()
         if host.startswith("["):
@@ -154,7 +165,7 @@ class ProxyResource(Resource):
             host,
             request.method.decode("latin-1"),
             path,
-            _model_of(request) if router.uses_models else lambda: None,
+            _model_of(body) if router.uses_models else lambda: None,
         )
         if match is None:
             write_error(request, 404, NO_ROUTE, request_id)
@@ -174,7 +185,6 @@ class ProxyResource(Resource):
             query=query,
             uri_captures=match.captures,
         )
-        request.content.seek(0)
         Exchange(
             self._hooks,
             request,
@@ -184,7 +194,7 @@ class ProxyResource(Resource):
             balancer,
             context,
             forward_path,
-            request.content.read(),
+            body,
             request_id,
             started,
         ).start()

@@ -59,7 +59,9 @@ def _host_matches(patterns: tuple[str, ...], host: str) -> bool:
     return False
 
 
-def _other_criteria(entry: _Entry, host: str, method: str, model: Callable[[], str | None]) -> bool:
+def _other_criteria(
+    entry: _Entry, host: str, method: str, model: Callable[[], str | None]
+) -> bool:
     route = entry.route
     if route.methods and method not in route.methods:
         return False
@@ -73,7 +75,9 @@ class Router:
     Matches requests against the routes of one snapshot.
     """
 
-    def __init__(self, routes: tuple[Route, ...], services: Mapping[str, Service]) -> None:
+    def __init__(
+        self, routes: tuple[Route, ...], services: Mapping[str, Service]
+    ) -> None:
         self._prefixes: dict[str, list[_Entry]] = {}
         self._regexes: list[_Entry] = []
         self._anywhere: list[_Entry] = []

@@ -43,7 +43,9 @@ def migrate(cursor: Any) -> int:
 
     @return: the schema version.
     """
-    cursor.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+    cursor.execute(
+        "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
+    )
     cursor.execute("SELECT version FROM schema_version")
     row = cursor.fetchone()
     current = row[0] if row else 0
@@ -121,7 +123,9 @@ class SQLiteStore:
             for kind, record in puts:
                 _put(cursor, kind, record)
             for kind, id in deletes:
-                cursor.execute("DELETE FROM entities WHERE kind = ? AND id = ?", (kind, id))
+                cursor.execute(
+                    "DELETE FROM entities WHERE kind = ? AND id = ?", (kind, id)
+                )
             return _bump(cursor)
 
         return self._pool.runInteraction(transaction)
