@@ -106,6 +106,7 @@ class Metrics:
             set
         )
         self._models: set[str] = set()
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         self.inflight: dict[TargetKey, int] = defaultdict(int)
 
     def for_target(self, metric: Any, upstream: str, target: str, *labels: str) -> Any:
@@ -115,8 +116,24 @@ class Metrics:
 
         @param labels: all label values, in the metric's order.
         """
-        self._series[(upstream, target)].add((metric, labels))
-        return metric.labels(*labels)
+        key = (metric, labels)
+        child = self._children.get(key)
+        if child is None:
+            self._series[(upstream, target)].add(key)
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """
+        C{metric.labels(...)}, cached: prometheus_client's own lookup
+        validates and joins the labels on every call, which cost ~5% of a
+        proxied request.
+        """
+        key = (metric, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def model_label(self, model: Any) -> str:
         """
@@ -138,6 +155,7 @@ class Metrics:
         """
         for key in [k for k in self._series if k not in keep]:
             for metric, labels in self._series.pop(key):
+                self._children.pop((metric, labels), None)
                 with suppress(KeyError):
                     metric.remove(*labels)
         for key in [k for k in self.inflight if k not in keep]:

@@ -45,7 +45,7 @@ class Recorder(ExchangeObserver):
         upstream = _upstream_name(exchange)
         self._metrics.inflight[(upstream, target.key)] += 1
         if exchange.attempts > 1:
-            self._metrics.retries.labels(upstream).inc()
+            self._metrics.child(self._metrics.retries, upstream).inc()
 
     def attempt_ended(
         self, exchange: Exchange, target: Target, code: str, first_byte: float | None
@@ -73,14 +73,15 @@ class Recorder(ExchangeObserver):
         metrics = self._metrics
         service, route = _names(exchange)
         elapsed = self._clock.seconds() - exchange.started
-        metrics.requests.labels(service, route, str(exchange.status)).inc()
-        metrics.request_latency.labels(service, route).observe(elapsed * 1000)
+        child = metrics.child
+        child(metrics.requests, service, route, str(exchange.status)).inc()
+        child(metrics.request_latency, service, route).observe(elapsed * 1000)
         if exchange.proxy_latency is not None:
-            metrics.proxy_latency.labels(service, route).observe(
+            child(metrics.proxy_latency, service, route).observe(
                 exchange.proxy_latency * 1000
             )
-        metrics.bandwidth.labels(service, route, "ingress").inc(len(exchange.body))
-        metrics.bandwidth.labels(service, route, "egress").inc(exchange.bytes_out)
+        child(metrics.bandwidth, service, route, "ingress").inc(len(exchange.body))
+        child(metrics.bandwidth, service, route, "egress").inc(exchange.bytes_out)
         usage = exchange.usage
         target = exchange.target
         upstream = _upstream_name(exchange)
