@@ -21,7 +21,12 @@ from collections.abc import Callable, Iterator
 from contextlib import suppress
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -43,6 +48,8 @@ class Metrics:
     """
 
     def __init__(self, registry: CollectorRegistry) -> None:
+        # Kong's plugin has no *_created series; they double every counter.
+        disable_created_metrics()
         self.registry = registry
 
         def counter(name: str, doc: str, labels: list[str]) -> Counter:
