@@ -14,6 +14,7 @@ import attrs
 from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.internet.task import deferLater
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
@@ -437,3 +438,30 @@ async def wait_for(check: Any, bound: float, step: float = 0.1) -> float:
         if reactor.seconds() - start > bound:
             raise AssertionError(f"not within {bound} s")
         await sleep(step)
+
+
+class _Raw(Protocol):
+    """
+    Reads a whole HTTP exchange as raw bytes, until the server closes.
+    """
+
+    def __init__(self, request: bytes) -> None:
+        self.request = request
+        self.data = b""
+        self.closed: Deferred[bytes] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.request)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason) -> None:
+        self.closed.callback(self.data)
+
+
+async def raw_request(port: int, request: bytes) -> bytes:
+    protocol = _Raw(request)
+    factory = ClientFactory.forProtocol(lambda: protocol)
+    reactor.connectTCP("127.0.0.1", port, factory)
+    return await protocol.closed

@@ -9,10 +9,16 @@ import json
 
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
-from twisted.internet.protocol import ClientFactory, Protocol
 
-from .gatewaykit import Gateway, SSEResource, TargetResource, address, listen, sleep
+from .gatewaykit import (
+    Gateway,
+    SSEResource,
+    TargetResource,
+    address,
+    listen,
+    raw_request,
+    sleep,
+)
 
 KEY_A = "Bearer sk-aaaa-0123456789-secret-a"
 KEY_B = "Bearer sk-bbbb-0123456789-secret-b"
@@ -156,33 +162,6 @@ async def test_all_targets_fail_last_answer_passes(gateway, servers):
     reply = await gateway.proxy.post("/v1/chat/completions", body=b"{}")
     assert reply.code == 503
     assert sum(len(r.requests) for r in resources) == before + 1
-
-
-class _Raw(Protocol):
-    """
-    Reads a whole HTTP exchange as raw bytes, until the server closes.
-    """
-
-    def __init__(self, request: bytes) -> None:
-        self.request = request
-        self.data = b""
-        self.closed: Deferred[bytes] = Deferred()
-
-    def connectionMade(self) -> None:
-        self.transport.write(self.request)
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-    def connectionLost(self, reason) -> None:
-        self.closed.callback(self.data)
-
-
-async def raw_request(port: int, request: bytes) -> bytes:
-    protocol = _Raw(request)
-    factory = ClientFactory.forProtocol(lambda: protocol)
-    reactor.connectTCP("127.0.0.1", port, factory)
-    return await protocol.closed
 
 
 @pytest_twisted.ensureDeferred

@@ -18,6 +18,7 @@ from .gatewaykit import (
     TargetResource,
     address,
     listen,
+    raw_request,
     sleep,
 )
 
@@ -264,5 +265,16 @@ async def test_oversized_body_rejected(tmp_path, servers):
         assert not target.requests
         reply = await node.proxy.post("/", body=b"x" * 500)
         assert reply.code == 200
+        # A chunked body is cut off as soon as it passes the limit.
+        port = node.service.proxy_port.getHost().port
+        chunk = b"%x\r\n%s\r\n" % (600, b"y" * 600)
+        raw = await raw_request(
+            port,
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + chunk * 3,
+        )
+        assert raw.startswith(b"HTTP/1.1 413 ")
+        assert raw.endswith(b'{"message": "Request size limit exceeded"}')
+        assert len(target.requests) == 1
     finally:
         await node.stop()

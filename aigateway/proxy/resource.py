@@ -28,21 +28,53 @@ NO_ROUTE = "no Route matched with those values"
 VIA = b"1.1 aigateway/" + __version__.encode("ascii")
 
 
+_TOO_LARGE = json.dumps({"message": "Request size limit exceeded"}).encode()
+
+
 class GatewayRequest(Request):
     """
     A request whose body is bounded: a client cannot make the gateway
     buffer more than the site's C{max_body} bytes.
+
+    The limit is enforced as the body arrives (as soon as a declared
+    C{Content-Length} is seen, or when a chunked body passes it): the
+    client gets a 413 and the connection is closed, instead of the gateway
+    reading and discarding a body it will never forward.
     """
 
-    too_large = False
     _received = 0
+    _refused = False
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > self._limit():
+            self._refuse()
+            return
+        super().gotLength(length)
 
     def handleContentChunk(self, data: bytes) -> None:
+        if self._refused:
+            return
         self._received += len(data)
-        if self._received > self.channel.site.max_body:  # type: ignore[attr-defined]
-            self.too_large = True
+        if self._received > self._limit():
+            self._refuse()
             return
         super().handleContentChunk(data)
+
+    def _limit(self) -> int:
+        return int(self.channel.site.max_body)  # type: ignore[attr-defined]
+
+    def _refuse(self) -> None:
+        self._refused = True
+        transport = self.channel.transport if self.channel is not None else None
+        if transport is None:
+            return
+        transport.write(
+            b"HTTP/1.1 413 Payload Too Large\r\n"
+            b"Content-Type: application/json\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+            % (len(_TOO_LARGE), _TOO_LARGE)
+        )
+        transport.loseConnection()
 
 
 class QuietSite(Site):
@@ -153,9 +185,6 @@ class ProxyResource(Resource):
         started = self._clock.seconds()
         request_id = os.urandom(12).hex()
         request.responseHeaders.setRawHeaders(b"x-request-id", [request_id.encode()])
-        if getattr(request, "too_large", False):
-            write_error(request, 413, "Request size limit exceeded", request_id)
-            return NOT_DONE_YET
         content = request.content
         assert content is not None  # twisted.web sets it before render
         content.seek(0)
