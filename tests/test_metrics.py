@@ -7,11 +7,19 @@ from __future__ import annotations
 import json
 
 import pytest_twisted
-from prometheus_client.parser import text_string_to_metric_families
 
 from aigateway.proxy.usage import Sniffer, sniffer_for
 
-from .gatewaykit import Gateway, SSEResource, TargetResource, address, listen, sleep
+from .gatewaykit import (
+    Gateway,
+    SSEResource,
+    TargetResource,
+    address,
+    listen,
+    scrape,
+    sleep,
+)
+from .gatewaykit import sample as value
 
 COMPLETION = {
     "model": "gpt-test",
@@ -20,22 +28,17 @@ COMPLETION = {
 }
 
 
-async def scrape(gateway) -> dict:
+def health(samples, upstream: str, target: str, state: str) -> float:
     """
-    /metrics parsed with prometheus_client's own parser, as
-    C{{(sample name, sorted labels): value}}.
+    The value of one target's health series for C{state}.
     """
-    reply = await gateway.admin.get("/metrics")
-    assert reply.code == 200
-    samples = {}
-    for family in text_string_to_metric_families(reply.body.decode()):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
-
-
-def value(samples, name, **labels):
-    return samples.get((name, tuple(sorted(labels.items()))), 0)
+    return value(
+        samples,
+        "aigateway_upstream_target_health",
+        upstream=upstream,
+        target=target,
+        state=state,
+    )
 
 
 @pytest_twisted.ensureDeferred
@@ -236,16 +239,7 @@ async def test_known_mix(tmp_path, servers):
             )
             == 8
         )
-        assert (
-            value(
-                samples,
-                "aigateway_upstream_target_health",
-                upstream="llm",
-                target=good_key,
-                state="healthchecks_off",
-            )
-            == 1
-        )
+        assert health(samples, "llm", good_key, "healthchecks_off") == 1
         assert (
             value(
                 samples, "aigateway_inflight_requests", upstream="llm", target=good_key
@@ -301,39 +295,12 @@ async def test_health_series_follow_probes_and_deletion(gateway, servers):
     for _ in range(4):
         await gateway.proxy.get("/")
     samples = await scrape(gateway)
-    assert (
-        value(
-            samples,
-            "aigateway_upstream_target_health",
-            upstream="checked",
-            target=doomed_key,
-            state="healthy",
-        )
-        == 1
-    )
+    assert health(samples, "checked", doomed_key, "healthy") == 1
     await doomed.stopListening()
     await sleep(1.2)
     samples = await scrape(gateway)
-    assert (
-        value(
-            samples,
-            "aigateway_upstream_target_health",
-            upstream="checked",
-            target=doomed_key,
-            state="unhealthy",
-        )
-        == 1
-    )
-    assert (
-        value(
-            samples,
-            "aigateway_upstream_target_health",
-            upstream="checked",
-            target=doomed_key,
-            state="healthy",
-        )
-        == 0
-    )
+    assert health(samples, "checked", doomed_key, "unhealthy") == 1
+    assert health(samples, "checked", doomed_key, "healthy") == 0
     assert (
         value(
             samples,
@@ -360,16 +327,7 @@ async def test_health_series_follow_probes_and_deletion(gateway, servers):
     ).code == 204
     samples = await scrape(gateway)
     assert not [key for key in samples if ("target", doomed_key) in key[1]]
-    assert (
-        value(
-            samples,
-            "aigateway_upstream_target_health",
-            upstream="checked",
-            target=address(port),
-            state="healthy",
-        )
-        == 1
-    )
+    assert health(samples, "checked", address(port), "healthy") == 1
 
 
 def test_sniffer_reads_usage():

@@ -148,9 +148,7 @@ class Entities:
             if old is None:
                 created = self._create(kind, dict(data), coerce, parent)
                 return created.addCallback(lambda record: (record, True))
-            given = {k: v for k, v in old.items() if k not in _SERVER_FIELDS}
-            merged = merge(given, _without_server_fields(data))
-            saved = self._save(kind, merged, coerce, parent, old)
+            saved = self._patch(kind, old, data, coerce, parent)
             return saved.addCallback(lambda record: (record, False))
 
         return self._locked(run)
@@ -168,12 +166,21 @@ class Entities:
         """
 
         def patch() -> Deferred[Record]:
-            old = self.find(kind, ref, parent)
-            given = {k: v for k, v in old.items() if k not in _SERVER_FIELDS}
-            merged = merge(given, _without_server_fields(data))
-            return self._save(kind, merged, coerce, parent, old)
+            return self._patch(kind, self.find(kind, ref, parent), data, coerce, parent)
 
         return self._locked(patch)
+
+    def _patch(
+        self,
+        kind: str,
+        old: Record,
+        data: Mapping[str, Any],
+        coerce: bool,
+        parent: str | None,
+    ) -> Deferred[Record]:
+        given = {k: v for k, v in old.items() if k not in _SERVER_FIELDS}
+        merged = merge(given, _without_server_fields(data))
+        return self._save(kind, merged, coerce, parent, old)
 
     def upsert(
         self,
