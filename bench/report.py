@@ -183,6 +183,7 @@ def build(options: Any) -> str:
         else:
             cpu_us[name] = None
 
+    capacity = {k: (1e6 / v if v else None) for k, v in cpu_us.items()}
     lines = [
         f"## Load benchmark, {now}{quick}",
         "",
@@ -192,6 +193,8 @@ def build(options: Any) -> str:
         "on CPU 1; load generators (wrk, hey, Python clients, py-spy) on CPU 0; the targets (one nginx worker "
         "with two server blocks, and bench/sse_target.py) unpinned. Everything on 127.0.0.1. "
         f"Listen backlog {m.get('gw_backlog', 50)} for aigateway (`--proxy tcp:PORT:backlog=N`), 4096 for nginx and the targets.",
+        f"- Load average (1/5/15 min) before the run: {m.get('loadavg_start', '?')}, after: {m.get('loadavg_end', '?')} "
+        "(the benchmark itself keeps about 1-2 cores busy; more means other jobs shared the machine, so figures are noisier).",
         "- Ratios: aigateway's figure divided by the same figure direct to a target and through nginx.",
         "",
         f"### Throughput: wrk, 1 thread, 50 keep-alive connections, POST of a 305-byte chat request, {options.duration} s",
@@ -205,6 +208,7 @@ def build(options: Any) -> str:
         row(
             "server CPU per request, µs (utime+stime of the serving process)", cpu_us, 1
         ),
+        row("capacity of one core, req/s (10⁶ ÷ CPU µs per request)", capacity, 0),
         "",
         f"aigateway RSS: {fmt(m.get('gw_rss_idle_kb', 0) / 1024, 1)} MB idle (configured, before load), "
         f"{fmt(m.get('gw_rss_load_kb', 0) / 1024, 1)} MB peak under the wrk load, "
@@ -320,11 +324,22 @@ def build(options: Any) -> str:
     # Goals.
     g = w["gateway"]
     thr_ratio = g["rps"] / w["nginx"]["rps"] if g and w["nginx"] else None
+    cap_ratio = (
+        capacity["gateway"] / capacity["nginx"]
+        if capacity["gateway"] and capacity["nginx"]
+        else None
+    )
     goals = [
         (
-            "non-streaming throughput ≥ 0.10 × nginx",
+            "non-streaming throughput ≥ 0.10 × nginx (measured req/s; nginx is often held back by "
+            "the load generator and targets sharing CPU 0, which flatters this ratio)",
             f"{thr_ratio:.3f} × nginx" if thr_ratio else "–",
             None if thr_ratio is None else thr_ratio >= 0.10,
+        ),
+        (
+            "… per core: capacity ≥ 0.10 × nginx's (10⁶ ÷ CPU µs per request, each on one core)",
+            f"{cap_ratio:.3f} × nginx" if cap_ratio else "–",
+            None if cap_ratio is None else cap_ratio >= 0.10,
         ),
         (
             "gateway CPU ≤ 100 µs per request",

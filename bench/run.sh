@@ -20,7 +20,8 @@
 # Environment: BENCH_QUICK=1 (3 s runs, fewer rounds, 2,000 slow streams),
 # BENCH_DURATION (s), BENCH_STREAMS (slow streams), BENCH_SLOW_CHUNKS (20),
 # BENCH_SLOW_RAMP (800 streams/s), BENCH_GW_BACKLOG (4096), BENCH_PORT_BASE (18100),
-# BENCH_NO_RESULTS=1 (do not touch bench/RESULTS.md).
+# BENCH_NO_RESULTS=1 (do not touch bench/RESULTS.md), BENCH_COMMAND (how the
+# run was started, for the report).
 
 set -euo pipefail
 
@@ -129,6 +130,7 @@ for p in $T1 $T2 $SSE $NGX $GW $ADMIN; do
     port_busy "$p" && die "port $p is in use (set BENCH_PORT_BASE)"
 done
 
+metric loadavg_start "\"$(cut -d' ' -f1-3 /proc/loadavg)\""
 log "output in $OUT (quick=$QUICK, ${DURATION}s runs, nofile=$NOFILE)"
 
 # --- 2. targets ------------------------------------------------------------------
@@ -324,10 +326,12 @@ fi
 
 # --- 9. report --------------------------------------------------------------------
 metric gw_rss_end_kb "$(rss_kb "$GWPID")"
+metric loadavg_end "\"$(cut -d' ' -f1-3 /proc/loadavg)\""
 COMMAND="make bench"
 [ "$QUICK" = 1 ] && COMMAND="BENCH_QUICK=1 make bench"
+COMMAND=${BENCH_COMMAND:-$COMMAND (bash bench/run.sh)}
 RESULTS=$BENCH/RESULTS.md
 [ "${BENCH_NO_RESULTS:-0}" = 1 ] && RESULTS=$OUT/RESULTS.md
-"$PY" "$BENCH/report.py" --out "$OUT" --results "$RESULTS" --command "$COMMAND (bash bench/run.sh)" \
+"$PY" "$BENCH/report.py" --out "$OUT" --results "$RESULTS" --command "$COMMAND" \
     --duration "$DURATION" --quick "$QUICK"
 log "done: report appended to $RESULTS, logs in $OUT"
