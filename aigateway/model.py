@@ -97,6 +97,18 @@ def format_target(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def host_header(host: str, port: int, scheme: str) -> str:
+    """
+    The C{Host} header for C{host} on C{port}: the port is left out when it
+    is the scheme's default, as clients do (RFC 9110, section 7.2).
+    """
+    if ":" in host:
+        host = f"[{host}]"
+    if (scheme, port) in (("http", 80), ("https", 443)):
+        return host
+    return f"{host}:{port}"
+
+
 def _target(value: str) -> str | None:
     return (
         None

@@ -12,7 +12,6 @@ import json
 from collections import Counter
 from http.cookies import SimpleCookie
 
-import pytest
 import pytest_twisted
 import treq
 from twisted.internet import reactor
@@ -885,13 +884,6 @@ async def test_hash_on_uri_capture_and_path(gateway, servers):
         assert len(await spread(gateway, 6, concurrency=3, path=path)) == 1
 
 
-@pytest.mark.xfail(
-    reason="with trust_forwarded_for, Exchange._attempt passes the trusted "
-    "client ip (the first X-Forwarded-For hop) to upstream_headers, which "
-    "appends it to the incoming chain: the first hop is repeated and the "
-    "address of the peer that actually connected is lost",
-    strict=True,
-)
 @pytest_twisted.ensureDeferred
 async def test_trusted_forwarded_for_chain_reaches_target(tmp_path, servers):
     """

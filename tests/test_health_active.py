@@ -10,7 +10,8 @@ from typing import Any
 from twisted.internet import error, task
 from twisted.trial.unittest import SynchronousTestCase
 
-from aigateway.health.active import ActiveChecker, IProber, host_header
+from aigateway.health.active import ActiveChecker, IProber
+from aigateway.model import host_header
 from aigateway.health.passive import Outcome
 from aigateway.health.state import ACTIVE, Health, TargetHealth
 

@@ -493,13 +493,6 @@ async def test_health_set_by_hand(gateway, servers):
     assert data["health"] == "HEALTHCHECKS_OFF"
 
 
-@pytest.mark.xfail(
-    reason="AgentProber.probe (aigateway/health/active.py) sends "
-    "Host: <host_header>:<port> for a target on a non-default port, while the "
-    "proxy (Exchange._attempt, aigateway/proxy/forward.py) sends the bare "
-    "host_header: the probe does not carry the Host the proxy sends",
-    strict=True,
-)
 @pytest_twisted.ensureDeferred
 async def test_probe_host_is_what_the_proxy_sends(gateway, servers):
     """

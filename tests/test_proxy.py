@@ -149,7 +149,11 @@ async def test_request_forwarding(gateway, servers):
     assert seen["uri"] == b"/base/v1/chat?x=1"
     assert seen["body"] == body
     headers = seen["headers"]
-    assert headers.getRawHeaders(b"host") == [b"api.example.com"]
+    # As Kong: the upstream's host_header, with the target's port when it is
+    # not the scheme's default.
+    assert headers.getRawHeaders(b"host") == [
+        b"api.example.com:%d" % port.getHost().port
+    ]
     assert headers.getRawHeaders(b"x-secret-hop") is None
     assert headers.getRawHeaders(b"authorization") == [b"Bearer client"]
     assert headers.getRawHeaders(b"x-forwarded-for") == [b"127.0.0.1"]

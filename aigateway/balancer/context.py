@@ -23,6 +23,7 @@ class PickContext:
 
     @ivar client_ip: the client address the gateway trusts (the peer, or the
         first C{X-Forwarded-For} hop when the gateway is told to trust it).
+    @ivar peer: the address that connected to the gateway.
     @ivar path: the request path as received, without the query string.
     @ivar query: the raw query string.
     @ivar uri_captures: named groups of the matched route's regex path.
@@ -33,6 +34,7 @@ class PickContext:
 
     headers: Headers = attrs.field(factory=Headers)
     client_ip: str = ""
+    peer: str = ""
     path: str = "/"
     query: bytes = b""
     uri_captures: Mapping[str, str] = attrs.field(factory=dict)

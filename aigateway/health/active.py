@@ -38,7 +38,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS, IResponse
 from zope.interface import Interface, implementer
 
-from ..model import Target, Upstream
+from ..model import Target, Upstream, host_header
 from .passive import Outcome, outcome_of_failure, timed_out
 from .state import Health, TargetHealth
 
@@ -251,18 +251,6 @@ class AgentProber:
         headers.setRawHeaders("host", [host_header(host, target.port, active.type)])
         url = f"{active.type}://{target.key}{active.http_path}"
         return agent.request(b"GET", url.encode("ascii"), headers).addCallback(_status)
-
-
-def host_header(host: str, port: int, scheme: str) -> str:
-    """
-    The C{Host} header for C{host} on C{port}: the port is left out when it
-    is the scheme's default, as clients do (RFC 9110, section 7.2).
-    """
-    if ":" in host:
-        host = f"[{host}]"
-    if (scheme, port) in (("http", 80), ("https", 443)):
-        return host
-    return f"{host}:{port}"
 
 
 def _status(response: IResponse) -> Outcome:

@@ -24,7 +24,7 @@ from twisted.web.http import PotentialDataLoss as HTTPPotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from ..model import Target, format_target
+from ..model import Target, format_target, host_header
 from .headers import copy_response_headers, upstream_headers
 from .usage import Usage, sniffer_for
 
@@ -219,12 +219,13 @@ class Exchange:
         client_host = request.getHeader(b"host")
         if self.route.preserve_host and client_host:
             host = client_host
-        elif upstream is not None and upstream.host_header:
-            host = upstream.host_header.encode("ascii")
-        elif _default_port(target, service):
-            host = target.host.encode("ascii")
         else:
-            host = target.key.encode("ascii")
+            # The same Host an active probe sends, so a probe checks what
+            # proxied requests will get.
+            name = upstream.host_header if upstream is not None else None
+            host = host_header(
+                name or target.host, target.port, service.protocol
+            ).encode("ascii")
         url = b"%s://%s%s" % (
             service.protocol.encode("ascii"),
             target.key.encode("ascii"),
@@ -233,7 +234,8 @@ class Exchange:
         headers = upstream_headers(
             request.requestHeaders,
             host,
-            self.context.client_ip.encode("ascii"),
+            self.context.peer.encode("latin-1"),
+            self.context.client_ip.encode("latin-1"),
             b"https" if request.isSecure() else b"http",
             b"%d" % request.getHost().port,
             target.headers,
@@ -339,10 +341,6 @@ def _timed_out(result: object, timeout: float) -> Failure:
     # Agent turns the cancellation into ResponseNeverReceived, which
     # addTimeout would not recognise as its own: say what happened.
     return Failure(TimeoutError(f"no response within {timeout} s"))
-
-
-def _default_port(target: Target, service: Service) -> bool:
-    return target.port == (443 if service.protocol == "https" else 80)
 
 
 class _Discard(Protocol):

@@ -39,6 +39,7 @@ def _dropped(headers: Headers) -> frozenset[bytes]:
 def upstream_headers(
     incoming: Headers,
     host: bytes,
+    peer: bytes,
     client_ip: bytes,
     proto: bytes,
     port: bytes,
@@ -49,6 +50,11 @@ def upstream_headers(
 
     @param host: the C{Host} to send (the client's, the upstream's
         C{host_header}, or the target's).
+    @param peer: the address that connected to the gateway, appended to
+        C{X-Forwarded-For} (as nginx's C{$proxy_add_x_forwarded_for}).
+    @param client_ip: the client address the gateway trusts (the peer, or
+        the first C{X-Forwarded-For} hop when told to trust it), sent as
+        C{X-Real-IP}.
     @param extra: the target's own headers (its credentials), which replace
         any client header of the same name.
     """
@@ -63,9 +69,7 @@ def upstream_headers(
             raw[name] = list(values)
     original_host = incoming.getRawHeaders(b"host", [b""])[0]
     forwarded = raw.get(b"X-Forwarded-For")
-    raw[b"X-Forwarded-For"] = [
-        forwarded[-1] + b", " + client_ip if forwarded else client_ip
-    ]
+    raw[b"X-Forwarded-For"] = [forwarded[-1] + b", " + peer if forwarded else peer]
     raw[b"X-Forwarded-Proto"] = [proto]
     raw[b"X-Forwarded-Host"] = [
         original_host.rsplit(b":", 1)[0] if original_host else host

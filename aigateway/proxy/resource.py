@@ -214,9 +214,11 @@ class ProxyResource(Resource):
         forward_path = join_path(service.path, match.path).encode("latin-1")
         if query:
             forward_path += b"?" + query
+        peer = getattr(request.getClientAddress(), "host", "") or ""
         context = PickContext(
             headers=request.requestHeaders,
-            client_ip=self._client_ip(request),
+            client_ip=self._client_ip(request, peer),
+            peer=peer,
             path=path,
             query=query,
             uri_captures=match.captures,
@@ -236,13 +238,12 @@ class ProxyResource(Resource):
         ).start()
         return NOT_DONE_YET
 
-    def _client_ip(self, request: Request) -> str:
+    def _client_ip(self, request: Request, peer: str) -> str:
         if self._trust_xff:
             forwarded = request.getHeader(b"x-forwarded-for")
             if forwarded:
                 return forwarded.split(b",")[0].strip().decode("latin-1")
-        peer = request.getClientAddress()
-        return getattr(peer, "host", "") or ""
+        return peer
 
     def _decorate(self, exchange: Exchange, request: Request) -> None:
         headers = request.responseHeaders
