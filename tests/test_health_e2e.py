@@ -608,6 +608,8 @@ async def test_retry_after_on_the_only_target(gateway, servers):
     await sleep(1.05 - (reactor.seconds() - limited_at))
     assert (await gateway.proxy.get("/")).code == 200
     assert resources["only"].hits["/"] == 2
-    # During the cooldown no target is available: the ring-balancer 503.
+    # During the cooldown no target is available: the ring-balancer 503,
+    # with a Retry-After that says when the target is back.
     assert during.code == 503
     assert during.json["message"] == "failure to get a peer from the ring-balancer"
+    assert during.headers.getRawHeaders(b"retry-after") == [b"1"]

@@ -203,6 +203,20 @@ class HealthManager:
         if state is not None:
             state.set_manual(healthy)
 
+    def retry_after(self, upstream_id: str) -> float | None:
+        """
+        Seconds until the first rate-limit cooldown of the upstream's targets
+        ends, or L{None} when none is cooling down: what a client that found
+        no target available should be told to wait.
+        """
+        now = self._clock.seconds()
+        ends = [
+            state.cooldown_until
+            for state in self._states.get(upstream_id, {}).values()
+            if state.cooldown_until > now
+        ]
+        return min(ends) - now if ends else None
+
     def describe(self, target: Target) -> dict[str, Any]:
         """
         C{{"health", "cooldown_until", "counters"}} of C{target}, for the

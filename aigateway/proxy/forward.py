@@ -11,6 +11,7 @@ the failure to passive health and tries another target.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -178,6 +179,13 @@ class Exchange:
         self.request.notifyFinish().addErrback(self._client_gone)
         target = self._pick()
         if target is None:
+            if self.upstream is not None:
+                wait = self.hooks.health.retry_after(self.upstream.id)
+                if wait is not None:
+                    # Every target is rate-limited: say when one is back.
+                    self.request.responseHeaders.setRawHeaders(
+                        b"retry-after", [b"%d" % math.ceil(wait)]
+                    )
             self.fail(503, NO_PEER)
             return
         self._attempt(target)
