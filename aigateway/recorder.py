@@ -32,16 +32,21 @@ def _ms(seconds: float | None) -> float | None:
 class Recorder(ExchangeObserver):
     """
     Counts attempts and requests, and logs each request.
+
+    Either part can be off (C{--no-metrics}, no C{--access-log}), so their
+    cost can be measured.
     """
 
     def __init__(
-        self, clock: Any, metrics: Metrics, access_log: AccessLog | None
+        self, clock: Any, metrics: Metrics | None, access_log: AccessLog | None
     ) -> None:
         self._clock = clock
         self._metrics = metrics
         self._log = access_log
 
     def attempt_started(self, exchange: Exchange, target: Target) -> None:
+        if self._metrics is None:
+            return
         upstream = _upstream_name(exchange)
         self._metrics.inflight[(upstream, target.key)] += 1
         if exchange.attempts > 1:
@@ -51,6 +56,8 @@ class Recorder(ExchangeObserver):
         self, exchange: Exchange, target: Target, code: str, first_byte: float | None
     ) -> None:
         metrics = self._metrics
+        if metrics is None:
+            return
         upstream = _upstream_name(exchange)
         key = (upstream, target.key)
         metrics.inflight[key] = max(0, metrics.inflight[key] - 1)
@@ -70,9 +77,24 @@ class Recorder(ExchangeObserver):
             ).observe(first_byte * 1000)
 
     def done(self, exchange: Exchange) -> None:
-        metrics = self._metrics
         service, route = _names(exchange)
         elapsed = self._clock.seconds() - exchange.started
+        upstream = _upstream_name(exchange)
+        if self._metrics is not None:
+            self._count(exchange, service, route, upstream, elapsed)
+        if self._log is not None:
+            self._log.write(self._record(exchange, service, route, upstream, elapsed))
+
+    def _count(
+        self,
+        exchange: Exchange,
+        service: str,
+        route: str,
+        upstream: str,
+        elapsed: float,
+    ) -> None:
+        metrics = self._metrics
+        assert metrics is not None
         child = metrics.child
         child(metrics.requests, service, route, str(exchange.status)).inc()
         child(metrics.request_latency, service, route).observe(elapsed * 1000)
@@ -84,7 +106,6 @@ class Recorder(ExchangeObserver):
         child(metrics.bandwidth, service, route, "egress").inc(exchange.bytes_out)
         usage = exchange.usage
         target = exchange.target
-        upstream = _upstream_name(exchange)
         if usage is not None and target is not None:
             model = metrics.model_label(usage.model)
             metrics.for_target(
@@ -104,8 +125,6 @@ class Recorder(ExchangeObserver):
                     model,
                     kind,
                 ).inc(count)
-        if self._log is not None:
-            self._log.write(self._record(exchange, service, route, upstream, elapsed))
 
     def _record(
         self,

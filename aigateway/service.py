@@ -41,6 +41,7 @@ class Settings:
     access_log: str | None = None
     max_body: int = 16 * 1024 * 1024
     latency_headers: bool = True
+    metrics: bool = True
     trust_forwarded_for: bool = False
 
 

@@ -77,6 +77,11 @@ class Options(usage.Options):
     ]
     optFlags = [
         [
+            "no-metrics",
+            None,
+            "Do not count proxied requests in /metrics (health and connection gauges stay).",
+        ],
+        [
             "no-latency-headers",
             None,
             "Do not add X-Upstream-Latency and X-Proxy-Latency to responses.",
@@ -116,6 +121,7 @@ def makeService(options: Options) -> IService:
         access_log=options["access-log"],
         max_body=options["max-body"],
         latency_headers=not options["no-latency-headers"],
+        metrics=not options["no-metrics"],
         trust_forwarded_for=bool(options["trust-forwarded-for"]),
     )
     service: Any = GatewayService(reactor, settings, exit_on_failure=True)

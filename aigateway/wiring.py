@@ -63,7 +63,7 @@ def build(reactor: Any, node: Any) -> Parts:
         runtime,
         node.agents,
         reactor,
-        Recorder(reactor, metrics, access_log),
+        Recorder(reactor, metrics if settings.metrics else None, access_log),
         latency_headers=settings.latency_headers,
         trust_forwarded_for=settings.trust_forwarded_for,
     )

@@ -361,3 +361,26 @@ def test_sniffer_reads_usage():
     plain = Sniffer(stream=False)
     plain.feed(b'{"no": "usage"}')
     assert plain.usage() is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_off_access_log_on(tmp_path, servers):
+    """
+    --no-metrics leaves requests uncounted while the access log still
+    writes its lines (so the cost of each can be measured apart).
+    """
+    log_path = tmp_path / "access.log"
+    node = await Gateway(
+        str(tmp_path / "off.db"), metrics=False, access_log=str(log_path)
+    ).start()
+    try:
+        servers.append(port := listen(TargetResource("t")))
+        await node.configure("up", {address(port): 100})
+        for _ in range(3):
+            assert (await node.proxy.get("/")).code == 200
+        samples = await scrape(node)
+        assert not [key for key in samples if key[0] == "aigateway_http_requests_total"]
+        assert health(samples, "up", address(port), "healthchecks_off") == 1
+    finally:
+        await node.stop()
+    assert len(log_path.read_text().splitlines()) == 3
