@@ -187,7 +187,12 @@ def build(options: Any) -> str:
     lines = [
         f"## Load benchmark, {now}{quick}",
         "",
-        f"- Command: `{options.command}` at commit `{git_commit(root)}`; raw outputs in `{os.path.relpath(out, root)}` (not committed)",
+        f"- Command: `{options.command}` at commit `{m.get('git_commit') or git_commit(root)}`; raw outputs in `{os.path.relpath(out, root)}` (not committed)",
+        (
+            f"- Working tree: uncommitted changes in `{m['git_dirty'].strip()}` were part of the gateway that ran"
+            if m.get("git_dirty", "").strip()
+            else "- Working tree: aigateway/ as committed"
+        ),
         f"- Machine: `nproc` = {os.cpu_count()}, CPU: {cpu_model()}; {versions()}",
         "- Placement: each proxy under test (aigateway via `taskset -c 1 twistd -n aigateway`, nginx with 1 worker) "
         "on CPU 1; load generators (wrk, hey, Python clients, py-spy) on CPU 0; the targets (one nginx worker "

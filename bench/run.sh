@@ -130,6 +130,9 @@ for p in $T1 $T2 $SSE $NGX $GW $ADMIN; do
     port_busy "$p" && die "port $p is in use (set BENCH_PORT_BASE)"
 done
 
+metric git_commit "\"$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo '?')\""
+# The gateway runs from this working tree: say if it differs from HEAD.
+metric git_dirty "\"$(cd "$ROOT" && git status --porcelain -- aigateway twisted 2>/dev/null | awk '{print $2}' | tr '\n' ' ')\""
 metric loadavg_start "\"$(cut -d' ' -f1-3 /proc/loadavg)\""
 log "output in $OUT (quick=$QUICK, ${DURATION}s runs, nofile=$NOFILE)"
 
@@ -280,6 +283,21 @@ run_streams direct "$SSE" /sse/v1/chat/completions
 run_streams nginx "$NGX" /sse/v1/chat/completions
 run_streams gateway "$GW" /sse/v1/chat/completions
 
+# --- 10. profile under the wrk load (before the slow streams, whose garbage
+# would make collections show up at random allocation sites) ---------------------------------------------------
+if [ -x "$VENV/bin/py-spy" ]; then
+    log "profiling the gateway with py-spy under wrk, ${DURATION}s"
+    taskset -c 0 wrk -t1 -c$CONNS -d$((DURATION + 2))s -s "$BENCH/chat.lua" \
+        "http://127.0.0.1:$GW/v1/chat/completions" > "$OUT/wrk-profile.txt" &
+    wrkpid=$!
+    sleep 1
+    if ! taskset -c 0 "$VENV/bin/py-spy" record --pid "$GWPID" --duration "$DURATION" --rate 250 \
+        --format raw --full-filenames --output "$OUT/profile.raw" > "$OUT/py-spy.log" 2>&1; then
+        log "py-spy failed: $(tail -1 "$OUT/py-spy.log")"
+    fi
+    wait "$wrkpid" || true
+fi
+
 # --- 8. concurrency: many slow streams through the gateway -------------------------
 # The gateway holds two descriptors per stream (client and target side).
 FDMAX=$(( (NOFILE - 200) / 2 ))
@@ -309,20 +327,6 @@ kill "$sampler" 2>/dev/null || true; wait "$sampler" 2>/dev/null || true
 metric many_gw_cpu_s "$(awk -v a="$after" -v b="$before" -v c="$CLK" 'BEGIN{print (a-b)/c}')"
 metric many_wall_s "$(awk -v a="$ended" -v b="$started" 'BEGIN{print a-b}')"
 metric many_rss_kb "$(cat "$OUT/rss-many.kb" 2>/dev/null || echo 0)"
-
-# --- 10. profile under the wrk load ---------------------------------------------------
-if [ -x "$VENV/bin/py-spy" ]; then
-    log "profiling the gateway with py-spy under wrk, ${DURATION}s"
-    taskset -c 0 wrk -t1 -c$CONNS -d$((DURATION + 2))s -s "$BENCH/chat.lua" \
-        "http://127.0.0.1:$GW/v1/chat/completions" > "$OUT/wrk-profile.txt" &
-    wrkpid=$!
-    sleep 1
-    if ! taskset -c 0 "$VENV/bin/py-spy" record --pid "$GWPID" --duration "$DURATION" --rate 250 \
-        --format raw --full-filenames --output "$OUT/profile.raw" > "$OUT/py-spy.log" 2>&1; then
-        log "py-spy failed: $(tail -1 "$OUT/py-spy.log")"
-    fi
-    wait "$wrkpid" || true
-fi
 
 # --- 9. report --------------------------------------------------------------------
 metric gw_rss_end_kb "$(rss_kb "$GWPID")"
