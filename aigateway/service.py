@@ -28,6 +28,24 @@ from .store.sqlite import SQLiteStore
 _log = Logger()
 
 
+BACKLOG = 1024
+
+
+def with_backlog(spec: str) -> str:
+    """
+    A TCP or TLS endpoint string with a listen backlog of L{BACKLOG} unless
+    it names one.
+
+    Twisted's default backlog is 50: a burst of 100 new clients (an agent
+    fanning out, a load balancer reconnecting) overflows it, and each
+    dropped SYN costs its client a one-second retransmit.
+    """
+    kind = spec.split(":", 1)[0]
+    if kind in ("tcp", "tcp6", "ssl") and "backlog=" not in spec:
+        return f"{spec}:backlog={BACKLOG}"
+    return spec
+
+
 @attrs.frozen
 class Settings:
     """
@@ -99,7 +117,7 @@ class GatewayService(MultiService):
         )
         admin = QuietSite(self.parts.admin_resource)
         self.proxy_port = await serverFromString(
-            self.reactor, self.settings.proxy
+            self.reactor, with_backlog(self.settings.proxy)
         ).listen(proxy)
         self.admin_port = await serverFromString(
             self.reactor, self.settings.admin

@@ -96,3 +96,16 @@ def test_wheel_ships_the_plugin(tmp_path):
     assert "twisted/plugins/__init__.py" not in names
     assert "aigateway/plugins/aigateway_balancers.py" in names
     assert "aigateway/py.typed" in names
+
+
+def test_listen_backlog_default():
+    """
+    TCP and TLS listeners get a backlog of 1024 unless the endpoint names
+    one; other endpoints are left alone.
+    """
+    from aigateway.service import with_backlog
+
+    assert with_backlog("tcp:8000") == "tcp:8000:backlog=1024"
+    assert with_backlog("tcp:8000:interface=127.0.0.1").endswith(":backlog=1024")
+    assert with_backlog("tcp:8000:backlog=5") == "tcp:8000:backlog=5"
+    assert with_backlog("unix:/run/gw.sock") == "unix:/run/gw.sock"

@@ -343,6 +343,10 @@ class Exchange:
         if not self._finished:
             self._finished = True
             self.hooks.observer.done(self)
+            # The relay and the exchange point at each other: break the
+            # cycle so both go with reference counting, not a GC pass.
+            self._relay = None
+            self._pending = None
 
 
 def _timed_out(result: object, timeout: float) -> Failure:

@@ -9,6 +9,7 @@ one attribute access and never touches the store.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import Callable
@@ -120,6 +121,12 @@ class GatewaySite(QuietSite):
             set_nodelay = getattr(transport, "setTcpNoDelay", None)
             if set_nodelay is not None:
                 set_nodelay(True)
+            # twisted.web asks the transport for its own address on every
+            # request (a getsockname system call); it never changes.
+            get_host = getattr(transport, "getHost", None)
+            if get_host is not None:
+                host = get_host()
+                transport.getHost = lambda: host
             made(transport)
 
         def connection_lost(reason: Any) -> None:
@@ -173,6 +180,10 @@ class ProxyResource(Resource):
         self._clock = clock
         self._latency_headers = latency_headers
         self._trust_xff = trust_forwarded_for
+        # A random prefix per process and a counter: unique across nodes and
+        # restarts without a getrandom system call per request.
+        prefix = os.urandom(6).hex()
+        self._request_ids = (f"{prefix}{n:012x}" for n in itertools.count()).__next__
         self._hooks = Hooks(
             agents=agents,
             clock=clock,
@@ -183,7 +194,7 @@ class ProxyResource(Resource):
 
     def render(self, request: Request) -> Any:
         started = self._clock.seconds()
-        request_id = os.urandom(12).hex()
+        request_id = self._request_ids()
         request.responseHeaders.setRawHeaders(b"x-request-id", [request_id.encode()])
         content = request.content
         assert content is not None  # twisted.web sets it before render
