@@ -11,9 +11,9 @@ from twisted.internet import error, task
 from twisted.trial.unittest import SynchronousTestCase
 
 from aigateway.health.active import ActiveChecker, IProber
-from aigateway.model import host_header
 from aigateway.health.passive import Outcome
 from aigateway.health.state import ACTIVE, Health, TargetHealth
+from aigateway.model import host_header
 
 from .healthkit import AnsweringProber, FakeProber, target, upstream
 
