@@ -27,8 +27,8 @@ test: $(STAMP)
 	$(BIN)/pytest -q $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check aigateway tests bench twisted
-	$(BIN)/ruff format --check aigateway tests bench twisted
+	$(BIN)/ruff check aigateway tests bench twisted examples
+	$(BIN)/ruff format --check aigateway tests bench twisted examples
 
 typecheck: $(STAMP)
 	$(BIN)/mypy aigateway
