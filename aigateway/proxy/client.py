@@ -7,6 +7,11 @@ C{Agent}'s default endpoint resolves every host name, even C{127.0.0.1},
 through the reactor's thread pool, and leaves Nagle's algorithm on, which
 holds small server-sent-event chunks back.  Our endpoint factory connects
 to IP addresses directly and sets C{TCP_NODELAY} on every connection.
+
+By default the agents are L{LeanAgent}s (see L{aigateway.proxy.lean}),
+which cost a fraction of C{Agent}'s CPU per request; C{Agents(reactor,
+lean=False)} gives Twisted's C{Agent} over an C{HTTPConnectionPool}, to
+compare the two.
 """
 
 from __future__ import annotations
@@ -23,8 +28,10 @@ from twisted.internet.endpoints import (
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.ssl import CertificateOptions, optionsForClientTLS
 from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.iweb import IAgentEndpointFactory
+from twisted.web.iweb import IAgent, IAgentEndpointFactory
 from zope.interface import implementer
+
+from .lean import LeanAgent, LeanPool
 
 
 def _nodelay(protocol: Any) -> Any:
@@ -54,14 +61,22 @@ class TargetEndpoints:
     """
     Endpoints for targets: direct TCP for IP addresses, TLS with SNI and
     certificate verification for C{https}.
+
+    @param trust_root: the CAs that sign targets' certificates (the
+        platform's by default; tests pass their own).
     """
 
     def __init__(
-        self, reactor: Any, connect_timeout: float, verify: bool = True
+        self,
+        reactor: Any,
+        connect_timeout: float,
+        verify: bool = True,
+        trust_root: Any = None,
     ) -> None:
         self._reactor = reactor
         self._timeout = connect_timeout
         self._verify = verify
+        self._trust_root = trust_root
 
     def endpointForURI(self, uri: Any) -> IStreamClientEndpoint:
         host = uri.host.decode("ascii")
@@ -78,7 +93,7 @@ class TargetEndpoints:
             endpoint = kind(self._reactor, host, uri.port, timeout=self._timeout)
         if uri.scheme == b"https":
             if self._verify:
-                options: Any = optionsForClientTLS(host)
+                options: Any = optionsForClientTLS(host, trustRoot=self._trust_root)
             else:
                 options = CertificateOptions(verify=False)
             endpoint = wrapClientTLS(options, endpoint)
@@ -87,28 +102,40 @@ class TargetEndpoints:
 
 class Agents:
     """
-    One L{Agent} per connect timeout, all sharing one persistent pool, so
+    One agent per connect timeout, all sharing one persistent pool, so
     keep-alive connections to a target are reused whatever the service.
+
+    @ivar pool: a L{LeanPool}, or with C{lean=False} an
+        L{HTTPConnectionPool}; both keep their idle connections per key in
+        C{_connections}, which the metrics count.
     """
 
-    def __init__(self, reactor: Any, max_per_host: int = 256) -> None:
+    def __init__(
+        self, reactor: Any, max_per_host: int = 256, lean: bool = True
+    ) -> None:
         self._reactor = reactor
-        self.pool = HTTPConnectionPool(reactor, persistent=True)
-        # Agent's default of 2 would make every burst open new connections.
-        self.pool.maxPersistentPerHost = max_per_host
-        self._agents: dict[float, Agent] = {}
+        self.pool: LeanPool | HTTPConnectionPool
+        if lean:
+            self.pool = LeanPool(reactor, max_idle_per_key=max_per_host)
+        else:
+            self.pool = HTTPConnectionPool(reactor, persistent=True)
+            # Agent's default of 2 would make every burst open new connections.
+            self.pool.maxPersistentPerHost = max_per_host
+        self._agents: dict[float, IAgent] = {}
 
-    def agent(self, connect_timeout: float) -> Agent:
+    def agent(self, connect_timeout: float) -> IAgent:
         """
         The agent for services with this connect timeout.
         """
         agent = self._agents.get(connect_timeout)
         if agent is None:
-            agent = Agent.usingEndpointFactory(
-                self._reactor,
-                TargetEndpoints(self._reactor, connect_timeout),
-                pool=self.pool,
-            )
+            endpoints = TargetEndpoints(self._reactor, connect_timeout)
+            if isinstance(self.pool, LeanPool):
+                agent = LeanAgent(self._reactor, self.pool, endpoints)
+            else:
+                agent = Agent.usingEndpointFactory(
+                    self._reactor, endpoints, pool=self.pool
+                )
             self._agents[connect_timeout] = agent
         return agent
 
