@@ -96,6 +96,14 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         from twisted.internet.endpoints import _parseServer
 
+        database = self["database"]
+        if "://" in database:
+            raise usage.UsageError(
+                f"--database {database!r}: only an SQLite file path is supported "
+                "by this version (PostgreSQL for clusters is not available yet)"
+            )
+        if self["config"]:
+            self._check_config(self["config"])
         for name in ("proxy", "admin"):
             try:
                 _parseServer(self[name], None)
@@ -103,6 +111,27 @@ class Options(usage.Options):
                 raise usage.UsageError(
                     f"--{name}: invalid endpoint {self[name]!r}: {e}"
                 ) from None
+
+    def _check_config(self, path: str) -> None:
+        """
+        Refuse an unreadable or invalid declarative file before anything
+        starts, with every error listed.
+        """
+        from . import declarative
+
+        try:
+            with open(path, encoding="utf-8") as f:
+                document = declarative.parse(f.read())
+            declarative.load(document, 0)
+        except OSError as e:
+            raise usage.UsageError(
+                f"--config: cannot read {path}: {e.strerror}"
+            ) from None
+        except declarative.InvalidDocument as e:
+            listed = "\n  ".join(e.errors)
+            raise usage.UsageError(
+                f"--config: {path} is invalid:\n  {listed}"
+            ) from None
 
 
 def makeService(options: Options) -> IService:

@@ -30,6 +30,23 @@ class OptionsTests(SynchronousTestCase):
         with self.assertRaises(UsageError):
             Options().parseOptions(["--proxy", "carrier-pigeon:1"])
 
+    def test_database_url_refused(self):
+        with self.assertRaises(UsageError) as caught:
+            Options().parseOptions(["--database", "postgresql://db/gw"])
+        self.assertIn("SQLite", str(caught.exception))
+
+    def test_invalid_config_refused_with_every_error(self):
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("_format_version: '3.0'\nupstreams:\n- name: 'a b'\n  slots: 1\n")
+        with self.assertRaises(UsageError) as caught:
+            Options().parseOptions(["--config", path])
+        message = str(caught.exception)
+        self.assertIn("upstreams[0].name", message)
+        self.assertIn("upstreams[0].slots", message)
+        with self.assertRaises(UsageError):
+            Options().parseOptions(["--config", path + ".missing"])
+
 
 def test_public_names():
     """
