@@ -23,7 +23,7 @@ import attrs
 from .balancer import registry
 from .health.config import SCHEMA as HEALTHCHECKS
 from .health.config import Healthchecks
-from .schema import REQUIRED, Errors, Field, validate
+from .schema import REQUIRED, Errors, Field, absolute_path, validate
 
 MAX_INT = 2147483646
 _HOSTNAME = re.compile(
@@ -153,7 +153,7 @@ UPSTREAM = {
     "hash_on_cookie_path": Field(
         "string",
         default="/",
-        check=lambda v: _path(v) if not v.startswith("~") else "should start with: /",
+        check=absolute_path,
     ),
     "hash_on_query_arg": Field("string"),
     "hash_fallback_query_arg": Field("string"),
@@ -185,9 +185,7 @@ SERVICE = {
     "protocol": Field("string", default="http", one_of=("http", "https")),
     "host": Field("string", default=REQUIRED, check=_host),
     "port": Field("integer", default=80, between=(0, 65535)),
-    "path": Field(
-        "string", check=lambda v: None if v.startswith("/") else "should start with: /"
-    ),
+    "path": Field("string", check=absolute_path),
     "retries": Field("integer", default=5, between=(0, 32767)),
     "connect_timeout": Field("integer", default=60000, between=(1, MAX_INT)),
     "write_timeout": Field("integer", default=60000, between=(1, MAX_INT)),

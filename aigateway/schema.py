@@ -54,6 +54,13 @@ class Field:
 REQUIRED = _REQUIRED
 
 
+def absolute_path(value: str) -> str | None:
+    """
+    A check for fields that hold a URL path.
+    """
+    return None if value.startswith("/") else "should start with: /"
+
+
 def record(**fields: Field) -> Field:
     """
     A nested record field, whose default is built from its fields' defaults.

@@ -11,7 +11,7 @@ from typing import Any
 
 import attrs
 
-from ..schema import Field, record
+from ..schema import Field, absolute_path, record
 
 _COUNTER = (0, 255)
 _INTERVAL = (0, 65535)
@@ -33,7 +33,7 @@ SCHEMA = record(
         http_path=Field(
             "string",
             default="/",
-            check=lambda v: None if v.startswith("/") else "should start with: /",
+            check=absolute_path,
         ),
         https_verify_certificate=Field("boolean", default=True),
         https_sni=Field("string"),
