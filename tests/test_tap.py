@@ -2,7 +2,10 @@
 The twistd plugin, its options, and the package that ships it.
 """
 
+import os
+import shutil
 import subprocess
+import tempfile
 import sys
 import zipfile
 from pathlib import Path
@@ -36,7 +39,8 @@ class OptionsTests(SynchronousTestCase):
         self.assertIn("SQLite", str(caught.exception))
 
     def test_invalid_config_refused_with_every_error(self):
-        path = self.mktemp()
+        path = os.path.join(tempfile.mkdtemp(), "gateway.yaml")
+        self.addCleanup(shutil.rmtree, os.path.dirname(path))
         with open(path, "w") as f:
             f.write("_format_version: '3.0'\nupstreams:\n- name: 'a b'\n  slots: 1\n")
         with self.assertRaises(UsageError) as caught:
