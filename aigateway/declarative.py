@@ -32,7 +32,7 @@ from typing import Any
 import yaml
 
 from .config import empty_records
-from .model import build_record
+from .records import build_record
 from .schema import flatten
 
 FORMAT_VERSIONS = ("1.1", "2.1", "3.0")

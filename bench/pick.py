@@ -22,7 +22,8 @@ from twisted.web.http_headers import Headers
 
 from aigateway.balancer import registry
 from aigateway.balancer.context import PickContext
-from aigateway.model import Target, Upstream, build_record
+from aigateway.model import Target, Upstream
+from aigateway.records import build_record
 
 SIZES = (2, 20, 200)
 CALLS = 20_000

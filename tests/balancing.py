@@ -14,7 +14,8 @@ from zope.interface import implementer
 
 from aigateway.balancer.context import PickContext
 from aigateway.balancer.interfaces import IBalancer, IHealthView
-from aigateway.model import Target, Upstream, build_record
+from aigateway.model import Target, Upstream
+from aigateway.records import build_record
 
 
 def upstream(**fields: Any) -> Upstream:

@@ -11,10 +11,12 @@ from typing import Any
 from twisted.internet import defer
 from zope.interface import implementer
 
+from aigateway.addresses import parse_target
 from aigateway.config import ConfigSnapshot, empty_records
 from aigateway.health.active import IProber
 from aigateway.health.passive import Outcome
-from aigateway.model import Target, Upstream, build_record, parse_target
+from aigateway.model import Target, Upstream
+from aigateway.records import build_record
 
 
 def _deep(tree: dict[str, Any], dotted: dict[str, Any]) -> dict[str, Any]:

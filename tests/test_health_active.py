@@ -10,10 +10,10 @@ from typing import Any
 from twisted.internet import error, task
 from twisted.trial.unittest import SynchronousTestCase
 
+from aigateway.addresses import host_header
 from aigateway.health.active import ActiveChecker, IProber
 from aigateway.health.passive import Outcome
 from aigateway.health.state import ACTIVE, Health, TargetHealth
-from aigateway.model import host_header
 
 from .healthkit import AnsweringProber, FakeProber, target, upstream
 

@@ -4,8 +4,9 @@ The schema language and the entity rules built on it.
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from aigateway.addresses import format_target, parse_target
 from aigateway.admin.forms import parse_body, unflatten
-from aigateway.model import build_record, format_target, parse_target, route_regex
+from aigateway.records import build_record, route_regex
 from aigateway.schema import flatten, merge
 
 

@@ -5,8 +5,8 @@ The twistd plugin, its options, and the package that ships it.
 import os
 import shutil
 import subprocess
-import tempfile
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 

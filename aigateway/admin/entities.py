@@ -17,8 +17,9 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredLock
 
+from ..addresses import format_target, parse_target
 from ..config import ConfigSnapshot
-from ..model import build_record, format_target, parse_target
+from ..records import build_record
 from ..runtime import Runtime
 from ..schema import merge
 from ..store.interfaces import IStore

@@ -38,7 +38,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS, IResponse
 from zope.interface import Interface, implementer
 
-from ..model import Target, Upstream, host_header
+from ..addresses import host_header
+from ..model import Target, Upstream
 from .passive import Outcome, outcome_of_failure, timed_out
 from .state import Health, TargetHealth
 

@@ -25,7 +25,8 @@ from twisted.web.http import PotentialDataLoss as HTTPPotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from ..model import Target, format_target, host_header
+from ..addresses import format_target, host_header
+from ..model import Target
 from .headers import copy_response_headers, upstream_headers
 from .usage import Usage, sniffer_for
 

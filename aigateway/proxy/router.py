@@ -21,7 +21,8 @@ from typing import NamedTuple, Optional
 
 import attrs
 
-from ..model import Route, Service, route_regex
+from ..model import Route, Service
+from ..records import route_regex
 
 
 class Match(NamedTuple):

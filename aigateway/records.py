@@ -1,0 +1,304 @@
+# -*- test-case-name: tests.test_schema -*-
+"""
+The Admin API's records: each entity kind's schema, the cross-field rules
+Kong applies, and L{build_record}, which validates a body and fills in the
+defaults.
+
+A record is the JSON-able dict the Admin API returns and the store keeps;
+L{aigateway.model} builds the frozen values the proxy reads from it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+from .addresses import format_target, parse_target, valid_host
+from .balancer import registry
+from .health.config import SCHEMA as HEALTHCHECKS
+from .schema import REQUIRED, Errors, Field, absolute_path, validate
+
+MAX_INT = 2147483646
+_NAME = re.compile(r"^[A-Za-z0-9.\-_~]+$")
+_HASH_ON = ("none", "header", "ip", "cookie", "path", "query_arg", "uri_capture")
+_TAGS = Field("array", default=None, elements=Field("string"), unique=True)
+
+
+def _name(value: str) -> str | None:
+    if not _NAME.match(value):
+        return (
+            f"invalid value '{value}': it must only contain alphanumerics "
+            "and '.', '-', '_', '~'"
+        )
+    return None
+
+
+def _host(value: str) -> str | None:
+    return None if valid_host(value) else "invalid value: " + value
+
+
+def _target(value: str) -> str | None:
+    return (
+        None
+        if parse_target(value)
+        else "Invalid target; not a valid hostname or ip address"
+    )
+
+
+def _path(value: str) -> str | None:
+    if value.startswith("~"):
+        try:
+            re.compile(route_regex(value))
+        except re.error as e:
+            return f"invalid regex: '{value[1:]}' ({e})"
+        return None
+    if not value.startswith("/"):
+        return "should start with: / (fixed path) or ~/ (regex path)"
+    return None
+
+
+def route_regex(path: str) -> str:
+    """
+    Kong's (PCRE) regex path syntax, C{~/v1/(?<model>[^/]+)}, in Python's.
+    """
+    return (
+        path[1:]
+        .replace("(?<", "(?P<")
+        .replace("(?P<=", "(?<=")
+        .replace("(?P<!", "(?<!")
+    )
+
+
+UPSTREAM = {
+    "id": Field("string"),
+    "name": Field("string", default=REQUIRED, check=_name),
+    "algorithm": Field("string", default="round-robin", one_of=registry.names),
+    "hash_on": Field("string", default="none", one_of=_HASH_ON),
+    "hash_fallback": Field("string", default="none", one_of=_HASH_ON),
+    "hash_on_header": Field("string"),
+    "hash_fallback_header": Field("string"),
+    "hash_on_cookie": Field("string"),
+    "hash_on_cookie_path": Field(
+        "string",
+        default="/",
+        check=absolute_path,
+    ),
+    "hash_on_query_arg": Field("string"),
+    "hash_fallback_query_arg": Field("string"),
+    "hash_on_uri_capture": Field("string"),
+    "hash_fallback_uri_capture": Field("string"),
+    "slots": Field("integer", default=10000, between=(10, 65536)),
+    "host_header": Field("string", check=_host),
+    "healthchecks": HEALTHCHECKS,
+    "tags": _TAGS,
+    "created_at": Field("integer"),
+    "updated_at": Field("integer"),
+}
+
+TARGET = {
+    "id": Field("string"),
+    "target": Field("string", default=REQUIRED, check=_target),
+    "weight": Field("integer", default=100, between=(0, 65535)),
+    "backup": Field("boolean", default=False),
+    "headers": Field("map", default={}),
+    "upstream": Field("record", fields={"id": Field("string")}),
+    "tags": _TAGS,
+    "created_at": Field("number"),
+    "updated_at": Field("number"),
+}
+
+SERVICE = {
+    "id": Field("string"),
+    "name": Field("string", check=_name),
+    "protocol": Field("string", default="http", one_of=("http", "https")),
+    "host": Field("string", default=REQUIRED, check=_host),
+    "port": Field("integer", default=80, between=(0, 65535)),
+    "path": Field("string", check=absolute_path),
+    "retries": Field("integer", default=5, between=(0, 32767)),
+    "connect_timeout": Field("integer", default=60000, between=(1, MAX_INT)),
+    "write_timeout": Field("integer", default=60000, between=(1, MAX_INT)),
+    "read_timeout": Field("integer", default=60000, between=(1, MAX_INT)),
+    "retry_on_statuses": Field(
+        "array",
+        default=[429, 500, 502, 503, 504],
+        elements=Field("integer", between=(100, 999)),
+        unique=True,
+    ),
+    "enabled": Field("boolean", default=True),
+    "tags": _TAGS,
+    "created_at": Field("integer"),
+    "updated_at": Field("integer"),
+}
+
+ROUTE = {
+    "id": Field("string"),
+    "name": Field("string", check=_name),
+    "protocols": Field(
+        "array",
+        default=["http", "https"],
+        elements=Field("string", one_of=("http", "https")),
+        unique=True,
+    ),
+    "methods": Field(
+        "array",
+        elements=Field(
+            "string",
+            check=lambda v: (
+                None if v.isalpha() and v.isupper() else "invalid value: " + v
+            ),
+        ),
+    ),
+    "hosts": Field(
+        "array", elements=Field("string", check=lambda v: _host(v.replace("*", "x", 1)))
+    ),
+    "paths": Field("array", elements=Field("string", check=_path)),
+    "models": Field("array", elements=Field("string")),
+    "strip_path": Field("boolean", default=True),
+    "preserve_host": Field("boolean", default=False),
+    "regex_priority": Field("integer", default=0),
+    "service": Field("record", fields={"id": Field("string")}),
+    "tags": _TAGS,
+    "created_at": Field("integer"),
+    "updated_at": Field("integer"),
+}
+
+SCHEMAS: Mapping[str, Mapping[str, Field]] = {
+    "upstreams": UPSTREAM,
+    "targets": TARGET,
+    "services": SERVICE,
+    "routes": ROUTE,
+}
+
+
+_HASH_PARAMETER = {
+    "header": "header",
+    "cookie": "cookie",
+    "query_arg": "query_arg",
+    "uri_capture": "uri_capture",
+}
+
+
+def check_upstream(rec: dict[str, Any], given: Mapping[str, Any]) -> Errors:
+    """
+    Kong's cross-field rules for upstream hashing.
+
+    C{hash_on} other than C{none} implies consistent hashing when no
+    algorithm was given; each hash source needs its parameter; a fallback
+    needs a primary that can be missing (a cookie never is: the gateway
+    sets one).
+    """
+    errors: Errors = {}
+    on, fallback = rec["hash_on"], rec["hash_fallback"]
+    if on != "none" and "algorithm" not in given:
+        rec["algorithm"] = "consistent-hashing"
+    if on != "none" and rec["algorithm"] != "consistent-hashing":
+        errors["hash_on"] = "must be 'none' unless algorithm is 'consistent-hashing'"
+    if fallback != "none":
+        if on in ("none", "cookie"):
+            errors["hash_fallback"] = f"must be 'none' when 'hash_on' is '{on}'"
+        elif fallback == "cookie":
+            errors["hash_fallback"] = "must not be 'cookie'"
+        elif fallback == on and on not in ("header", "query_arg", "uri_capture"):
+            errors["hash_fallback"] = "must differ from 'hash_on'"
+    for side, how in (("on", on), ("fallback", fallback)):
+        parameter = _HASH_PARAMETER.get(how)
+        if parameter is None or (side == "fallback" and how == "cookie"):
+            continue
+        if not rec.get(f"hash_{side}_{parameter}"):
+            errors[f"hash_{side}_{parameter}"] = "required field missing"
+    parameter = _HASH_PARAMETER.get(on)
+    if on == fallback and parameter and not errors:
+        primary, secondary = (
+            rec[f"hash_on_{parameter}"],
+            rec[f"hash_fallback_{parameter}"],
+        )
+        if primary.lower() == secondary.lower():
+            errors[f"hash_fallback_{parameter}"] = (
+                f"must differ from 'hash_on_{parameter}'"
+            )
+    return errors
+
+
+def check_route(rec: dict[str, Any], given: Mapping[str, Any]) -> Errors:
+    """
+    A route must match on something.
+    """
+    if not (rec["paths"] or rec["hosts"] or rec["methods"] or rec["models"]):
+        return {"@entity": "must set one of 'methods', 'hosts', 'paths', 'models'"}
+    return {}
+
+
+def check_target(rec: dict[str, Any], given: Mapping[str, Any]) -> Errors:
+    """
+    Store targets in canonical C{host:port} form, so C{host} and
+    C{host:8000} are the same target.
+    """
+    parsed = parse_target(rec["target"])
+    assert parsed is not None
+    rec["target"] = format_target(*parsed)
+    return {}
+
+
+def check_service(rec: dict[str, Any], given: Mapping[str, Any]) -> Errors:
+    """
+    A service on C{https} with no port given listens on 443.
+    """
+    if rec["protocol"] == "https" and "port" not in given:
+        rec["port"] = 443
+    return {}
+
+
+CHECKS = {
+    "upstreams": check_upstream,
+    "targets": check_target,
+    "services": check_service,
+    "routes": check_route,
+}
+
+
+def expand_service_url(data: dict[str, Any]) -> Errors:
+    """
+    Kong's C{url} shorthand: C{url=https://host:port/path} sets C{protocol},
+    C{host}, C{port} and C{path}.
+    """
+    url = data.pop("url", None)
+    if url is None:
+        return {}
+    if not isinstance(url, str):
+        return {"url": "expected a string"}
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return {
+            "url": "missing host in url" if parts.scheme else "missing protocol in url"
+        }
+    data["protocol"] = parts.scheme
+    data["host"] = parts.hostname
+    try:
+        port = parts.port
+    except ValueError:
+        return {"url": "invalid port in url"}
+    data["port"] = port or (443 if parts.scheme == "https" else 80)
+    if parts.path:
+        data["path"] = parts.path
+    return {}
+
+
+def build_record(
+    kind: str, data: Mapping[str, Any], coerce: bool
+) -> tuple[dict[str, Any], Errors]:
+    """
+    Validate a full entity and fill in its defaults.
+
+    @return: the record and an error tree (empty when valid).
+    """
+    data = dict(data)
+    errors: Errors = {}
+    if kind == "services":
+        errors.update(expand_service_url(data))
+    rec, more = validate(SCHEMAS[kind], data, coerce)
+    errors.update(more)
+    if not errors:
+        errors.update(CHECKS[kind](rec, data))
+    return rec, errors
