@@ -38,8 +38,8 @@ from zope.interface.verify import verifyObject
 
 from aigateway.proxy._parser import BadResponse, ResponseParser
 from aigateway.proxy.client import Agents, TargetEndpoints
-from aigateway.proxy.forward import BytesProducer
 from aigateway.proxy.lean import LeanAgent, LeanPool
+from aigateway.proxy.relay import BytesProducer
 
 from .gatewaykit import sleep
 

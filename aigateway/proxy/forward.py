@@ -10,25 +10,20 @@ the failure to passive health and tries another target.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import attrs
-from twisted.internet.defer import Deferred, TimeoutError, succeed
-from twisted.internet.error import ConnectionDone
-from twisted.internet.protocol import Protocol
+from twisted.internet.defer import Deferred, TimeoutError
 from twisted.python.failure import Failure
-from twisted.web.client import PotentialDataLoss, ResponseDone
-from twisted.web.http import PotentialDataLoss as HTTPPotentialDataLoss
-from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
-from zope.interface import implementer
+from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
 from ..addresses import format_target, host_header
 from ..model import Target
 from .headers import copy_response_headers, upstream_headers
-from .usage import Usage, sniffer_for
+from .relay import BytesProducer, Discard, Relay, write_error
+from .usage import Usage
 
 if TYPE_CHECKING:
     from twisted.web.server import Request
@@ -41,46 +36,7 @@ if TYPE_CHECKING:
 NO_PEER = "failure to get a peer from the ring-balancer"
 BAD_GATEWAY = "An invalid response was received from the upstream server"
 TIMEOUT = "The upstream server is timing out"
-_DONE = (ResponseDone, PotentialDataLoss, HTTPPotentialDataLoss, ConnectionDone)
-_CONNECTION_DONE = Failure(ConnectionDone())
 _BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH", b"DELETE"})
-
-
-@implementer(IBodyProducer)
-class BytesProducer:
-    """
-    A request body already in memory, so it can be sent again on a retry.
-    """
-
-    def __init__(self, body: bytes) -> None:
-        self._body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: Any) -> Deferred[None]:
-        consumer.write(self._body)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
-
-
-def write_error(request: Request, code: int, message: str, request_id: str) -> None:
-    """
-    Answer with a JSON error body, as Kong does.
-    """
-    body = json.dumps({"message": message, "request_id": request_id}).encode()
-    request.setResponseCode(code)
-    headers = request.responseHeaders
-    headers.setRawHeaders(b"content-type", [b"application/json; charset=utf-8"])
-    headers.setRawHeaders(b"content-length", [b"%d" % len(body)])
-    request.write(body)
-    request.finish()
 
 
 @attrs.frozen
@@ -170,7 +126,7 @@ class Exchange:
         self.usage: Usage | None = None
         self.gone = False
         self._pending: Deferred[Any] | None = None
-        self._relay: _Relay | None = None
+        self._relay: Relay | None = None
         self._finished = False
 
     def start(self) -> None:
@@ -302,7 +258,7 @@ class Exchange:
                 # Another target can take it: this answer never reaches
                 # the client.
                 self.end(target, str(status), first_byte)
-                response.deliverBody(_Discard())
+                response.deliverBody(Discard())
                 self._attempt(following)
                 return
         self.upstream_latency = first_byte
@@ -316,7 +272,7 @@ class Exchange:
                 b"content-length", [b"%d" % response.length]
             )
         self.hooks.decorate(self, request)
-        relay = _Relay(self, target, first_byte)
+        relay = Relay(self, target, first_byte)
         self._relay = relay
         response.deliverBody(relay)
 
@@ -354,106 +310,3 @@ def _timed_out(result: object, timeout: float) -> Failure:
     # Agent turns the cancellation into ResponseNeverReceived, which
     # addTimeout would not recognise as its own: say what happened.
     return Failure(TimeoutError(f"no response within {timeout} s"))
-
-
-class _Discard(Protocol):
-    def dataReceived(self, data: bytes) -> None:
-        pass
-
-
-class _Relay(Protocol):
-    """
-    Writes a target's response body to the client as it arrives.
-
-    The target connection is registered as the client request's streaming
-    producer, so a slow client pauses reading from the target instead of
-    buffering its whole answer in memory.
-    """
-
-    def __init__(self, exchange: Exchange, target: Target, first_byte: float) -> None:
-        self.exchange = exchange
-        self.target = target
-        self.first_byte = first_byte
-        self._stalled: Any = None
-        self._stall_cause: str | None = None
-        content_type = exchange.request.responseHeaders.getRawHeaders(
-            b"content-type", [b""]
-        )[0]
-        self._stream = content_type.startswith(b"text/event-stream")
-        self._sniffer = sniffer_for(content_type)
-
-    def connectionMade(self) -> None:
-        exchange = self.exchange
-        exchange.request.registerProducer(self.transport, True)
-        self._stalled = exchange.clock.callLater(
-            exchange.service.read_timeout, self._stall
-        )
-
-    def dataReceived(self, data: bytes) -> None:
-        exchange = self.exchange
-        exchange.bytes_out += len(data)
-        exchange.request.write(data)
-        if self._sniffer is not None:
-            self._sniffer.feed(data)
-        if self._stalled is not None:
-            self._stalled.reset(exchange.service.read_timeout)
-
-    def _stall(self) -> None:
-        self._stalled = None
-        self._stall_cause = "read timeout"
-        if self.transport is not None:
-            self.transport.stopProducing()  # type: ignore[attr-defined]
-
-    def stop(self) -> None:
-        """
-        The client went away: stop reading from the target.
-        """
-        if self.transport is not None:
-            # A TransportProxyProducer: it can stop producing.
-            self.transport.stopProducing()  # type: ignore[attr-defined]
-
-    def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
-        exchange = self.exchange
-        if self._stalled is not None:
-            self._stalled.cancel()
-            self._stalled = None
-        exchange.end(self.target, str(exchange.status), self.first_byte)
-        request = exchange.request
-        if exchange.gone:
-            exchange.done()
-            return
-        request.unregisterProducer()
-        if reason.check(*_DONE) and self._stall_cause is None:
-            if self._sniffer is not None:
-                exchange.usage = self._sniffer.usage()
-            request.finish()
-        else:
-            self._broken(reason)
-        exchange.done()
-
-    def _broken(self, reason: Failure) -> None:
-        """
-        The target failed after bytes reached the client: the answer cannot
-        be completed, so say so and close the connection without the
-        chunked terminator, which no client can mistake for a complete
-        answer.
-        """
-        exchange = self.exchange
-        cause = self._stall_cause or reason.getErrorMessage()
-        exchange.error = cause
-        exchange.hooks.health.report_failure(self.target, cause == "read timeout")
-        request = exchange.request
-        if self._stream:
-            event = json.dumps(
-                {
-                    "error": {
-                        "message": "upstream stream broken: " + cause,
-                        "type": "upstream_error",
-                        "request_id": exchange.request_id,
-                    }
-                }
-            )
-            request.write(b"event: error\ndata: " + event.encode() + b"\n\n")
-        channel = request.channel
-        if channel is not None and channel.transport is not None:
-            channel.transport.loseConnection()

@@ -22,7 +22,8 @@ from .._version import __version__
 from ..balancer.context import PickContext
 from ..runtime import Runtime
 from .client import Agents
-from .forward import Exchange, ExchangeObserver, Hooks, write_error
+from .forward import Exchange, ExchangeObserver, Hooks
+from .relay import write_error
 from .router import join_path
 
 NO_ROUTE = "no Route matched with those values"
