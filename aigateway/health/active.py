@@ -33,7 +33,7 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import CertificateOptions, optionsForClientTLS
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS, IResponse
 from zope.interface import Interface, implementer
@@ -235,6 +235,9 @@ class AgentProber:
         """
         self._reactor = reactor
         self._pool = HTTPConnectionPool(reactor, persistent=False)
+        # Twisted logs "Starting/Stopping factory" for every connection of a
+        # noisy factory: two log lines per probe.
+        self._pool._factory = _QuietHTTP11ClientFactory
         self._trust_root = trust_root
 
     def probe(self, upstream: Upstream, target: Target) -> defer.Deferred[Outcome]:
@@ -252,6 +255,10 @@ class AgentProber:
         headers.setRawHeaders("host", [host_header(host, target.port, active.type)])
         url = f"{active.type}://{target.key}{active.http_path}"
         return agent.request(b"GET", url.encode("ascii"), headers).addCallback(_status)
+
+
+class _QuietHTTP11ClientFactory(_HTTP11ClientFactory):
+    noisy = False
 
 
 def _status(response: IResponse) -> Outcome:
