@@ -1,9 +1,9 @@
 -- wrk script for the benchmark: POSTs a ~300-byte OpenAI-style chat request
 -- on every keep-alive connection and, when done, prints one line
 -- "WRKJSON {...}" with requests, duration, errors and latency percentiles (µs).
+-- The path is the URL's (bench/run.sh: /v1/chat/completions, or /plain).
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
-wrk.path = "/v1/chat/completions"
 wrk.body = '{"model":"gpt-4o-mini","messages":[{"role":"system","content":"You are a helpful assistant that answers briefly."},{"role":"user","content":"Summarise in one sentence why a reverse proxy keeps connections to its targets alive."}],"temperature":0.2,"max_tokens":128,"stream":false,"user":"bench-user-0001"}'
 
 done = function(summary, latency, requests)

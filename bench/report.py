@@ -153,6 +153,128 @@ def cpu_model() -> str:
     return platform.processor() or "?"
 
 
+VARIANTS = (
+    # (wrk name, label, gateway options)
+    ("gateway", "(a) default: metrics on, no access log", "–"),
+    (
+        "gw-default",
+        "(a′) default again, a fresh process like (b)-(d): run-to-run noise",
+        "–",
+    ),
+    ("gw-no-metrics", "(b) metrics off", "`--no-metrics`"),
+    ("gw-access-log", "(c) metrics on + access log", "`--access-log FILE`"),
+    (
+        "gw-no-metrics-access-log",
+        "(d) metrics off + access log",
+        "`--no-metrics --access-log FILE`",
+    ),
+    (
+        "gw-plain",
+        "(e) default, non-AI answer (`text/plain`, not sniffed)",
+        "– (same process as (a), path `/plain`)",
+    ),
+)
+
+
+def observability(
+    out: str,
+    m: dict[str, Any],
+    default: dict[str, Any] | None,
+    default_us: float | None,
+    duration: str,
+) -> list[str]:
+    """
+    The "Observability cost" section: wrk through gateway variants.
+    """
+    rows = []
+    for name, label, flags in VARIANTS:
+        data = default if name == "gateway" else wrk(out, name)
+        if data is None:
+            rows.append((name, label, flags, None, None))
+            continue
+        seconds = m.get(f"wrk_{name}_cpu_s")
+        us = (
+            default_us
+            if name == "gateway"
+            else (
+                float(seconds) * 1e6 / data["requests"]
+                if seconds is not None and data["requests"]
+                else None
+            )
+        )
+        rows.append((name, label, flags, data, us))
+    if all(r[3] is None for r in rows[1:]):
+        return []
+    base_rps = default["rps"] if default else None
+    lines = [
+        f"### Observability cost: wrk as above (50 connections, {duration} s) through gateway variants",
+        "",
+        "(a′)-(d) are fresh gateways started one at a time, pinned and configured like the main one "
+        "(same chat route, backlog, own database and ports) and stopped after their run; (e) is the main "
+        "gateway again, answered by a target that returns the same bytes as `text/plain`, which the "
+        "usage sniffer skips: non-AI traffic. One run each, so differences of a few % are noise.",
+        "",
+        "| variant | gateway options | requests/s | p99, ms | errors | CPU µs/request | µs/request ÷ (a) | req/s ÷ (a) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    by_name = {}
+    for name, label, flags, data, us in rows:
+        by_name[name] = (data, us)
+        lines.append(
+            f"| {label} | {flags} | {fmt(data['rps'] if data else None, 0)} "
+            f"| {fmt(data['p99_us'] / 1000 if data else None)} "
+            f"| {fmt(data['errors'] if data else None)} | {fmt(us, 1)} "
+            f"| {ratio(us, default_us)} | {ratio(data['rps'] if data else None, base_rps)} |"
+        )
+    log_data, log_us = by_name["gw-access-log"]
+    fresh = by_name["gw-default"][0]
+    if log_data and base_rps:
+        keep = log_data["rps"] / base_rps
+        lines += [
+            "",
+            f"Issue 5 goal, access log costs < 10 % throughput: (c) runs at {keep:.2f}× the requests/s of (a) "
+            f"({100 * (keep - 1):+.1f} % throughput"
+            + (
+                f"; CPU per request {ratio(log_us, default_us)}"
+                if log_us and default_us
+                else ""
+            )
+            + f") → {verdict(keep >= 0.90)}."
+            + (
+                f" Against the fresh (a′): {log_data['rps'] / fresh['rps']:.2f}× requests/s."
+                if fresh
+                else ""
+            )
+            + (
+                f" The access log held {fmt(int(m['access_log_lines']))} lines "
+                f"(wrk's warm-up and measured requests)."
+                if m.get("access_log_lines") is not None
+                else ""
+            ),
+        ]
+        nm_data, nm_us = by_name["gw-no-metrics"]
+        both_data, both_us = by_name["gw-no-metrics-access-log"]
+        if nm_data and both_data:
+            lines.append(
+                f"Without metrics, the access log alone: (d) ÷ (b) = {both_data['rps'] / nm_data['rps']:.2f}× requests/s, "
+                f"{ratio(both_us, nm_us)} CPU per request. Metrics alone: (a) ÷ (b) = "
+                f"{base_rps / nm_data['rps']:.2f}× requests/s, {ratio(default_us, nm_us)} CPU per request."
+            )
+    plain_data, plain_us = by_name["gw-plain"]
+    if plain_data and plain_us and default_us:
+        ok = plain_us <= default_us * 1.05
+        lines += [
+            "",
+            f"Issue 5, token accounting without slowing non-AI traffic: a non-AI request (e) costs "
+            f"{fmt(plain_us, 1)} µs of gateway CPU vs {fmt(default_us, 1)} µs for an AI one (a) whose JSON "
+            f"answer is parsed for `usage` and counted in the token metrics ({plain_us / default_us:.2f}×; "
+            f"{fmt(plain_data['rps'], 0)} vs {fmt(base_rps, 0)} req/s). The difference, "
+            f"{default_us - plain_us:+.1f} µs, is what usage sniffing and token counting cost an AI request; "
+            f"non-AI traffic not slowed (≤ 1.05× the AI request's CPU): {verdict(ok)}.",
+        ]
+    return lines + [""]
+
+
 def build(options: Any) -> str:
     out = options.out
     m = metrics(out)
@@ -219,6 +341,7 @@ def build(options: Any) -> str:
         f"{fmt(m.get('gw_rss_load_kb', 0) / 1024, 1)} MB peak under the wrk load, "
         f"{fmt(m.get('gw_rss_end_kb', 0) / 1024, 1)} MB at the end of the run.",
         "",
+        *observability(out, m, w["gateway"], cpu_us["gateway"], options.duration),
         f"### Latency at a fixed rate: hey -c 50 -q 20 (~1,000 req/s), keep-alive, {options.duration} s",
         "",
         "| | direct | nginx | aigateway | ÷ direct | ÷ nginx |",

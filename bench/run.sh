@@ -13,13 +13,16 @@
 #   3. 100 concurrent SSE streams of 20 chunks 20 ms apart
 #      (bench/stream_client.py): time to first chunk and total time
 #   4. ~10,000 concurrent slow streams held open through the gateway
-#   5. a py-spy profile of the gateway under the wrk load
+#   5. observability cost: wrk through fresh gateways with --no-metrics,
+#      --access-log, both; and through the default one to a text/plain
+#      answer (no usage sniffing): non-AI vs AI traffic
+#   6. a py-spy profile of the gateway under the wrk load
 # and appends a dated Markdown report to bench/RESULTS.md (bench/report.py).
 # Everything it starts is stopped by PID on exit.
 #
 # Environment: BENCH_QUICK=1 (3 s runs, fewer rounds, 2,000 slow streams),
 # BENCH_DURATION (s), BENCH_STREAMS (slow streams), BENCH_SLOW_CHUNKS (20),
-# BENCH_SLOW_RAMP (800 streams/s), BENCH_GW_BACKLOG (4096), BENCH_PORT_BASE (18100),
+# BENCH_SLOW_RAMP (800 streams/s), BENCH_GW_BACKLOG (4096), BENCH_PORT_BASE (18100; 14 ports from it),
 # BENCH_NO_RESULTS=1 (do not touch bench/RESULTS.md), BENCH_COMMAND (how the
 # run was started, for the report).
 
@@ -42,6 +45,10 @@ else
 fi
 BASE=${BENCH_PORT_BASE:-18100}
 T1=$BASE; T2=$((BASE + 1)); SSE=$((BASE + 2)); NGX=$((BASE + 3)); GW=$((BASE + 4)); ADMIN=$((BASE + 5))
+# The observability variants (one at a time, 4 of them): proxy BASE+6+2i,
+# admin BASE+7+2i.
+VARIANT_BASE=$((BASE + 6))
+VARIANT_PORTS=8
 CONNS=50
 # nginx and the targets listen with backlog=4096; give the gateway the same
 # (its default, 50, drops SYNs when 100 clients connect at once: +1 s).
@@ -126,7 +133,7 @@ start() { # name command...: background, remember the PID
     eval "PID_${name//-/_}=$!"
 }
 
-for p in $T1 $T2 $SSE $NGX $GW $ADMIN; do
+for p in $T1 $T2 $SSE $NGX $GW $ADMIN $(seq "$VARIANT_BASE" $((VARIANT_BASE + VARIANT_PORTS - 1))); do
     port_busy "$p" && die "port $p is in use (set BENCH_PORT_BASE)"
 done
 
@@ -170,6 +177,8 @@ EOF
     server {
         listen 127.0.0.1:$port backlog=4096;
         location = /health { default_type text/plain; return 200 'ok'; }
+        # Non-AI traffic: the same bytes as text/plain (no usage sniffing).
+        location /plain { default_type text/plain; return 200 '$CHAT_JSON'; }
         location / { default_type application/json; return 200 '$CHAT_JSON'; }
     }
 EOF
@@ -210,31 +219,36 @@ start gateway taskset -c 1 "$TWISTD" -n --pidfile "$OUT/twistd.pid" --logfile "$
 GWPID=$PID_gateway
 wait_http "http://127.0.0.1:$ADMIN/status" "aigateway Admin API" 30
 
-admin() { # path form-fields...: POST, expect 201
-    local path=$1 code; shift
+admin() { # admin-port path form-fields...: POST, expect 201
+    local port=$1 path=$2 code; shift 2
     local args=()
     for field in "$@"; do args+=(--data-urlencode "$field"); done
-    code=$(curl -sS -o "$OUT/admin.last" -w '%{http_code}' "${args[@]}" "http://127.0.0.1:$ADMIN$path")
-    [ "$code" = 201 ] || die "POST $path $* answered $code: $(cat "$OUT/admin.last")"
+    code=$(curl -sS -o "$OUT/admin.last" -w '%{http_code}' "${args[@]}" "http://127.0.0.1:$port$path")
+    [ "$code" = 201 ] || die "POST :$port$path $* answered $code: $(cat "$OUT/admin.last")"
 }
-admin /upstreams name=chat
-admin /upstreams/chat/targets "target=127.0.0.1:$T1" weight=100
-admin /upstreams/chat/targets "target=127.0.0.1:$T2" weight=100
-admin /services name=chat host=chat
-admin /services/chat/routes 'paths[]=/' strip_path=false
-admin /upstreams name=sse
-admin /upstreams/sse/targets "target=127.0.0.1:$SSE" weight=100
-admin /services name=sse host=sse
-admin /services/sse/routes 'paths[]=/sse' strip_path=false
+configure_chat() { # admin-port: the chat route (every path) over both nginx targets
+    admin "$1" /upstreams name=chat
+    admin "$1" /upstreams/chat/targets "target=127.0.0.1:$T1" weight=100
+    admin "$1" /upstreams/chat/targets "target=127.0.0.1:$T2" weight=100
+    admin "$1" /services name=chat host=chat
+    admin "$1" /services/chat/routes 'paths[]=/' strip_path=false
+}
+configure_chat "$ADMIN"
+admin "$ADMIN" /upstreams name=sse
+admin "$ADMIN" /upstreams/sse/targets "target=127.0.0.1:$SSE" weight=100
+admin "$ADMIN" /services name=sse host=sse
+admin "$ADMIN" /services/sse/routes 'paths[]=/sse' strip_path=false
 wait_http "http://127.0.0.1:$GW/health" "aigateway proxy route" 20
 wait_http "http://127.0.0.1:$GW/sse/x?chunks=1&delay=0" "aigateway SSE route" 20
 curl -sf "http://127.0.0.1:$GW/v1/chat/completions" -d '{}' -o "$OUT/sample-gateway.json" -D "$OUT/sample-gateway.headers"
+curl -sf "http://127.0.0.1:$GW/plain" -d '{}' -o "$OUT/sample-plain.txt" -D "$OUT/sample-plain.headers"
+grep -qi '^content-type: text/plain' "$OUT/sample-plain.headers" || die "/plain through the gateway is not text/plain"
 sleep 1
 metric gw_rss_idle_kb "$(rss_kb "$GWPID")"
 
 # --- 5. throughput with wrk ------------------------------------------------------
-run_wrk() { # name port pid: the PID whose CPU time is charged to the requests
-    local name=$1 port=$2 pid=$3 url="http://127.0.0.1:$2/v1/chat/completions"
+run_wrk() { # name port pid [path]: the PID whose CPU time is charged to the requests
+    local name=$1 port=$2 pid=$3 url="http://127.0.0.1:$2${4:-/v1/chat/completions}"
     taskset -c 0 wrk -t1 -c$CONNS -d${WARMUP}s -s "$BENCH/chat.lua" "$url" > /dev/null
     local before=$(cpu_ticks "$pid")
     sample_rss "$pid" "$((DURATION + 1))" "$OUT/rss-$name.kb" &
@@ -254,6 +268,41 @@ run_wrk direct "$T1" "$TARGET_WORKER"
 run_wrk nginx "$NGX" "$PROXY_WORKER"
 run_wrk gateway "$GW" "$GWPID"
 metric gw_rss_load_kb "$(cat "$OUT/rss-gateway.kb" 2>/dev/null || echo 0)"
+
+# --- 5b. observability cost -------------------------------------------------------
+# (a) is the default gateway's figure above: metrics on, no access log;
+# (a') the same options in a fresh process like (b)-(d), to show the noise.
+# (e) non-AI traffic: the same gateway, the same body as text/plain, which
+# the usage sniffer skips (it reads only JSON and SSE answers).
+run_wrk gw-plain "$GW" "$GWPID" /plain
+stop_pid() { # pid: TERM, wait up to 10 s, KILL; forget it
+    local pid=$1 left=()
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    for p in "${PIDS[@]}"; do [ "$p" = "$pid" ] || left+=("$p"); done
+    PIDS=("${left[@]}")
+}
+VARIANT_PORT=$VARIANT_BASE
+run_variant() { # name gateway-options...: fresh gateway on CPU 1, chat route, wrk, stop
+    local name=$1 port=$VARIANT_PORT admin_port=$((VARIANT_PORT + 1)) pid; shift
+    VARIANT_PORT=$((VARIANT_PORT + 2))
+    start "gw-$name" taskset -c 1 "$TWISTD" -n --pidfile "$OUT/twistd-$name.pid" --logfile "$OUT/gateway-$name.log" \
+        aigateway --proxy "tcp:$port:interface=127.0.0.1:backlog=$GW_BACKLOG" \
+        --admin "tcp:$admin_port:interface=127.0.0.1" --database "$OUT/gateway-$name.db" "$@"
+    pid=$!
+    wait_http "http://127.0.0.1:$admin_port/status" "aigateway ($name) Admin API" 30
+    configure_chat "$admin_port"
+    wait_http "http://127.0.0.1:$port/health" "aigateway ($name) proxy route" 20
+    run_wrk "gw-$name" "$port" "$pid"
+    stop_pid "$pid"
+}
+run_variant default
+run_variant no-metrics --no-metrics
+run_variant access-log --access-log "$OUT/access.log"
+metric access_log_lines "$(wc -l < "$OUT/access.log" 2>/dev/null || echo 0)"
+run_variant no-metrics-access-log --no-metrics --access-log "$OUT/access-nometrics.log"
 
 # --- 6. latency at a fixed rate with hey ----------------------------------------
 printf '%s' "$(sed -n "s/^wrk.body = '\(.*\)'$/\1/p" "$BENCH/chat.lua")" > "$OUT/body.json"
