@@ -12,6 +12,8 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.protocol import Protocol
 from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 
 from .gatewaykit import (
     SSEResource,
@@ -282,3 +284,59 @@ async def test_oversized_body_rejected(tmp_path, servers):
         assert len(target.requests) == 1
     finally:
         await node.stop()
+
+
+class _Flood(Resource):
+    """
+    Writes C{size} bytes as fast as its transport takes them.
+    """
+
+    isLeaf = True
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+        self.transports: list = []
+
+    def render(self, request):
+        self.transports.append(request.channel.transport)
+        request.setHeader(b"content-type", b"application/octet-stream")
+        request.setHeader(b"content-length", b"%d" % self.size)
+        block = b"x" * 65536
+        for _ in range(self.size // len(block)):
+            request.write(block)
+        request.finish()
+        return NOT_DONE_YET
+
+
+def _buffered(transport) -> int:
+    return len(transport.dataBuffer) + transport._tempDataLen
+
+
+@pytest_twisted.ensureDeferred
+async def test_slow_client_pauses_the_target(gateway, servers):
+    """
+    Backpressure: while the client does not read, the gateway stops reading
+    from the target, so the answer waits in the target's buffers, not in the
+    gateway's memory; once the client reads again, every byte arrives.
+    """
+    size = 32 * 1024 * 1024
+    flood = _Flood(size)
+    servers.append(port := listen(flood))
+    await gateway.configure("bulk", {address(port): 100})
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    response = await Agent(reactor, pool=pool).request(
+        b"GET", gateway.proxy_url.encode() + b"/big"
+    )
+    received: list = []
+    collector = _Collector(received)
+    response.deliverBody(collector)
+    collector.transport.pauseProducing()
+    await sleep(1.0)
+    # Most of the answer still waits at the target: the gateway stopped
+    # reading instead of buffering it.
+    target_side = _buffered(flood.transports[-1])
+    assert target_side > size // 2, target_side
+    collector.transport.resumeProducing()
+    await collector.finished
+    assert sum(len(chunk) for _, chunk in received) == size
