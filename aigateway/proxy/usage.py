@@ -14,7 +14,7 @@ so non-AI traffic pays one header comparison.
 from __future__ import annotations
 
 import json
-from typing import Any
+import re
 
 import attrs
 
@@ -34,25 +34,61 @@ class Usage:
     total: int
 
 
-def _usage_of(document: Any) -> Usage | None:
-    if not isinstance(document, dict):
-        return None
-    usage = document.get("usage")
-    if not isinstance(usage, dict):
-        return None
+# JSON escapes every quote inside a string, so these cannot match text
+# inside a message's content: only real keys.  A regular expression over the
+# bytes costs a fraction of json.loads on a whole answer.
+_USAGE = re.compile(rb'"usage"\s*:\s*\{')
+_COUNT = re.compile(
+    rb'"(prompt_tokens|completion_tokens|total_tokens|input_tokens|output_tokens)"'
+    rb"\s*:\s*(\d+)"
+)
+_MODEL = re.compile(rb'"model"\s*:\s*("(?:[^"\\]|\\.){1,200}")')
+_WINDOW = 1024
+_NAMES = {
+    b"prompt_tokens": "prompt",
+    b"input_tokens": "prompt",
+    b"completion_tokens": "completion",
+    b"output_tokens": "completion",
+    b"total_tokens": "total",
+}
 
-    def count(*names: str) -> int:
-        for name in names:
-            value = usage.get(name)
-            if isinstance(value, int) and not isinstance(value, bool):
-                return value
-        return 0
 
-    prompt = count("prompt_tokens", "input_tokens")
-    completion = count("completion_tokens", "output_tokens")
-    total = count("total_tokens") or prompt + completion
-    model = document.get("model")
-    return Usage(model if isinstance(model, str) else None, prompt, completion, total)
+def _string(token: bytes) -> str | None:
+    try:
+        value = json.loads(token)
+    except ValueError:
+        return None
+    return value if isinstance(value, str) else None
+
+
+def scan(document: bytes) -> Usage | None:
+    """
+    The last C{usage} object of a JSON document or event stream, and the
+    C{model} of the same answer (or event).
+    """
+    position = document.rfind(b'"usage"')
+    last = None
+    while position >= 0:
+        last = _USAGE.match(document, position)
+        if last is not None:
+            break
+        # "usage": null, as every event but the last of a stream has it.
+        position = document.rfind(b'"usage"', 0, position)
+    if last is None:
+        return None
+    counts: dict[str, int] = {}
+    for match in _COUNT.finditer(document, last.end(), last.end() + _WINDOW):
+        counts.setdefault(_NAMES[match.group(1)], int(match.group(2)))
+    # In a stream the model is in the same event; in a document, anywhere.
+    line = document.rfind(b"\n", 0, last.start()) + 1
+    model = _MODEL.search(document, line) or _MODEL.search(document)
+    prompt, completion = counts.get("prompt", 0), counts.get("completion", 0)
+    return Usage(
+        _string(model.group(1)) if model else None,
+        prompt,
+        completion,
+        counts.get("total", prompt + completion),
+    )
 
 
 class Sniffer:
@@ -83,24 +119,11 @@ class Sniffer:
         """
         The usage the answer reported, if any.
         """
-        body = b"".join(self._chunks)
+        chunks = self._chunks
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         if b'"usage"' not in body:
             return None
-        if not self._stream:
-            try:
-                return _usage_of(json.loads(body))
-            except ValueError:
-                return None
-        for line in reversed(body.split(b"\n")):
-            line = line.strip()
-            if line.startswith(b"data:") and b'"usage"' in line:
-                try:
-                    found = _usage_of(json.loads(line[5:]))
-                except ValueError:
-                    continue
-                if found is not None:
-                    return found
-        return None
+        return scan(body)
 
 
 def sniffer_for(content_type: bytes) -> Sniffer | None:

@@ -1,0 +1,75 @@
+"""
+Reading token usage from answers without parsing them whole.
+"""
+
+import json
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from aigateway.proxy.usage import Usage, scan
+
+
+def test_stream_usage_null_then_object():
+    """
+    Every event of an OpenAI stream with include_usage has "usage": null
+    but the last; the model of that event is taken.
+    """
+    stream = (
+        b'data: {"model":"m","choices":[{"delta":{"content":"hi"}}],"usage":null}\n\n'
+        b'data: {"model":"m2","choices":[],"usage":{"prompt_tokens":1,'
+        b'"completion_tokens":2,"total_tokens":3}}\n\ndata: [DONE]\n\n'
+    )
+    assert scan(stream) == Usage("m2", 1, 2, 3)
+    assert scan(b'data: {"model":"m","usage":null}\n\n') is None
+
+
+def test_text_that_looks_like_usage_is_not_usage():
+    """
+    A message that quotes a usage object is escaped JSON, not a key.
+    """
+    document = json.dumps(
+        {
+            "model": "m",
+            "choices": [{"message": {"content": '"usage": {"prompt_tokens": 99}'}}],
+        }
+    ).encode()
+    assert scan(document) is None
+
+
+def test_anthropic_style_names_and_pretty_printing():
+    document = json.dumps(
+        {"model": "claude", "usage": {"input_tokens": 5, "output_tokens": 7}}, indent=2
+    ).encode()
+    assert scan(document) == Usage("claude", 5, 7, 12)
+
+
+@given(
+    model=st.text(
+        alphabet=st.characters(
+            blacklist_characters='"\\', blacklist_categories=("Cs",)
+        ),
+        min_size=1,
+        max_size=40,
+    ),
+    prompt=st.integers(0, 10**9),
+    completion=st.integers(0, 10**9),
+    content=st.text(max_size=200),
+    indent=st.sampled_from([None, 2]),
+)
+def test_agrees_with_json(model, prompt, completion, content, indent):
+    """
+    Whatever the content, the scan reads what json.loads reads.
+    """
+    document = {
+        "model": model,
+        "choices": [{"message": {"content": content}}],
+        "usage": {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": 0},
+        },
+    }
+    found = scan(json.dumps(document, indent=indent).encode())
+    assert found == Usage(model, prompt, completion, prompt + completion)
