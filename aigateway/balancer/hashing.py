@@ -46,9 +46,10 @@ from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from ..model import Target, Upstream
+from ._eligible import usable
 from .context import PickContext
 from .interfaces import IBalancer, IBalancerFactory, IHealthView
-from .roundrobin import RoundRobinBalancer, usable
+from .roundrobin import RoundRobinBalancer
 
 #: The most points one target gets, whatever its weight: it bounds the
 #: memory of a ring (12 bytes a point: the point and its owner's index) to

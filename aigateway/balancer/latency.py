@@ -39,9 +39,9 @@ from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from ..model import Target, Upstream
+from ._eligible import usable
 from .context import PickContext
 from .interfaces import IBalancer, IBalancerFactory, IHealthView
-from .roundrobin import usable
 
 #: The weight of a new sample in a target's average.
 DECAY = 0.3

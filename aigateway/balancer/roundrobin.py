@@ -23,18 +23,6 @@ from .context import PickContext
 from .interfaces import IBalancer, IBalancerFactory, IHealthView
 
 
-def usable(target: Target, exclude: Collection[str], health: IHealthView) -> bool:
-    """
-    Whether C{target} may be picked for this attempt: not yet tried for the
-    request, and available on this node.
-
-    Every strategy asks this one question, so what "may be picked" means
-    cannot drift between them.  Weight is not asked here: strategies drop
-    targets of weight 0 once, when they are built.
-    """
-    return target.key not in exclude and health.available(target)
-
-
 @implementer(IBalancer)
 class RoundRobinBalancer:
     """
