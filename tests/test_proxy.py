@@ -340,3 +340,34 @@ async def test_slow_client_pauses_the_target(gateway, servers):
     collector.transport.resumeProducing()
     await collector.finished
     assert sum(len(chunk) for _, chunk in received) == size
+
+
+@pytest_twisted.ensureDeferred
+async def test_hosts_and_preserve_host(gateway, servers):
+    """
+    Routes match on the Host header (wildcards included, port ignored), and
+    preserve_host sends the client's Host to the target.
+    """
+    a, b = TargetResource("a"), TargetResource("b")
+    servers.extend([port_a := listen(a), port_b := listen(b)])
+    admin = gateway.admin
+    await admin.post(
+        "/services", form={"name": "a", "url": f"http://{address(port_a)}"}
+    )
+    await admin.post(
+        "/services", form={"name": "b", "url": f"http://{address(port_b)}"}
+    )
+    reply = await admin.post(
+        "/services/a/routes",
+        form={"hosts[]": "*.example.com", "preserve_host": "true", "paths[]": "/"},
+    )
+    assert reply.code == 201, reply.body
+    await admin.post("/services/b/routes", form={"paths[]": "/"})
+    reply = await gateway.proxy.get("/x", headers={"Host": "api.example.com:8000"})
+    assert reply.body == b"a"
+    assert a.requests[-1]["headers"].getRawHeaders(b"host") == [b"api.example.com:8000"]
+    reply = await gateway.proxy.get("/x", headers={"Host": "other.org"})
+    assert reply.body == b"b"
+    assert b.requests[-1]["headers"].getRawHeaders(b"host") == [
+        address(port_b).encode()
+    ]
