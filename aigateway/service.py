@@ -113,7 +113,7 @@ class GatewayService(MultiService):
                 "loaded declarative configuration {path}", path=self.settings.config
             )
         proxy = self._proxy_site = GatewaySite(
-            self.parts.proxy_resource, self.settings.max_body
+            self.parts.proxy_resource, self.settings.max_body, self.reactor
         )
         admin = QuietSite(self.parts.admin_resource)
         self.proxy_port = await serverFromString(
