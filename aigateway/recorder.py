@@ -11,14 +11,13 @@ from __future__ import annotations
 from typing import Any
 
 from .accesslog import AccessLog
-from .metrics import Metrics
+from .metrics import Metrics, labels
 from .model import Target
 from .proxy.forward import Exchange, ExchangeObserver
 
 
 def _names(exchange: Exchange) -> tuple[str, str]:
-    service, route = exchange.service, exchange.route
-    return service.name or service.id, route.name or route.id
+    return labels(exchange.service, exchange.route)
 
 
 def _upstream_name(exchange: Exchange) -> str:
@@ -50,7 +49,7 @@ class Recorder(ExchangeObserver):
         upstream = _upstream_name(exchange)
         self._metrics.inflight[(upstream, target.key)] += 1
         if exchange.attempts > 1:
-            self._metrics.child(self._metrics.retries, upstream).inc()
+            self._metrics.for_upstream(self._metrics.retries, upstream, upstream).inc()
 
     def attempt_ended(
         self, exchange: Exchange, target: Target, code: str, first_byte: float | None
@@ -66,14 +65,8 @@ class Recorder(ExchangeObserver):
         ).inc()
         if first_byte is not None:
             service, route = _names(exchange)
-            metrics.for_target(
-                metrics.upstream_latency,
-                upstream,
-                target.key,
-                service,
-                route,
-                upstream,
-                target.key,
+            metrics.for_route_and_target(
+                metrics.upstream_latency, service, route, upstream, target.key
             ).observe(first_byte * 1000)
 
     def done(self, exchange: Exchange) -> None:
@@ -95,15 +88,16 @@ class Recorder(ExchangeObserver):
     ) -> None:
         metrics = self._metrics
         assert metrics is not None
-        child = metrics.child
-        child(metrics.requests, service, route, str(exchange.status)).inc()
-        child(metrics.request_latency, service, route).observe(elapsed * 1000)
+
+        def child(metric: Any, *more: str) -> Any:
+            return metrics.for_route(metric, service, route, service, route, *more)
+
+        child(metrics.requests, str(exchange.status)).inc()
+        child(metrics.request_latency).observe(elapsed * 1000)
         if exchange.proxy_latency is not None:
-            child(metrics.proxy_latency, service, route).observe(
-                exchange.proxy_latency * 1000
-            )
-        child(metrics.bandwidth, service, route, "ingress").inc(len(exchange.body))
-        child(metrics.bandwidth, service, route, "egress").inc(exchange.bytes_out)
+            child(metrics.proxy_latency).observe(exchange.proxy_latency * 1000)
+        child(metrics.bandwidth, "ingress").inc(len(exchange.body))
+        child(metrics.bandwidth, "egress").inc(exchange.bytes_out)
         usage = exchange.usage
         target = exchange.target
         if usage is not None and target is not None:

@@ -25,7 +25,7 @@ from .admin.entities import Entities
 from .balancer.backup import build_balancer
 from .health.hook import build_health
 from .health.manager import Probed
-from .metrics import Metrics, StateCollector, live_targets
+from .metrics import Metrics, StateCollector, live
 from .proxy.resource import ProxyResource
 from .recorder import Recorder
 from .runtime import Runtime
@@ -78,7 +78,7 @@ def build(reactor: Any, node: Any) -> Parts:
     registry.register(
         StateCollector(metrics, lambda: runtime.snapshot, health, connections)
     )
-    runtime.observe(lambda snapshot: metrics.forget(live_targets(snapshot)))
+    runtime.observe(lambda snapshot: metrics.forget(live(snapshot)))
 
     def probed(event: Any) -> None:
         if isinstance(event, Probed):

@@ -384,3 +384,44 @@ async def test_metrics_off_access_log_on(tmp_path, servers):
     finally:
         await node.stop()
     assert len(log_path.read_text().splitlines()) == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_route_series_go_with_their_route(gateway, servers):
+    """
+    Deleting a route (or renaming it) removes the series labelled with it;
+    deleting an upstream removes its retry series.
+    """
+    servers.append(port := listen(TargetResource("t")))
+    await gateway.configure("up", {address(port): 100})
+    (route,) = (await gateway.admin.get("/routes")).json["data"]
+    assert (await gateway.proxy.get("/")).code == 200
+    samples = await scrape(gateway)
+    assert (
+        value(
+            samples,
+            "aigateway_http_requests_total",
+            service="up",
+            route=route["id"],
+            code="200",
+        )
+        == 1
+    )
+    await gateway.admin.patch(f"/routes/{route['id']}", form={"name": "renamed"})
+    samples = await scrape(gateway)
+    assert not [key for key in samples if ("route", route["id"]) in key[1]]
+    assert (await gateway.proxy.get("/")).code == 200
+    samples = await scrape(gateway)
+    assert (
+        value(
+            samples,
+            "aigateway_http_requests_total",
+            service="up",
+            route="renamed",
+            code="200",
+        )
+        == 1
+    )
+    await gateway.admin.delete("/routes/renamed")
+    samples = await scrape(gateway)
+    assert not [key for key in samples if ("route", "renamed") in key[1]]
