@@ -19,6 +19,10 @@ from twisted.logger import ILogObserver, Logger
 from zope.interface import implementer
 
 
+# json.dumps with arguments builds a new encoder on every call.
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+
+
 @implementer(ILogObserver)
 class AccessLog:
     """
@@ -41,7 +45,7 @@ class AccessLog:
     def __call__(self, event: dict[str, Any]) -> None:
         record = event.get("record")
         if record is not None:
-            self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
+            self._file.write(_encode(record) + "\n")
 
     def write(self, record: dict[str, Any]) -> None:
         """
