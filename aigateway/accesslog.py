@@ -18,7 +18,6 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import ILogObserver, Logger
 from zope.interface import implementer
 
-
 # json.dumps with arguments builds a new encoder on every call.
 _encode = json.JSONEncoder(separators=(",", ":")).encode
 

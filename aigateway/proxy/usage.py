@@ -54,6 +54,9 @@ _NAMES = {
 
 
 def _string(token: bytes) -> str | None:
+    if b"\\" not in token:
+        # Nothing escaped (model names never are): no JSON decoder needed.
+        return token[1:-1].decode("utf-8", "replace")
     try:
         value = json.loads(token)
     except ValueError:
