@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_config -*-
+# -*- test-case-name: tests.test_runtime -*-
 """
 The immutable configuration snapshot.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_model -*-
+# -*- test-case-name: tests.test_runtime -*-
 """
 The configuration values the proxy reads.
 

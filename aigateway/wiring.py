@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_service -*-
+# -*- test-case-name: tests.test_admin,tests.test_proxy -*-
 """
 Assembling one node from its parts.
 

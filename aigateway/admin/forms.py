@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_forms -*-
+# -*- test-case-name: tests.test_schema -*-
 """
 Reading Admin API request bodies.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_balancer_registry -*-
+# -*- test-case-name: tests.test_balancer_properties -*-
 """
 The balancer interfaces.
 

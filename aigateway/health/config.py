@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_model -*-
+# -*- test-case-name: tests.test_schema -*-
 """
 The C{healthchecks} tree of an upstream: its schema (Kong's, with our two
 documented differences) and the frozen values the health checkers read.

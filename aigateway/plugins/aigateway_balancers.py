@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_balancer_properties -*-
 """
 The built-in balancing algorithms, registered as drop-ins.
 
