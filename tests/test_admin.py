@@ -273,3 +273,27 @@ async def test_node_endpoints(gateway):
     status = (await gateway.admin.get("/status")).json
     assert status["database"]["reachable"] is True
     assert status["node_id"] == root["node_id"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_tags_filter(gateway):
+    """
+    ?tags=a,b keeps entities tagged with both, ?tags=a/b with either.
+    """
+    for name, tags in (("one", ["prod", "eu"]), ("two", ["prod"]), ("three", ["dev"])):
+        reply = await gateway.admin.post(
+            "/upstreams", json_body={"name": name, "tags": tags}
+        )
+        assert reply.code == 201
+
+    async def names(query):
+        return sorted(
+            u["name"]
+            for u in (await gateway.admin.get("/upstreams" + query)).json["data"]
+        )
+
+    assert await names("?tags=prod") == ["one", "two"]
+    assert await names("?tags=prod,eu") == ["one"]
+    assert await names("?tags=eu/dev") == ["one", "three"]
+    assert await names("") == ["one", "three", "two"]
+    assert (await gateway.admin.get("/upstreams?tags=a,b/c")).code == 400

@@ -121,6 +121,23 @@ def paginate(request: IRequest, records: list[Record]) -> dict[str, Any]:
     return {"data": page, "next": None}
 
 
+def tag_filter(request: IRequest) -> Callable[[Record], bool]:
+    """
+    Kong's C{?tags=} filter: C{a,b} keeps entities tagged with both,
+    C{a/b} with either.
+    """
+    raw = request.args.get(b"tags", [b""])[0].decode("utf-8", "replace")
+    if not raw:
+        return lambda record: True
+    if "," in raw and "/" in raw:
+        raise bad_request("tags: use ',' (and) or '/' (or), not both")
+    if "/" in raw:
+        either = set(raw.split("/"))
+        return lambda record: bool(either & set(record.get("tags") or ()))
+    every = set(raw.split(","))
+    return lambda record: every <= set(record.get("tags") or ())
+
+
 def crud(
     app: Klein,
     entities: Entities,
@@ -147,7 +164,10 @@ def crud(
 
     async def list_(request: IRequest, **kwargs: Any) -> Any:
         owner = parent(kwargs)
-        records = [show(r) for r in entities.list(kind, owner) if listed(r)]
+        wanted = tag_filter(request)
+        records = [
+            show(r) for r in entities.list(kind, owner) if listed(r) and wanted(r)
+        ]
         return paginate(request, records)
 
     async def create(request: IRequest, **kwargs: Any) -> Any:
