@@ -259,3 +259,42 @@ async def test_models_route_to_services(gateway, servers):
     assert (
         await gateway.proxy.post("/v1/chat/completions", body=b"not json")
     ).body == b"other"
+
+
+@pytest_twisted.ensureDeferred
+async def test_stalled_stream_is_cut_with_an_error_event(gateway, servers):
+    """
+    A stream whose target goes quiet for longer than the service's
+    read_timeout is ended with an error event naming the read timeout, and
+    counts as a passive timeout; the timer restarts with every chunk, so a
+    stream that keeps talking is never cut.
+    """
+    stalling = SSEResource(count=10, interval=2.0)
+    servers.append(port := listen(stalling))
+    await gateway.configure("slow", {address(port): 100})
+    await gateway.admin.patch("/services/slow", form={"read_timeout": "300"})
+    await gateway.admin.patch(
+        "/upstreams/slow", form={"healthchecks.passive.unhealthy.timeouts": "5"}
+    )
+    proxy_port = gateway.service.proxy_port.getHost().port
+    raw = await raw_request(
+        proxy_port, b"GET /v1/chat/completions HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    body = raw.partition(b"\r\n\r\n")[2]
+    assert body.count(b"token") == 1
+    assert b"event: error" in body and b"read timeout" in body
+    assert not body.endswith(b"0\r\n\r\n")
+    health = (await gateway.admin.get("/upstreams/slow/health")).json["data"][0]
+    assert health["counters"]["timeouts"] == 1
+
+    steady = SSEResource(count=6, interval=0.2)
+    servers.append(port := listen(steady))
+    await gateway.configure("steady", {address(port): 100})
+    await gateway.admin.patch("/services/steady", form={"read_timeout": "300"})
+    await gateway.admin.patch(
+        "/routes/"
+        + (await gateway.admin.get("/services/steady/routes")).json["data"][0]["id"],
+        form={"paths[]": "/steady"},
+    )
+    reply = await gateway.proxy.get("/steady")
+    assert reply.body.count(b"token") == 6 and reply.body.endswith(b"[DONE]\n\n")
