@@ -128,6 +128,11 @@ class Exchange:
         self._pending: Deferred[Any] | None = None
         self._relay: Relay | None = None
         self._finished = False
+        # One timer per exchange for the service's read_timeout: until a
+        # response head arrives, then between body chunks (the relay resets
+        # it).  One DelayedCall instead of addTimeout's plus the relay's.
+        self._timer: Any = None
+        self._timed_out = False
 
     def start(self) -> None:
         """
@@ -214,7 +219,8 @@ class Exchange:
         d = self.hooks.agents.agent(service.connect_timeout).request(
             request.method, url, headers, body
         )
-        d.addTimeout(service.read_timeout, self.clock, _timed_out)
+        self._timed_out = False
+        self._restart_timer()
         self._pending = d
         d.addCallbacks(
             self._response,
@@ -223,9 +229,37 @@ class Exchange:
             errbackArgs=(target,),
         )
 
+    def _restart_timer(self) -> None:
+        timer = self._timer
+        if timer is not None and timer.active():
+            timer.reset(self.service.read_timeout)
+        else:
+            self._timer = self.clock.callLater(self.service.read_timeout, self._expired)
+
+    def touch(self) -> None:
+        """
+        Bytes arrived from the target: the read timeout starts again.
+        """
+        if self._timer is not None:
+            self._timer.reset(self.service.read_timeout)
+
+    def _stop_timer(self) -> None:
+        timer = self._timer
+        if timer is not None and timer.active():
+            timer.cancel()
+        self._timer = None
+
+    def _expired(self) -> None:
+        self._timer = None
+        if self._pending is not None:
+            self._timed_out = True
+            self._pending.cancel()
+        elif self._relay is not None:
+            self._relay.stall()
+
     def _failed(self, failure: Failure, target: Target) -> None:
         self._pending = None
-        timeout = failure.check(TimeoutError) is not None
+        timeout = self._timed_out or failure.check(TimeoutError) is not None
         self.end(target, "timeout" if timeout else "error", None)
         if self.gone:
             # The client cancelled: not the target's fault.
@@ -272,6 +306,7 @@ class Exchange:
                 b"content-length", [b"%d" % response.length]
             )
         self.hooks.decorate(self, request)
+        self.touch()
         relay = Relay(self, target, first_byte)
         self._relay = relay
         response.deliverBody(relay)
@@ -300,13 +335,8 @@ class Exchange:
         if not self._finished:
             self._finished = True
             self.hooks.observer.done(self)
+            self._stop_timer()
             # The relay and the exchange point at each other: break the
             # cycle so both go with reference counting, not a GC pass.
             self._relay = None
             self._pending = None
-
-
-def _timed_out(result: object, timeout: float) -> Failure:
-    # Agent turns the cancellation into ResponseNeverReceived, which
-    # addTimeout would not recognise as its own: say what happened.
-    return Failure(TimeoutError(f"no response within {timeout} s"))

@@ -89,7 +89,6 @@ class Relay(Protocol):
         self.exchange = exchange
         self.target = target
         self.first_byte = first_byte
-        self._stalled: Any = None
         self._stall_cause: str | None = None
         content_type = exchange.request.responseHeaders.getRawHeaders(
             b"content-type", [b""]
@@ -98,11 +97,7 @@ class Relay(Protocol):
         self._sniffer = sniffer_for(content_type)
 
     def connectionMade(self) -> None:
-        exchange = self.exchange
-        exchange.request.registerProducer(self.transport, True)
-        self._stalled = exchange.clock.callLater(
-            exchange.service.read_timeout, self._stall
-        )
+        self.exchange.request.registerProducer(self.transport, True)
 
     def dataReceived(self, data: bytes) -> None:
         exchange = self.exchange
@@ -110,11 +105,12 @@ class Relay(Protocol):
         exchange.request.write(data)
         if self._sniffer is not None:
             self._sniffer.feed(data)
-        if self._stalled is not None:
-            self._stalled.reset(exchange.service.read_timeout)
+        exchange.touch()
 
-    def _stall(self) -> None:
-        self._stalled = None
+    def stall(self) -> None:
+        """
+        The target sent nothing for the service's read timeout: give up.
+        """
         self._stall_cause = "read timeout"
         if self.transport is not None:
             self.transport.stopProducing()  # type: ignore[attr-defined]
@@ -129,9 +125,6 @@ class Relay(Protocol):
 
     def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
         exchange = self.exchange
-        if self._stalled is not None:
-            self._stalled.cancel()
-            self._stalled = None
         exchange.end(self.target, str(exchange.status), self.first_byte)
         request = exchange.request
         if exchange.gone:
