@@ -26,24 +26,17 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import yaml
 
 from .config import empty_records
-from .records import build_record
+from .records import SERVER_FIELDS, UNIQUE, build_record, parent_id
 from .schema import flatten
 
 FORMAT_VERSIONS = ("1.1", "2.1", "3.0")
-_SERVER_FIELDS = ("id", "created_at", "updated_at")
 _NESTED = {"upstreams": ("targets", "upstream"), "services": ("routes", "service")}
-_UNIQUE = {
-    "upstreams": "name",
-    "services": "name",
-    "routes": "name",
-    "targets": "target",
-}
 MASK = "…"
 
 
@@ -109,26 +102,11 @@ def load(
     seen: set[tuple[str, Any, Any]] = set()
     for kind in ("upstreams", "services"):
         child_kind, parent_field = _NESTED[kind]
-        entries = document.get(kind) or []
-        if not isinstance(entries, list):
-            errors.append(f"{kind}: expected an array")
-            continue
-        for i, entry in enumerate(entries):
-            where = f"{kind}[{i}]"
-            if not isinstance(entry, dict):
-                errors.append(f"{where}: expected a record")
-                continue
-            children = entry.get(child_kind) or []
+        for where, entry in _entries(document.get(kind), kind, errors):
             body = {k: v for k, v in entry.items() if k != child_kind}
             parent = _record(kind, body, now, where, errors, records, seen)
-            if not isinstance(children, list):
-                errors.append(f"{where}.{child_kind}: expected an array")
-                continue
-            for j, child in enumerate(children):
-                there = f"{where}.{child_kind}[{j}]"
-                if not isinstance(child, dict):
-                    errors.append(f"{there}: expected a record")
-                    continue
+            children = entry.get(child_kind)
+            for there, child in _entries(children, f"{where}.{child_kind}", errors):
                 child = dict(child)
                 child[parent_field] = {
                     "id": parent["id"] if parent else str(uuid.uuid4())
@@ -139,6 +117,25 @@ def load(
     if errors:
         raise InvalidDocument(errors)
     return records
+
+
+def _entries(
+    value: Any, where: str, errors: list[str]
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """
+    The records of an array in the document, each with its place; what is
+    not an array or not a record is reported in C{errors} and skipped.
+    """
+    if not value:
+        return
+    if not isinstance(value, list):
+        errors.append(f"{where}: expected an array")
+        return
+    for i, entry in enumerate(value):
+        if isinstance(entry, dict):
+            yield f"{where}[{i}]", entry
+        else:
+            errors.append(f"{where}[{i}]: expected a record")
 
 
 def _record(
@@ -152,10 +149,10 @@ def _record(
 ) -> dict[str, Any] | None:
     data = {k: v for k, v in data.items() if k not in ("created_at", "updated_at")}
     record, problems = build_record(kind, data, coerce=False)
-    key = _UNIQUE[kind]
+    key = UNIQUE[kind]
     # Duplicates are looked for even among invalid entries, so that every
     # error is reported in one pass.
-    unique = (kind, _scope(kind, data), record.get(key, data.get(key)))
+    unique = (kind, parent_id(kind, data), record.get(key, data.get(key)))
     if unique[2] is not None and unique in seen:
         problems[key] = f"duplicate {key} {unique[2]!r}"
     seen.add(unique)
@@ -171,12 +168,6 @@ def _record(
     )
     records[kind][record["id"]] = record
     return record
-
-
-def _scope(kind: str, data: Mapping[str, Any]) -> Any:
-    parent = {"targets": "upstream", "routes": "service"}.get(kind)
-    ref = data.get(parent) if parent else None
-    return ref.get("id") if isinstance(ref, Mapping) else None
 
 
 def _secrets(
@@ -214,7 +205,7 @@ def export(records: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str, 
     """
 
     def clean(record: Mapping[str, Any], drop: str | None = None) -> dict[str, Any]:
-        out = {k: v for k, v in record.items() if k not in _SERVER_FIELDS and k != drop}
+        out = {k: v for k, v in record.items() if k not in SERVER_FIELDS and k != drop}
         if "headers" in out and drop == "upstream":
             out["headers"] = {k: mask(v) for k, v in out["headers"].items()}
         return out
@@ -234,7 +225,7 @@ def export(records: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str, 
                 for child in records[child_kind].values()
                 if child[parent_field]["id"] == parent["id"]
             ]
-            entry[child_kind] = ordered(children, _UNIQUE[child_kind])
+            entry[child_kind] = ordered(children, UNIQUE[child_kind])
             entries.append(entry)
         document[kind] = ordered(entries, "name")
     return document

@@ -250,6 +250,28 @@ def check_service(rec: dict[str, Any], given: Mapping[str, Any]) -> Errors:
     return {}
 
 
+#: Fields the gateway sets, never taken from a request body as they are.
+SERVER_FIELDS = ("id", "created_at", "updated_at")
+#: Each kind's unique key, within its parent for targets and routes.
+UNIQUE = {
+    "upstreams": "name",
+    "services": "name",
+    "routes": "name",
+    "targets": "target",
+}
+#: The field by which a target or route refers to its parent.
+PARENT = {"targets": "upstream", "routes": "service"}
+
+
+def parent_id(kind: str, record: Mapping[str, Any]) -> str | None:
+    """
+    The id of the upstream or service a target or route belongs to.
+    """
+    parent = PARENT.get(kind)
+    ref = record.get(parent) if parent else None
+    return ref.get("id") if isinstance(ref, Mapping) else None
+
+
 CHECKS = {
     "upstreams": check_upstream,
     "targets": check_target,

@@ -19,7 +19,7 @@ from twisted.internet.defer import Deferred, DeferredLock
 
 from ..addresses import format_target, parse_target
 from ..config import ConfigSnapshot
-from ..records import build_record
+from ..records import PARENT, SERVER_FIELDS, UNIQUE, build_record, parent_id
 from ..runtime import Runtime
 from ..schema import merge
 from ..store.interfaces import IStore
@@ -32,15 +32,6 @@ from .errors import (
 )
 
 Record = dict[str, Any]
-_SERVER_FIELDS = ("id", "created_at", "updated_at")
-# Each kind's unique key within its scope, and the parent reference.
-_UNIQUE = {
-    "upstreams": "name",
-    "services": "name",
-    "routes": "name",
-    "targets": "target",
-}
-_PARENT = {"targets": "upstream", "routes": "service"}
 
 
 def is_uuid(value: str) -> bool:
@@ -52,12 +43,6 @@ def is_uuid(value: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _parent_id(kind: str, record: Mapping[str, Any]) -> str | None:
-    parent = _PARENT.get(kind)
-    ref = record.get(parent) if parent else None
-    return ref.get("id") if isinstance(ref, Mapping) else None
 
 
 class Entities:
@@ -88,15 +73,15 @@ class Entities:
         records = self.snapshot.records[kind]
         if ref in records:
             found = records[ref]
-            if parent is None or _parent_id(kind, found) == parent:
+            if parent is None or parent_id(kind, found) == parent:
                 return dict(found)
-        key = _UNIQUE[kind]
+        key = UNIQUE[kind]
         if kind == "targets":
             parsed = parse_target(ref)
             ref = format_target(*parsed) if parsed else ref
         for record in records.values():
             if record.get(key) == ref and (
-                parent is None or _parent_id(kind, record) == parent
+                parent is None or parent_id(kind, record) == parent
             ):
                 return dict(record)
         raise not_found()
@@ -108,7 +93,7 @@ class Entities:
         records = [
             r
             for r in self.snapshot.records[kind].values()
-            if parent is None or _parent_id(kind, r) == parent
+            if parent is None or parent_id(kind, r) == parent
         ]
         records.sort(key=lambda r: (r.get("created_at") or 0, r["id"]))
         return [dict(r) for r in records]
@@ -141,7 +126,7 @@ class Entities:
         """
 
         def run() -> Deferred[tuple[Record, bool]]:
-            key = data.get(_UNIQUE[kind])
+            key = data.get(UNIQUE[kind])
             old = None
             if isinstance(key, str):
                 with suppress(AdminError):
@@ -179,7 +164,7 @@ class Entities:
         coerce: bool,
         parent: str | None,
     ) -> Deferred[Record]:
-        given = {k: v for k, v in old.items() if k not in _SERVER_FIELDS}
+        given = {k: v for k, v in old.items() if k not in SERVER_FIELDS}
         merged = merge(given, _without_server_fields(data))
         return self._save(kind, merged, coerce, parent, old)
 
@@ -206,10 +191,10 @@ class Entities:
                 if is_uuid(ref):
                     body["id"] = ref
                 else:
-                    body.setdefault(_UNIQUE[kind], ref)
+                    body.setdefault(UNIQUE[kind], ref)
                 return self._create(kind, body, coerce, parent)
             if not is_uuid(ref):
-                body.setdefault(_UNIQUE[kind], ref)
+                body.setdefault(UNIQUE[kind], ref)
             return self._save(kind, body, coerce, parent, old)
 
         return self._locked(put)
@@ -263,7 +248,7 @@ class Entities:
         self, kind: str, data: Record, coerce: bool, parent: str | None, old: Record
     ) -> Deferred[Record]:
         if parent is not None:
-            data[_PARENT[kind]] = {"id": parent}
+            data[PARENT[kind]] = {"id": parent}
         if kind == "routes":
             self._resolve_service(data)
         record, errors = build_record(kind, data, coerce)
@@ -296,27 +281,27 @@ class Entities:
         parent_kind = {"targets": "upstreams", "routes": "services"}.get(kind)
         if parent_kind is None:
             return
-        parent_id = _parent_id(kind, record)
-        if parent_id is None:
-            raise schema_violation({_PARENT[kind]: "required field missing"})
-        if parent_id not in self.snapshot.records[parent_kind]:
+        owner = parent_id(kind, record)
+        if owner is None:
+            raise schema_violation({PARENT[kind]: "required field missing"})
+        if owner not in self.snapshot.records[parent_kind]:
             raise foreign_key_violation(
-                f"the foreign key '{{id=\"{parent_id}\"}}' does not reference an "
+                f"the foreign key '{{id=\"{owner}\"}}' does not reference an "
                 f"existing '{parent_kind}' entity.",
-                {_PARENT[kind]: {"id": parent_id}},
+                {PARENT[kind]: {"id": owner}},
             )
 
     def _check_unique(self, kind: str, record: Record) -> None:
-        key = _UNIQUE[kind]
+        key = UNIQUE[kind]
         value = record.get(key)
         if value is None:
             return
-        scope = _parent_id(kind, record)
+        scope = parent_id(kind, record)
         for other in self.snapshot.records[kind].values():
             if (
                 other["id"] != record["id"]
                 and other.get(key) == value
-                and _parent_id(kind, other) == scope
+                and parent_id(kind, other) == scope
             ):
                 if kind == "targets":
                     hint = f"use PATCH /upstreams/{{upstream}}/targets/{value} to change it"
