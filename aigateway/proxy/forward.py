@@ -10,6 +10,7 @@ the failure to passive health and tries another target.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -154,15 +155,7 @@ class Exchange:
 
     def _pick(self) -> Target | None:
         if self.balancer is None:
-            service = self.service
-            return Target(
-                id="",
-                upstream_id="",
-                key=format_target(service.host, service.port),
-                host=service.host,
-                port=service.port,
-                weight=1,
-            )
+            return _direct_target(self.service)
         return self.balancer.pick(self.context, self.tried)
 
     def _begin(self, target: Target) -> None:
@@ -340,3 +333,19 @@ class Exchange:
             # cycle so both go with reference counting, not a GC pass.
             self._relay = None
             self._pending = None
+
+
+@functools.lru_cache(maxsize=1024)
+def _direct_target(service: Service) -> Target:
+    """
+    The one target of a service whose host is not an upstream: made once
+    per service value, not on every attempt.
+    """
+    return Target(
+        id="",
+        upstream_id="",
+        key=format_target(service.host, service.port),
+        host=service.host,
+        port=service.port,
+        weight=1,
+    )
