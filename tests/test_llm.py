@@ -115,6 +115,9 @@ async def test_rate_limited_target_is_failed_over(gateway, servers):
     limited = next(t for t in health if t["target"] == address(port_a))
     assert limited["health"] == "HEALTHY"
     assert limited["cooldown_until"] is not None
+    # Healthy, but its weight is not available while it cools down: the
+    # same answer the balancers and ?balancer_health=1 give.
+    assert limited["data"]["weight"]["available"] == 0
 
 
 @pytest_twisted.ensureDeferred

@@ -89,7 +89,7 @@ def register(app: Klein, entities: Entities, health: Any, node_id: str) -> None:
         for target in targets:
             described = health.describe(target)
             state = described["health"]
-            available = target.weight if state in ("HEALTHY", "HEALTHCHECKS_OFF") else 0
+            available = target.weight if health.is_available(target) else 0
             rows.append(
                 {
                     **show_target(dict(records[target.id])),
