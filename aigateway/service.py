@@ -19,9 +19,10 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
+from .admin.site import AdminSite
 from .config import ConfigSnapshot
 from .proxy.client import Agents
-from .proxy.resource import GatewaySite, QuietSite
+from .proxy.server import ProxyFactory
 from .runtime import Runtime
 from .store.sqlite import SQLiteStore
 
@@ -112,10 +113,10 @@ class GatewayService(MultiService):
             _log.info(
                 "loaded declarative configuration {path}", path=self.settings.config
             )
-        proxy = self._proxy_site = GatewaySite(
+        proxy = self._proxy_factory = ProxyFactory(
             self.parts.proxy_resource, self.settings.max_body, self.reactor
         )
-        admin = QuietSite(self.parts.admin_resource)
+        admin = AdminSite(self.parts.admin_resource)
         self.proxy_port = await serverFromString(
             self.reactor, with_backlog(self.settings.proxy)
         ).listen(proxy)
@@ -136,8 +137,8 @@ class GatewayService(MultiService):
         """
         Client connections open to the proxy.
         """
-        site = getattr(self, "_proxy_site", None)
-        return site.open_connections if site is not None else 0
+        factory = getattr(self, "_proxy_factory", None)
+        return factory.open_connections if factory is not None else 0
 
     def _start_failed(self, failure: Any) -> Any:
         _log.failure("aigateway could not start", failure)

@@ -25,6 +25,7 @@ from twisted.web.iweb import IResponse
 from zope.interface import implementer
 
 from ._parser import BadResponse, ResponseHead, ResponseParser
+from ._transport import send
 
 if TYPE_CHECKING:
     from .lean import _Request
@@ -70,7 +71,7 @@ class _Connection(Protocol):
         self.state = _WAITING
         self.request = request
         self.parser.expect(request.no_body)
-        self.transport.write(data)  # type: ignore[union-attr]
+        send(self.transport, data)
 
     def dataReceived(self, data: bytes) -> None:
         state = self.state

@@ -1,6 +1,7 @@
 # -*- test-case-name: tests.test_lean -*-
 """
-An incremental parser for HTTP/1.x responses, for the lean client.
+Incremental parsers for HTTP/1.x messages: responses for the lean client,
+requests for the proxy's own server channel.
 
 Pure Python on purpose.  Measured on the gateway's typical answer (five
 headers and a 600-byte body in one read), it takes 4.6 us per response;
@@ -16,13 +17,15 @@ Framing follows RFC 9112 section 6.3: no body for C{HEAD}, 1xx, 204 and
 any other transfer coding, or neither header, means the body runs until
 the connection closes.  Anything ambiguous (bad or conflicting lengths,
 bare CR or LF in the head, folded lines, malformed chunk sizes) is refused
-with L{BadResponse} rather than guessed at, since a proxy that guesses a
+with L{BadResponse} (L{BadRequest}) rather than guessed at, since a proxy that guesses a
 message boundary differently from its peer can be made to mix answers up.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
+from typing import Any
 
 from twisted.web.http_headers import Headers, _nameEncoder
 from twisted.web.iweb import UNKNOWN_LENGTH
@@ -51,21 +54,101 @@ _MAX_CANONICAL = 2000
 _FRAMING = frozenset({b"Content-Length", b"Transfer-Encoding", b"Connection"})
 
 
-def _canonical(name: bytes) -> bytes:
+def _canonical(name: bytes, error: type[BadMessage]) -> bytes:
     try:
         canonical = _nameEncoder.encode(name)
     except ValueError:
-        raise BadResponse(f"bad header name: {name[:40]!r}") from None
+        raise error(f"bad header name: {name[:40]!r}") from None
     if len(_CANONICAL) < _MAX_CANONICAL:
         _CANONICAL[name] = canonical
     return canonical
 
 
-class BadResponse(Exception):
+class BadMessage(Exception):
+    """
+    The bytes are not an HTTP/1.x message that can be framed without
+    guessing.
+    """
+
+
+class BadResponse(BadMessage):
     """
     The target's answer is not an HTTP/1.x response that can be framed
     without guessing.
     """
+
+
+class BadRequest(BadMessage):
+    """
+    The client's request is not an HTTP/1.x request that can be framed
+    without guessing.
+
+    @ivar status: the status to answer with.
+    """
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _Fields:
+    """
+    The header fields of a message head, and what they say of its framing.
+
+    @ivar length: the C{Content-Length}, or L{None}.
+    @ivar coded: a C{Transfer-Encoding} was given.
+    @ivar chunked: the last transfer coding is C{chunked}.
+    @ivar connection: the lower-cased C{Connection} tokens.
+    """
+
+    __slots__ = ("headers", "length", "coded", "chunked", "connection")
+
+    def __init__(self, lines: list[bytes], error: type[BadMessage]) -> None:
+        headers = self.headers = Headers()
+        raw = headers._rawHeaders
+        length: int | None = None
+        chunked = coded = False
+        connection: list[bytes] = []
+        for line in lines:
+            name, colon, value = line.partition(b":")
+            if not colon:
+                raise error("header line without a colon")
+            canonical = _CANONICAL.get(name)
+            if canonical is None:
+                canonical = _canonical(name, error)
+            value = value.strip(b" \t")
+            if canonical in _FRAMING:
+                if canonical == b"Content-Length":
+                    for item in value.split(b","):
+                        item = item.strip(b" \t")
+                        if not item.isdigit() or (
+                            length is not None and int(item) != length
+                        ):
+                            raise error("bad Content-Length")
+                        length = int(item)
+                    continue
+                if canonical == b"Transfer-Encoding":
+                    coded = True
+                    last = value.rsplit(b",", 1)[-1].strip(b" \t").lower()
+                    chunked = last == b"chunked"
+                    continue
+                connection.append(value.lower())
+            values = raw.get(canonical)
+            if values is None:
+                raw[canonical] = [value]
+            else:
+                values.append(value)
+        self.length = length
+        self.coded = coded
+        self.chunked = chunked
+        self.connection = {t.strip(b" \t") for v in connection for t in v.split(b",")}
+
+
+def _split_head(head: bytes, error: type[BadMessage]) -> list[bytes]:
+    lines = head.split(b"\r\n")
+    if head.count(b"\n") != len(lines) - 1 or head.count(b"\r") != len(lines) - 1:
+        raise error("bare CR or LF in message head")
+    return lines
 
 
 class ResponseHead:
@@ -104,23 +187,25 @@ _HTTP11 = (b"HTTP", 1, 1)
 _HTTP10 = (b"HTTP", 1, 0)
 
 
-class ResponseParser:
+class _MessageParser:
     """
-    Parses the responses of one connection, one at a time.
+    The body framing shared by requests and responses: a head, then a body
+    of known length, chunked, or running until the connection closes.
 
-    L{expect} arms it for the next response; L{feed} then calls C{on_head}
-    once with a L{ResponseHead}, C{on_body} with each piece of (de-chunked)
-    body as it arrives, and sets L{complete} when the response is over.
+    L{feed} calls C{on_head} once per message with its head, C{on_body}
+    with each piece of (de-chunked) body as it arrives, and sets
+    L{complete} when the message is over.
 
-    @ivar complete: the current response is fully received.
-    @ivar trailing: bytes followed the complete response (the connection
-        cannot be trusted for another request).
-    @ivar received: some byte of the current response has arrived.
+    @ivar complete: the current message is fully received.
+    @ivar leftover: bytes that followed the complete message.
+    @ivar received: some byte of the current message has arrived.
     """
+
+    error: type[BadMessage] = BadMessage
 
     def __init__(
         self,
-        on_head: Callable[[ResponseHead], None],
+        on_head: Callable[[Any], None],
         on_body: Callable[[bytes], None],
     ) -> None:
         self._on_head = on_head
@@ -128,23 +213,15 @@ class ResponseParser:
         self._state = _DONE
         self._buffer = b""
         self._remaining = 0
-        self._no_body = False
         self.complete = True
-        self.trailing = False
+        self.leftover = b""
         self.received = False
 
-    def expect(self, no_body: bool) -> None:
-        """
-        Get ready for the response to a new request.
-
-        @param no_body: the request was a C{HEAD}: whatever the headers
-            say, the response has no body.
-        """
+    def _arm(self) -> None:
         self._state = _HEAD
         self._buffer = b""
-        self._no_body = no_body
         self.complete = False
-        self.trailing = False
+        self.leftover = b""
         self.received = False
 
     def stop(self) -> None:
@@ -161,11 +238,14 @@ class ResponseParser:
         """
         return self._state == _UNTIL_CLOSE
 
+    def _head(self, data: bytes) -> bytes:
+        raise NotImplementedError()
+
     def feed(self, data: bytes) -> None:
         """
-        Parse bytes received from the target.
+        Parse bytes received.
 
-        @raise BadResponse: the bytes are not a well-framed response.
+        @raise BadMessage: the bytes are not a well-framed message.
         """
         self.received = True
         if self._buffer:
@@ -205,20 +285,99 @@ class ResponseParser:
                     self._buffer = data
                     return
                 if data[:2] != b"\r\n":
-                    raise BadResponse("chunk not followed by CRLF")
+                    raise self.error("chunk not followed by CRLF")
                 self._state = _CHUNK_SIZE
                 data = data[2:]
             elif state == _TRAILERS:
                 data = self._trailers(data)
             else:
-                # _DONE: nothing may follow a response we did not ask for.
+                # _DONE: what follows belongs to the next message, if any.
                 if self.complete:
-                    self.trailing = True
+                    self.leftover += data
                 return
+
+    def _framed(self, fields: _Fields) -> None:
+        """
+        Set up for a body framed by C{Transfer-Encoding: chunked} or
+        C{Content-Length} (already checked for conflicts by the caller).
+        """
+        if fields.chunked:
+            self._state = _CHUNK_SIZE
+        elif fields.length:
+            self._state = _LENGTH
+            self._remaining = fields.length
+        else:
+            self._finish()
 
     def _finish(self) -> None:
         self._state = _DONE
         self.complete = True
+
+    def _line(self, data: bytes) -> tuple[bytes | None, bytes]:
+        end = data.find(b"\r\n")
+        if end < 0:
+            if len(data) > _MAX_LINE:
+                raise self.error("chunk line too long")
+            self._buffer = data
+            return None, b""
+        return data[:end], data[end + 2 :]
+
+    def _chunk_size(self, data: bytes) -> bytes:
+        line, rest = self._line(data)
+        if line is None:
+            return rest
+        size = line.split(b";", 1)[0].strip(b" \t")
+        if not size or len(size) > 16 or size.strip(_HEX):
+            raise self.error(f"bad chunk size: {line[:40]!r}")
+        self._remaining = int(size, 16)
+        self._state = _CHUNK_DATA if self._remaining else _TRAILERS
+        return rest
+
+    def _trailers(self, data: bytes) -> bytes:
+        # Trailer fields are read and dropped, as Twisted's client does.
+        line, rest = self._line(data)
+        if line is None:
+            return rest
+        if not line:
+            self._finish()
+        return rest
+
+
+class ResponseParser(_MessageParser):
+    """
+    Parses the responses of one connection, one at a time.
+
+    L{expect} arms it for the next response; C{on_head} gets a
+    L{ResponseHead}.
+    """
+
+    error = BadResponse
+
+    def __init__(
+        self,
+        on_head: Callable[[ResponseHead], None],
+        on_body: Callable[[bytes], None],
+    ) -> None:
+        super().__init__(on_head, on_body)
+        self._no_body = False
+
+    @property
+    def trailing(self) -> bool:
+        """
+        Bytes followed the complete response: the connection cannot be
+        trusted for another request.
+        """
+        return bool(self.leftover)
+
+    def expect(self, no_body: bool) -> None:
+        """
+        Get ready for the response to a new request.
+
+        @param no_body: the request was a C{HEAD}: whatever the headers
+            say, the response has no body.
+        """
+        self._arm()
+        self._no_body = no_body
 
     def _head(self, data: bytes) -> bytes:
         end = data.find(b"\r\n\r\n")
@@ -229,9 +388,7 @@ class ResponseParser:
             return b""
         head = data[:end]
         rest = data[end + 4 :]
-        lines = head.split(b"\r\n")
-        if head.count(b"\n") != len(lines) - 1 or head.count(b"\r") != len(lines) - 1:
-            raise BadResponse("bare CR or LF in response head")
+        lines = _split_head(head, BadResponse)
         status = lines[0]
         prefix = status[:9]
         if prefix == b"HTTP/1.1 ":
@@ -248,42 +405,9 @@ class ResponseParser:
             # Informational (100 Continue, 103 Early Hints): the real
             # response follows.
             return rest
-        headers = Headers()
-        raw = headers._rawHeaders
-        length: int | None = None
-        chunked = False
-        coded = False
-        connection: list[bytes] = []
-        for line in lines[1:]:
-            name, colon, value = line.partition(b":")
-            if not colon:
-                raise BadResponse("header line without a colon")
-            canonical = _CANONICAL.get(name)
-            if canonical is None:
-                canonical = _canonical(name)
-            value = value.strip(b" \t")
-            if canonical in _FRAMING:
-                if canonical == b"Content-Length":
-                    for item in value.split(b","):
-                        item = item.strip(b" \t")
-                        if not item.isdigit() or (
-                            length is not None and int(item) != length
-                        ):
-                            raise BadResponse("bad Content-Length")
-                        length = int(item)
-                    continue
-                if canonical == b"Transfer-Encoding":
-                    coded = True
-                    last = value.rsplit(b",", 1)[-1].strip(b" \t").lower()
-                    chunked = last == b"chunked"
-                    continue
-                connection.append(value.lower())
-            values = raw.get(canonical)
-            if values is None:
-                raw[canonical] = [value]
-            else:
-                values.append(value)
-        tokens = {t.strip(b" \t") for v in connection for t in v.split(b",")}
+        del lines[0]
+        fields = _Fields(lines, BadResponse)
+        tokens = fields.connection
         if version is _HTTP11:
             keep_alive = b"close" not in tokens
         else:
@@ -294,57 +418,169 @@ class ResponseParser:
             self._finish()
             if code == 101:
                 keep_alive = False
-        elif coded:
+        elif fields.coded:
             body_length = UNKNOWN_LENGTH
-            if chunked:
+            if fields.chunked:
                 self._state = _CHUNK_SIZE
             else:
                 self._state = _UNTIL_CLOSE
                 keep_alive = False
-            if length is not None:
+            if fields.length is not None:
                 # Both framings given: RFC 9112 6.1 says not to reuse.
                 keep_alive = False
-        elif length is not None:
-            body_length = length
-            if length:
-                self._state = _LENGTH
-                self._remaining = length
-            else:
-                self._finish()
+        elif fields.length is not None:
+            body_length = fields.length
+            self._framed(fields)
         else:
             body_length = UNKNOWN_LENGTH
             self._state = _UNTIL_CLOSE
             keep_alive = False
         self._on_head(
-            ResponseHead(version, code, status[13:], headers, body_length, keep_alive)
+            ResponseHead(
+                version, code, status[13:], fields.headers, body_length, keep_alive
+            )
         )
         return rest
 
-    def _line(self, data: bytes) -> tuple[bytes | None, bytes]:
-        end = data.find(b"\r\n")
+
+class RequestHead:
+    """
+    The request line and headers of a request.
+
+    @ivar length: the declared body length, L{None} for a chunked body.
+    @ivar keep_alive: whether the client asks to keep the connection open
+        after the response.
+    @ivar headers: the headers, less C{Content-Length} and
+        C{Transfer-Encoding}, which describe the framing this parser undoes.
+    """
+
+    __slots__ = (
+        "method",
+        "uri",
+        "version",
+        "headers",
+        "length",
+        "keep_alive",
+        "expect_continue",
+    )
+
+    def __init__(
+        self,
+        method: bytes,
+        uri: bytes,
+        version: bytes,
+        headers: Headers,
+        length: int | None,
+        keep_alive: bool,
+        expect_continue: bool,
+    ) -> None:
+        self.method = method
+        self.uri = uri
+        self.version = version
+        self.headers = headers
+        self.length = length
+        self.keep_alive = keep_alive
+        self.expect_continue = expect_continue
+
+
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_METHODS: dict[bytes, bytes] = {}
+
+
+class RequestParser(_MessageParser):
+    """
+    Parses the requests of one client connection, one at a time.
+
+    L{expect} arms it for the next request; C{on_head} gets a
+    L{RequestHead}.  A request body is framed by C{Content-Length} or
+    C{Transfer-Encoding: chunked}; anything else (another transfer coding,
+    both headers at once) is refused, as nginx does, since a request a
+    proxy frames differently from the server behind it is a smuggling
+    attack.
+
+    @ivar max_head: the largest request head accepted (431 beyond).
+    """
+
+    error = BadRequest
+
+    def __init__(
+        self,
+        on_head: Callable[[RequestHead], None],
+        on_body: Callable[[bytes], None],
+        max_head: int = _MAX_HEAD,
+    ) -> None:
+        super().__init__(on_head, on_body)
+        self.max_head = max_head
+
+    def expect(self) -> None:
+        """
+        Get ready for the next request.
+        """
+        self._arm()
+
+    def _head(self, data: bytes) -> bytes:
+        if data[:1] == b"\r" or data[:1] == b"\n":
+            # RFC 9112 section 2.2: ignore empty lines before a request.
+            data = data.lstrip(b"\r\n")
+        end = data.find(b"\r\n\r\n")
         if end < 0:
-            if len(data) > _MAX_LINE:
-                raise BadResponse("chunk line too long")
+            if len(data) > self.max_head:
+                raise BadRequest("request head too large", 431)
             self._buffer = data
-            return None, b""
-        return data[:end], data[end + 2 :]
-
-    def _chunk_size(self, data: bytes) -> bytes:
-        line, rest = self._line(data)
-        if line is None:
-            return rest
-        size = line.split(b";", 1)[0].strip(b" \t")
-        if not size or len(size) > 16 or size.strip(_HEX):
-            raise BadResponse(f"bad chunk size: {line[:40]!r}")
-        self._remaining = int(size, 16)
-        self._state = _CHUNK_DATA if self._remaining else _TRAILERS
+            return b""
+        if end > self.max_head:
+            raise BadRequest("request head too large", 431)
+        head = data[:end]
+        rest = data[end + 4 :]
+        lines = _split_head(head, BadRequest)
+        method, uri, version = self._request_line(lines[0])
+        del lines[0]
+        fields = _Fields(lines, BadRequest)
+        if fields.coded:
+            if not fields.chunked or fields.length is not None:
+                raise BadRequest("unsupported Transfer-Encoding", 501)
+            length = None
+        else:
+            length = fields.length or 0
+        tokens = fields.connection
+        if version == b"HTTP/1.1":
+            keep_alive = b"close" not in tokens
+        else:
+            keep_alive = b"keep-alive" in tokens
+        expect = fields.headers._rawHeaders.get(b"Expect")
+        expect_continue = expect is not None and expect[0].lower() == b"100-continue"
+        self._framed(fields)
+        self._on_head(
+            RequestHead(
+                method,
+                uri,
+                version,
+                fields.headers,
+                length,
+                keep_alive,
+                expect_continue and length != 0,
+            )
+        )
         return rest
 
-    def _trailers(self, data: bytes) -> bytes:
-        # Trailer fields are read and dropped, as Twisted's client does.
-        line, rest = self._line(data)
-        if line is None:
-            return rest
-        if not line:
-            self._finish()
-        return rest
+    def _request_line(self, line: bytes) -> tuple[bytes, bytes, bytes]:
+        method, _, rest = line.partition(b" ")
+        uri, _, version = rest.partition(b" ")
+        if version != b"HTTP/1.1" and version != b"HTTP/1.0":
+            if version[:5] == b"HTTP/" and len(version) == 8:
+                raise BadRequest("HTTP version not supported", 505)
+            raise BadRequest(f"bad request line: {line[:60]!r}")
+        known = _METHODS.get(method)
+        if known is None:
+            if _TOKEN.fullmatch(method) is None:
+                raise BadRequest(f"bad method: {method[:40]!r}")
+            if len(_METHODS) < 64:
+                _METHODS[method] = method
+        origin = uri[:1] == b"/" or _absolute(uri)
+        if b" " in uri or not (origin or (method == b"OPTIONS" and uri == b"*")):
+            raise BadRequest(f"bad request target: {uri[:60]!r}")
+        return method, uri, version
+
+
+def _absolute(uri: bytes) -> bool:
+    return uri[:7].lower() == b"http://" or uri[:8].lower() == b"https://"

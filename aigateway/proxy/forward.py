@@ -27,12 +27,11 @@ from .relay import BytesProducer, Discard, Relay, write_error
 from .usage import Usage
 
 if TYPE_CHECKING:
-    from twisted.web.server import Request
-
     from ..balancer.context import PickContext
     from ..balancer.interfaces import IBalancer
     from ..model import Route, Service, Upstream
     from .client import Agents
+    from .server import ProxyRequest
 
 NO_PEER = "failure to get a peer from the ring-balancer"
 BAD_GATEWAY = "An invalid response was received from the upstream server"
@@ -54,7 +53,7 @@ class Hooks:
     agents: Agents
     clock: Any
     health: Any
-    decorate: Callable[[Exchange, Request], None]
+    decorate: Callable[[Exchange, ProxyRequest], None]
     observer: ExchangeObserver
 
 
@@ -93,7 +92,7 @@ class Exchange:
     def __init__(
         self,
         hooks: Hooks,
-        request: Request,
+        request: ProxyRequest,
         route: Route,
         service: Service,
         upstream: Upstream | None,
@@ -200,7 +199,7 @@ class Exchange:
             self.context.peer.encode("latin-1"),
             self.context.client_ip.encode("latin-1"),
             b"https" if request.isSecure() else b"http",
-            b"%d" % request.getHost().port,
+            request.port,
             target.headers,
         )
         body = None

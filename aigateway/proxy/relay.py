@@ -21,10 +21,9 @@ from zope.interface import implementer
 from .usage import sniffer_for
 
 if TYPE_CHECKING:
-    from twisted.web.server import Request
-
     from ..model import Target
     from .forward import Exchange
+    from .server import ProxyRequest
 
 _DONE = (ResponseDone, PotentialDataLoss, HTTPPotentialDataLoss, ConnectionDone)
 _CONNECTION_DONE = Failure(ConnectionDone())
@@ -54,7 +53,9 @@ class BytesProducer:
         pass
 
 
-def write_error(request: Request, code: int, message: str, request_id: str) -> None:
+def write_error(
+    request: ProxyRequest, code: int, message: str, request_id: str
+) -> None:
     """
     Answer with a JSON error body, as Kong does.
     """
@@ -162,6 +163,4 @@ class Relay(Protocol):
                 }
             )
             request.write(b"event: error\ndata: " + event.encode() + b"\n\n")
-        channel = request.channel
-        if channel is not None and channel.transport is not None:
-            channel.transport.loseConnection()
+        request.close_connection()

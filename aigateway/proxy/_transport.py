@@ -1,0 +1,55 @@
+"""
+Writing to a TCP connection at once when nothing is queued on it.
+
+Twisted's C{FileDescriptor.write} always queues: it registers the socket
+for writability with epoll, sends on the next reactor iteration, and
+unregisters it when the queue is empty: two C{epoll_ctl} calls and a loop
+iteration for every response and every forwarded request, measured at
+about 12% of the gateway's CPU per request under load.  L{send} instead
+calls C{send(2)} directly when the connection's queue is empty, the usual
+case on a proxy whose peers keep up, and queues only what the kernel did
+not take, so ordering, flow control and producers behave as before.
+
+It relies on C{twisted.internet.tcp.Connection}'s buffer attributes, so it
+only writes through for exactly the plain TCP transports it knows (not
+TLS, not a test's fake transport); anything else goes to C{write}.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import tcp
+
+_PLAIN = frozenset({tcp.Server, tcp.Client})
+
+
+def send(transport: Any, data: bytes) -> None:
+    """
+    Write C{data} to C{transport}, sending what the kernel takes at once if
+    nothing is queued before it.
+    """
+    if transport.__class__ in _PLAIN:
+        _through(transport, data)
+    else:
+        transport.write(data)
+
+
+def _through(transport: Any, data: bytes) -> None:
+    if (
+        not transport.TLS
+        and transport.connected
+        and not transport.disconnecting
+        and not transport._tempDataBuffer
+        and not transport.dataBuffer
+    ):
+        try:
+            sent = transport.socket.send(data)
+        except OSError:
+            # Would block, or the connection is broken: the queued write
+            # below sends it later or finds out and closes the usual way.
+            sent = 0
+        if sent == len(data):
+            return
+        data = data[sent:]
+    transport.write(data)

@@ -1,0 +1,612 @@
+# -*- test-case-name: tests.test_server -*-
+"""
+The proxy's HTTP/1.1 server side: a lean channel that parses client
+requests and hands each to the proxy's twisted.web resource.
+
+twisted.web's C{HTTPChannel} and C{Request} cost about 60% of a proxied
+request's CPU under load (measured with py-spy: line-by-line header
+parsing, per-request C{Request} set-up, a separate socket write for the
+head and the body, C{Date} and persistence logic on every response), while
+the proxy needs a narrow subset of them.  This channel keeps the same
+resource interface (C{render(request)} returning C{NOT_DONE_YET}, then
+C{setResponseCode}, C{responseHeaders}, C{write}, C{finish},
+C{notifyFinish}, C{registerProducer}) and does the rest with the message
+parser the lean client already uses.
+
+What it does, per RFC 9112:
+  - one request at a time per connection; pipelined requests wait, read
+    but unparsed, until the response before them is finished;
+  - request bodies framed by C{Content-Length} or chunked, bounded by the
+    factory's C{max_body} (413 as soon as the bound is passed), answered
+    with C{100 Continue} when the client expects it;
+  - responses framed by their C{Content-Length}, else chunked for HTTP/1.1
+    clients and close-delimited for HTTP/1.0 ones; no body for C{HEAD},
+    204 and 304;
+  - keep-alive for HTTP/1.1 unless C{Connection: close}, and for HTTP/1.0
+    when asked with C{Connection: keep-alive} and the length is known;
+  - a malformed request gets a 400 (431, 501, 505 where they apply) and the
+    connection is closed; idle connections and slow request heads are
+    closed after C{idle_timeout}.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IPushProducer, ISSLTransport
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http import RESPONSES, datetimeToString
+from twisted.web.http_headers import Headers
+from twisted.web.server import NOT_DONE_YET
+from zope.interface import implementer
+
+from .._version import __version__
+from ._parser import BadRequest, RequestHead, RequestParser
+from ._transport import send
+
+_log = Logger()
+
+SERVER = b"aigateway/" + __version__.encode("ascii")
+_CONNECTION_DONE = Failure(ConnectionDone())
+_NO_BODY = frozenset({204, 304})
+_HELD_LIMIT = 65536
+_dates: dict[int, bytes] = {}
+
+
+def http_date(now: float) -> bytes:
+    """
+    The C{Date} header for C{now}, formatted once per second.
+    """
+    second = int(now)
+    date = _dates.get(second)
+    if date is None:
+        _dates.clear()
+        date = _dates[second] = datetimeToString(second)
+    return date
+
+
+def _phrase(code: int) -> bytes:
+    return RESPONSES.get(code, b"Unknown")
+
+
+def _json_error(code: int, message: str) -> bytes:
+    body = b'{"message": "%s"}' % message.encode("ascii")
+    return (
+        b"HTTP/1.1 %d %s\r\nServer: %s\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+        % (code, _phrase(code), SERVER, len(body), body)
+    )
+
+
+class ProxyRequest:
+    """
+    One client request and the response being written to it.
+
+    The part of twisted.web's C{IRequest} that a proxying resource uses;
+    C{body} holds the whole request body (the proxy buffers bodies so that
+    a failed attempt can be retried on another target).
+
+    @ivar peer: the address the client connected from.
+    @ivar port: the port the client connected to, as bytes.
+    @ivar gone: the client went away before the response was finished.
+    """
+
+    __slots__ = (
+        "channel",
+        "method",
+        "uri",
+        "path",
+        "clientproto",
+        "requestHeaders",
+        "responseHeaders",
+        "body",
+        "code",
+        "code_message",
+        "peer",
+        "port",
+        "keep_alive",
+        "started",
+        "finished",
+        "gone",
+        "_chunks",
+        "_size",
+        "_chunked",
+        "_no_body",
+        "_watchers",
+    )
+
+    def __init__(self, channel: ProxyChannel, head: RequestHead) -> None:
+        self.channel = channel
+        self.method = head.method
+        uri = head.uri
+        self.uri = uri
+        if uri[:1] != b"/" and uri != b"*":
+            # Absolute form (RFC 9112 3.2.2): the path is what the route sees.
+            after = uri.partition(b"//")[2]
+            slash = after.find(b"/")
+            uri = after[slash:] if slash >= 0 else b"/"
+        self.path = uri.partition(b"?")[0]
+        self.clientproto = head.version
+        self.requestHeaders = head.headers
+        self.responseHeaders = Headers()
+        self.body = b""
+        self.code = 200
+        self.code_message = b"OK"
+        self.peer = channel.peer
+        self.port = channel.port
+        self.keep_alive = head.keep_alive
+        self.started = False
+        self.finished = False
+        self.gone = False
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._chunked = False
+        self._no_body = head.method == b"HEAD"
+        self._watchers: list[Deferred[None]] | None = None
+
+    # -- the request -----------------------------------------------------
+
+    def getHeader(self, name: bytes) -> bytes | None:
+        """
+        The last value of the request header C{name}, or L{None}.
+        """
+        values = self.requestHeaders.getRawHeaders(name)
+        return values[-1] if values else None
+
+    def isSecure(self) -> bool:
+        """
+        Whether the client connected over TLS.
+        """
+        return self.channel.secure
+
+    # -- the response ----------------------------------------------------
+
+    def setResponseCode(self, code: int, message: bytes | None = None) -> None:
+        """
+        Set the status of the response (before its first byte is written).
+        """
+        self.code = code
+        self.code_message = message if message else _phrase(code)
+
+    def setHeader(self, name: bytes | str, value: bytes | str) -> None:
+        """
+        Set a response header.
+        """
+        self.responseHeaders.setRawHeaders(name, [value])
+
+    def addCookie(self, name: str, value: str, path: str | None = None) -> None:
+        """
+        Add a C{Set-Cookie} response header.
+        """
+        cookie = f"{name}={value}" + (f"; Path={path}" if path else "")
+        self.responseHeaders.addRawHeader(b"set-cookie", cookie.encode("latin-1"))
+
+    def write(self, data: bytes) -> None:
+        """
+        Write a piece of the response body; the head goes out with the
+        first piece, in the same socket write.
+        """
+        if self.finished or self.gone:
+            return
+        if not self.started:
+            self.channel.send(self._head() + self._framed(data))
+        elif data and not self._no_body:
+            self.channel.send(self._framed(data))
+
+    def _framed(self, data: bytes) -> bytes:
+        if self._no_body or not data:
+            return b""
+        if self._chunked:
+            return b"%x\r\n%s\r\n" % (len(data), data)
+        return data
+
+    def finish(self) -> None:
+        """
+        The response is complete.
+        """
+        if self.finished or self.gone:
+            return
+        if not self.started:
+            raw = self.responseHeaders._rawHeaders
+            if b"Content-Length" not in raw and self.code not in _NO_BODY:
+                raw[b"Content-Length"] = [b"0"]
+            self.channel.send(self._head())
+        elif self._chunked and not self._no_body:
+            self.channel.send(b"0\r\n\r\n")
+        self.finished = True
+        self.channel.request_done(self)
+        self._notify(None)
+
+    def _head(self) -> bytes:
+        """
+        The status line and headers, and the framing chosen from them.
+        """
+        self.started = True
+        code = self.code
+        raw = self.responseHeaders._rawHeaders
+        if code in _NO_BODY or 100 <= code < 200:
+            self._no_body = True
+        elif b"Content-Length" not in raw:
+            if self.clientproto == b"HTTP/1.1":
+                self._chunked = True
+                raw[b"Transfer-Encoding"] = [b"chunked"]
+            else:
+                # An HTTP/1.0 client learns the end from the close.
+                self.keep_alive = False
+        if not self.keep_alive:
+            raw[b"Connection"] = [b"close"]
+        elif self.clientproto != b"HTTP/1.1":
+            raw[b"Connection"] = [b"keep-alive"]
+        lines = [
+            b"HTTP/1.1 %d %s\r\n" % (code, self.code_message),
+        ]
+        append = lines.append
+        for name, values in raw.items():
+            for value in values:
+                append(b"%s: %s\r\n" % (name, value))
+        append(b"\r\n")
+        return b"".join(lines)
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        """
+        Let C{producer} (the target connection) be paused while the client
+        is slower than it.
+        """
+        self.channel.register(producer)
+
+    def unregisterProducer(self) -> None:
+        self.channel.register(None)
+
+    def notifyFinish(self) -> Deferred[None]:
+        """
+        A L{Deferred} that fires when the response is finished, or fails
+        when the client goes away first.
+        """
+        d: Deferred[None] = Deferred()
+        if self.finished:
+            d.callback(None)
+        elif self.gone:
+            d.errback(_CONNECTION_DONE)
+        else:
+            if self._watchers is None:
+                self._watchers = []
+            self._watchers.append(d)
+        return d
+
+    def close_connection(self) -> None:
+        """
+        Close the client connection once what was written is sent: the
+        response cannot be completed.
+        """
+        self.keep_alive = False
+        self.channel.close()
+
+    def abandon(self, reason: Failure) -> None:
+        """
+        The client went away before the response was finished.
+        """
+        if self.finished or self.gone:
+            return
+        self.gone = True
+        self._notify(reason)
+
+    def _notify(self, reason: Failure | None) -> None:
+        watchers, self._watchers = self._watchers, None
+        for d in watchers or ():
+            if reason is None:
+                d.callback(None)
+            else:
+                d.errback(reason)
+
+    # -- receiving the body ----------------------------------------------
+
+    def received(self, data: bytes) -> bool:
+        """
+        A piece of the body arrived; C{False} once it passes C{limit}.
+        """
+        self._size += len(data)
+        self._chunks.append(data)
+        return self._size <= self.channel.factory.max_body
+
+    def body_complete(self) -> None:
+        chunks = self._chunks
+        self.body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        self._chunks = []
+
+
+@implementer(IPushProducer)
+class ProxyChannel(Protocol):
+    """
+    One client connection.
+
+    It is the transport's producer, so that when the client reads slower
+    than the target answers, the current request's producer (the target
+    connection) is paused, and so that a client going away is known to
+    the request before anything else hears of it.
+    """
+
+    def __init__(self, factory: ProxyFactory) -> None:
+        self.factory = factory
+        self.parser = RequestParser(self._head, self._body)
+        self.request: ProxyRequest | None = None
+        self.responding = False
+        self.refused = False
+        self.peer = ""
+        self.port = b""
+        self.secure = False
+        self.last_active = 0.0
+        self._held = b""
+        self._producer: Any = None
+        self._write_paused = False
+        self._read_paused = False
+
+    def connectionMade(self) -> None:
+        transport: Any = self.transport
+        factory = self.factory
+        # Without TCP_NODELAY, small server-sent-event chunks can wait for
+        # the client's delayed ACK.
+        set_nodelay = getattr(transport, "setTcpNoDelay", None)
+        if set_nodelay is not None:
+            set_nodelay(True)
+        self.peer = getattr(transport.getPeer(), "host", "") or ""
+        self.port = b"%d" % getattr(transport.getHost(), "port", 0)
+        self.secure = ISSLTransport.providedBy(transport)
+        transport.registerProducer(self, True)
+        self.last_active = factory.seconds()
+        factory.opened(self)
+        self.parser.expect()
+
+    # -- reading requests ------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        self.last_active = self.factory.seconds()
+        if self.responding or self.refused:
+            if not self.refused:
+                self._hold(data)
+            return
+        self._feed(data)
+
+    def _hold(self, data: bytes) -> None:
+        # A pipelined request, or bytes after one: parsed once the response
+        # before it is finished.  Reading stops if too much piles up.
+        self._held += data
+        if len(self._held) > _HELD_LIMIT and not self._read_paused:
+            self._read_paused = True
+            self.transport.pauseProducing()  # type: ignore[union-attr]
+
+    def _feed(self, data: bytes) -> None:
+        parser = self.parser
+        while True:
+            try:
+                parser.feed(data)
+            except BadRequest as e:
+                self._refuse(e.status, str(e))
+                return
+            if self.refused or not parser.complete:
+                return
+            request = self.request
+            assert request is not None
+            data = parser.leftover
+            parser.leftover = b""
+            self._dispatch(request)
+            if self.responding or self.refused or not data:
+                if data:
+                    self._hold(data)
+                return
+            # Answered at once (a 404, say): parse what followed.
+
+    def _head(self, head: RequestHead) -> None:
+        request = self.request = ProxyRequest(self, head)
+        if head.length is not None and head.length > self.factory.max_body:
+            self._too_large()
+            return
+        if head.expect_continue:
+            self.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+        del request
+
+    def _body(self, data: bytes) -> None:
+        request = self.request
+        if request is not None and not request.received(data):
+            self._too_large()
+
+    def _too_large(self) -> None:
+        self._refuse(413, "Request size limit exceeded")
+
+    def _refuse(self, code: int, message: str) -> None:
+        """
+        Answer a request that cannot be served and close the connection:
+        whatever follows on it cannot be framed.
+        """
+        self.refused = True
+        self.parser.stop()
+        self.request = None
+        transport: Any = self.transport
+        if transport is not None:
+            transport.write(_json_error(code, message))
+            transport.loseConnection()
+
+    def _dispatch(self, request: ProxyRequest) -> None:
+        request.body_complete()
+        self.responding = True
+        raw = request.responseHeaders._rawHeaders
+        factory = self.factory
+        raw[b"Server"] = [SERVER]
+        raw[b"Date"] = [http_date(factory.seconds())]
+        try:
+            result = factory.resource.render(request)
+        except Exception:
+            _log.failure("the proxy resource failed on {uri}", uri=request.uri)
+            self._failed(request)
+            return
+        if result is not NOT_DONE_YET:
+            request.write(result)
+            request.finish()
+
+    def _failed(self, request: ProxyRequest) -> None:
+        if request.started:
+            self.close()
+            return
+        request.finished = True
+        self.refused = True
+        self.send(_json_error(500, "An unexpected error occurred"))
+        self.close()
+
+    def request_done(self, request: ProxyRequest) -> None:
+        """
+        The response to C{request} is complete: close, or read the next.
+        """
+        if request is not self.request:
+            return
+        self.request = None
+        self.responding = False
+        self._producer = None
+        if not request.keep_alive:
+            self.refused = True
+            self.close()
+            return
+        self.last_active = self.factory.seconds()
+        self.parser.expect()
+        held, self._held = self._held, b""
+        if self._read_paused:
+            self._read_paused = False
+            self.transport.resumeProducing()  # type: ignore[union-attr]
+        if held:
+            self._feed(held)
+
+    # -- writing responses -----------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None and data:
+            send(transport, data)
+
+    def close(self) -> None:
+        transport = self.transport
+        if transport is not None:
+            transport.loseConnection()
+
+    def register(self, producer: Any) -> None:
+        """
+        Make C{producer} the one paused and resumed with the client's
+        write buffer (L{None}: no producer).
+        """
+        self._producer = producer
+        if producer is not None and self._write_paused:
+            producer.pauseProducing()
+
+    def pauseProducing(self) -> None:
+        self._write_paused = True
+        if self._producer is not None:
+            self._producer.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._write_paused = False
+        if self._producer is not None:
+            self._producer.resumeProducing()
+
+    def stopProducing(self) -> None:
+        # The transport is closing: the request hears of it first, so that
+        # stopping the target is never mistaken for a target failure.
+        self._abandon(_CONNECTION_DONE)
+
+    # -- closing ---------------------------------------------------------
+
+    def idle_for(self, now: float) -> float:
+        """
+        How long the connection has waited on its client; 0 while a
+        response is in progress (the exchange's own timeouts apply).
+        """
+        if self.responding:
+            return 0.0
+        return now - self.last_active
+
+    def time_out(self) -> None:
+        """
+        The client sent nothing for the factory's C{idle_timeout}.
+        """
+        if self.refused:
+            return
+        parser = self.parser
+        if parser.received and not parser.complete:
+            # In the middle of sending a request: say why it is refused.
+            self._refuse(408, "Request timeout")
+        else:
+            self.refused = True
+            self.close()
+
+    def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
+        self.factory.closed(self)
+        self.parser.stop()
+        self._abandon(reason)
+        self._producer = None
+
+    def _abandon(self, reason: Failure) -> None:
+        request = self.request
+        if request is not None and self.responding:
+            request.abandon(reason)
+
+
+class ProxyFactory(Factory):
+    """
+    Builds L{ProxyChannel}s for the proxy listener and keeps count of them.
+
+    One timer closes the connections idle for more than C{idle_timeout}
+    (keep-alive connections nobody uses, clients that stall while sending
+    a request), instead of one timer per connection reset on every read.
+
+    @ivar open_connections: client connections now open.
+    """
+
+    noisy = False
+
+    def __init__(
+        self,
+        resource: Any,
+        max_body: int,
+        clock: Any,
+        idle_timeout: float = 60.0,
+    ) -> None:
+        self.resource = resource
+        self.max_body = max_body
+        self.seconds = clock.seconds
+        self._clock = clock
+        self.idle_timeout = idle_timeout
+        self._channels: dict[ProxyChannel, None] = {}
+        self._sweeper: Any = None
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._channels)
+
+    def buildProtocol(self, addr: Any) -> ProxyChannel:
+        return ProxyChannel(self)
+
+    def opened(self, channel: ProxyChannel) -> None:
+        self._channels[channel] = None
+        if self._sweeper is None:
+            self._sweeper = self._clock.callLater(self._period(), self._sweep)
+
+    def closed(self, channel: ProxyChannel) -> None:
+        self._channels.pop(channel, None)
+
+    def _period(self) -> float:
+        return max(self.idle_timeout / 4, 0.5)
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        now = self.seconds()
+        for channel in list(self._channels):
+            if channel.idle_for(now) >= self.idle_timeout:
+                channel.time_out()
+        if self._channels:
+            self._sweeper = self._clock.callLater(self._period(), self._sweep)
+
+    def doStop(self) -> None:
+        if self._sweeper is not None and self._sweeper.active():
+            self._sweeper.cancel()
+        self._sweeper = None
+        super().doStop()
