@@ -44,12 +44,13 @@ class Recorder(ExchangeObserver):
         self._log = access_log
 
     def attempt_started(self, exchange: Exchange, target: Target) -> None:
-        if self._metrics is None:
+        metrics = self._metrics
+        if metrics is None:
             return
         upstream = _upstream_name(exchange)
-        self._metrics.inflight[(upstream, target.key)] += 1
+        metrics.inflight[(upstream, target.key)] += 1
         if exchange.attempts > 1:
-            self._metrics.for_upstream(self._metrics.retries, upstream, upstream).inc()
+            metrics.retries[upstream] += 1
 
     def attempt_ended(
         self, exchange: Exchange, target: Target, code: str, first_byte: float | None
@@ -60,14 +61,12 @@ class Recorder(ExchangeObserver):
         upstream = _upstream_name(exchange)
         key = (upstream, target.key)
         metrics.inflight[key] = max(0, metrics.inflight[key] - 1)
-        metrics.for_target(
-            metrics.target_requests, upstream, target.key, upstream, target.key, code
-        ).inc()
+        metrics.target(upstream, target.key).codes[code] += 1
         if first_byte is not None:
             service, route = _names(exchange)
-            metrics.for_route_and_target(
-                metrics.upstream_latency, service, route, upstream, target.key
-            ).observe(first_byte * 1000)
+            metrics.latency_to(service, route, upstream, target.key).observe(
+                first_byte * 1000
+            )
 
     def done(self, exchange: Exchange) -> None:
         service, route = _names(exchange)
@@ -88,37 +87,23 @@ class Recorder(ExchangeObserver):
     ) -> None:
         metrics = self._metrics
         assert metrics is not None
-
-        def child(metric: Any, *more: str) -> Any:
-            return metrics.for_route(metric, service, route, service, route, *more)
-
-        child(metrics.requests, str(exchange.status)).inc()
-        child(metrics.request_latency).observe(elapsed * 1000)
+        series = metrics.route(service, route)
+        series.codes[exchange.status] += 1
+        series.latency.observe(elapsed * 1000)
         if exchange.proxy_latency is not None:
-            child(metrics.proxy_latency).observe(exchange.proxy_latency * 1000)
-        child(metrics.bandwidth, "ingress").inc(len(exchange.body))
-        child(metrics.bandwidth, "egress").inc(exchange.bytes_out)
+            series.proxy.observe(exchange.proxy_latency * 1000)
+        series.ingress += len(exchange.body)
+        series.egress += exchange.bytes_out
         usage = exchange.usage
         target = exchange.target
         if usage is not None and target is not None:
             model = metrics.model_label(usage.model)
-            metrics.for_target(
-                metrics.llm_requests, upstream, target.key, upstream, target.key, model
-            ).inc()
-            for kind, count in (
-                ("prompt", usage.prompt),
-                ("completion", usage.completion),
-                ("total", usage.total),
-            ):
-                metrics.for_target(
-                    metrics.llm_tokens,
-                    upstream,
-                    target.key,
-                    upstream,
-                    target.key,
-                    model,
-                    kind,
-                ).inc(count)
+            per_target = metrics.target(upstream, target.key)
+            per_target.llm[model] += 1
+            tokens = per_target.tokens
+            tokens[(model, "prompt")] += usage.prompt
+            tokens[(model, "completion")] += usage.completion
+            tokens[(model, "total")] += usage.total
 
     def _record(
         self,

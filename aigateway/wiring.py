@@ -84,14 +84,7 @@ def build(reactor: Any, node: Any) -> Parts:
         if isinstance(event, Probed):
             outcome = event.outcome
             result = str(outcome.code) if outcome.kind == "status" else outcome.kind
-            metrics.for_target(
-                metrics.probes,
-                event.upstream,
-                event.target,
-                event.upstream,
-                event.target,
-                result,
-            ).inc()
+            metrics.target(event.upstream, event.target).probes[result] += 1
 
     health.add_observer(probed)
     app = Klein()

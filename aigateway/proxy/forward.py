@@ -138,7 +138,7 @@ class Exchange:
         """
         Make the first attempt, and watch for the client going away.
         """
-        self.request.notifyFinish().addErrback(self._client_gone)
+        self.request.when_gone(self._client_gone)
         target = self._pick()
         if target is None:
             if self.upstream is not None:

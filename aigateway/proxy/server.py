@@ -31,6 +31,7 @@ What it does, per RFC 9112:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -117,6 +118,7 @@ class ProxyRequest:
         "_chunked",
         "_no_body",
         "_watchers",
+        "_gone_hook",
     )
 
     def __init__(self, channel: ProxyChannel, head: RequestHead) -> None:
@@ -147,6 +149,7 @@ class ProxyRequest:
         self._chunked = False
         self._no_body = head.method == b"HEAD"
         self._watchers: list[Deferred[None]] | None = None
+        self._gone_hook: Callable[[Failure], object] | None = None
 
     # -- the request -----------------------------------------------------
 
@@ -218,8 +221,10 @@ class ProxyRequest:
         elif self._chunked and not self._no_body:
             self.channel.send(b"0\r\n\r\n")
         self.finished = True
+        self._gone_hook = None
         self.channel.request_done(self)
-        self._notify(None)
+        if self._watchers is not None:
+            self._notify(None)
 
     def _head(self) -> bytes:
         """
@@ -277,6 +282,13 @@ class ProxyRequest:
             self._watchers.append(d)
         return d
 
+    def when_gone(self, hook: Callable[[Failure], object]) -> None:
+        """
+        Call C{hook} if the client goes away before the response is
+        finished: L{notifyFinish} without a L{Deferred} per request.
+        """
+        self._gone_hook = hook
+
     def close_connection(self) -> None:
         """
         Close the client connection once what was written is sent: the
@@ -292,6 +304,9 @@ class ProxyRequest:
         if self.finished or self.gone:
             return
         self.gone = True
+        hook, self._gone_hook = self._gone_hook, None
+        if hook is not None:
+            hook(reason)
         self._notify(reason)
 
     def _notify(self, reason: Failure | None) -> None:
