@@ -162,11 +162,13 @@ def _tune_gc(service: Any) -> None:
     """
     Garbage collection for a long-lived server process.
 
-    A proxied request allocates a few hundred objects, so CPython's default
-    first-generation threshold (700) runs a collection every couple of
-    requests; and the objects built at start-up (modules, configuration)
-    would be scanned by every full collection.  Collect less often, and move
-    what exists once the gateway is ready out of the collector's sight.
+    The proxy's per-request objects are freed by reference counting (no
+    cycles: tests.test_proxy checks it), so collections are rare; but the
+    Admin API and Twisted's own machinery do make cycles, and CPython's
+    default first-generation threshold (700) would run a collection every
+    few requests while they are alive.  Collect less often, and move the
+    objects built at start-up (modules, configuration) out of the
+    collector's sight so full collections do not scan them.
     """
     import gc
 

@@ -4,6 +4,7 @@ The proxy end to end: real gateway, real target servers, real sockets.
 
 from __future__ import annotations
 
+import gc
 import json
 from collections import Counter
 
@@ -371,3 +372,54 @@ async def test_hosts_and_preserve_host(gateway, servers):
     assert b.requests[-1]["headers"].getRawHeaders(b"host") == [
         address(port_b).encode()
     ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_exchanges_leave_no_cyclic_garbage(gateway, servers):
+    """
+    Every object of a finished exchange (JSON answers with usage, a 404, a
+    stream) is freed by reference counting: a reference cycle would leave
+    them for the garbage collector, whose passes cost the proxy about 20%
+    of its CPU and doubled its p99 latency under load.
+    """
+    target = TargetResource("json")
+    target.headers = {b"content-type": b"application/json"}
+    target.body = json.dumps(
+        {"model": "m", "usage": {"prompt_tokens": 1, "completion_tokens": 2}}
+    ).encode()
+    sse = SSEResource(count=3, interval=0.01)
+    sse.usage = {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
+    json_port, sse_port = listen(target), listen(sse)
+    servers.extend([json_port, sse_port])
+    admin = gateway.admin
+    for name, port, path in (("llm", json_port, "/v1"), ("stream", sse_port, "/sse")):
+        assert (await admin.post("/upstreams", form={"name": name})).code == 201
+        reply = await admin.post(
+            f"/upstreams/{name}/targets", form={"target": address(port)}
+        )
+        assert reply.code == 201
+        form = {"name": name, "host": name}
+        assert (await admin.post("/services", form=form)).code == 201
+        form = {"paths[]": path, "strip_path": "false"}
+        assert (await admin.post(f"/services/{name}/routes", form=form)).code == 201
+    await gateway.proxy.get("/v1/chat")  # warm the pools and caches
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for _ in range(20):
+            assert (await gateway.proxy.post("/v1/chat", body=b"{}")).code == 200
+        assert (await gateway.proxy.get("/nowhere")).code == 404
+        stream = await gateway.proxy.get("/sse/x")
+        assert stream.code == 200 and b"[DONE]" in stream.body
+        await sleep(0.05)
+        gc.collect()
+        ours = Counter(
+            type(obj).__qualname__
+            for obj in gc.garbage
+            if type(obj).__module__.startswith("aigateway.")
+        )
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    per_connection = {"ProxyChannel", "RequestParser", "_Connection", "ResponseParser"}
+    assert not {name: n for name, n in ours.items() if name not in per_connection}

@@ -42,6 +42,7 @@ What pooled connections are kept by: the scheme and the authority
 (C{host:port}) of the request URI.
 """
 _RESPONSE_DONE = Failure(ResponseDone())
+_DELIVERED = object()
 _DATA_LOSS = Failure(PotentialDataLoss())
 
 
@@ -235,7 +236,8 @@ class LeanResponse:
         A piece of the body arrived.
         """
         if self._protocol is not None:
-            self._protocol.dataReceived(data)
+            if self._ended is None:
+                self._protocol.dataReceived(data)
         else:
             self._kept.append(data)
 
@@ -247,8 +249,13 @@ class LeanResponse:
             return
         self._ended = reason
         self._connection = None
-        if self._protocol is not None:
-            self._protocol.connectionLost(reason)
+        protocol = self._protocol
+        if protocol is not None:
+            # The protocol has this response as its transport: break the
+            # cycle, so both go with reference counting rather than wait
+            # for (and slow down) a garbage collection.
+            self._protocol = _DELIVERED
+            protocol.connectionLost(reason)
 
     def pauseProducing(self) -> None:
         connection = self._connection
