@@ -175,6 +175,10 @@ class _Connection(Protocol):
         lost, self._lost = self._lost, []
         for d in lost:
             d.callback(None)
+        # The parser calls back into this connection: let go of it, so a
+        # closed connection is freed by reference counting.
+        self.parser.stop()
+        self.parser.release()
 
 
 class _Connector(Factory):

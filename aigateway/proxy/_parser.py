@@ -64,6 +64,10 @@ def _canonical(name: bytes, error: type[BadMessage]) -> bytes:
     return canonical
 
 
+def _ignore(_: object) -> None:
+    pass
+
+
 class BadMessage(Exception):
     """
     The bytes are not an HTTP/1.x message that can be framed without
@@ -231,6 +235,13 @@ class _MessageParser:
         """
         self._state = _DONE
         self._buffer = b""
+
+    def release(self) -> None:
+        """
+        Drop the callbacks (they usually point back at the parser's owner,
+        a cycle), once the connection is closed.
+        """
+        self._on_head = self._on_body = _ignore
 
     def close_delimited(self) -> bool:
         """

@@ -555,9 +555,13 @@ class ProxyChannel(Protocol):
 
     def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
         self.factory.closed(self)
-        self.parser.stop()
         self._abandon(reason)
         self._producer = None
+        # The parser calls back into this channel: let go of it, so a closed
+        # connection is freed by reference counting, not left to the
+        # garbage collector.
+        self.parser.stop()
+        self.parser.release()
 
     def _abandon(self, reason: Failure) -> None:
         request = self.request
