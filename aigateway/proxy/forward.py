@@ -22,7 +22,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
 from ..addresses import format_target, host_header
 from ..model import Target
-from .headers import copy_response_headers, upstream_headers
+from .headers import client_response_headers, upstream_headers
 from .relay import BytesProducer, Discard, Relay, write_error
 from .usage import Usage
 
@@ -178,9 +178,13 @@ class Exchange:
         service = self.service
         request = self.request
         upstream = self.upstream
-        client_host = request.getHeader(b"host")
-        if self.route.preserve_host and client_host:
-            host = client_host
+        client_host = (
+            request.requestHeaders._rawHeaders.get(b"Host")
+            if self.route.preserve_host
+            else None
+        )
+        if client_host:
+            host = client_host[-1]
         else:
             # The same Host an active probe sends, so a probe checks what
             # proxied requests will get.
@@ -291,12 +295,12 @@ class Exchange:
         self.status = status
         request = self.request
         request.setResponseCode(status, response.phrase)
-        copy_response_headers(response.headers, request.responseHeaders)
+        headers = request.responseHeaders = client_response_headers(
+            response.headers, request.responseHeaders
+        )
         if response.length is not UNKNOWN_LENGTH:
             # Twisted's client keeps Content-Length out of response.headers.
-            request.responseHeaders.setRawHeaders(
-                b"content-length", [b"%d" % response.length]
-            )
+            headers._rawHeaders[b"Content-Length"] = [b"%d" % response.length]
         self.hooks.decorate(self, request)
         self.touch()
         relay = Relay(self, target, first_byte)

@@ -10,8 +10,9 @@ C{Connection} header names.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import suppress
 
-from twisted.web.http_headers import Headers
+from twisted.web.http_headers import Headers, _nameEncoder
 
 HOP_BY_HOP = frozenset(
     {
@@ -28,12 +29,36 @@ HOP_BY_HOP = frozenset(
 )
 
 
-def _dropped(headers: Headers) -> frozenset[bytes]:
-    named = headers.getRawHeaders(b"connection")
-    if not named:
-        return HOP_BY_HOP
-    extra = {token.strip().lower() for value in named for token in value.split(b",")}
-    return HOP_BY_HOP | extra
+def _canonical(names: Iterable[bytes]) -> frozenset[bytes]:
+    return frozenset(_nameEncoder.encode(name) for name in names)
+
+
+# Header names in L{Headers} are kept canonical (C{Keep-Alive}), so the
+# names to drop are compared in that form, with set operations on the keys
+# rather than a lower() per header.
+_HOP = _canonical(HOP_BY_HOP)
+# Not sent on either: the gateway frames the body itself and sets C{Host};
+# the body is already read, so a target need not say C{100 Continue}.
+_NOT_FORWARDED = _HOP | _canonical({b"content-length", b"host", b"expect"})
+
+
+def _dropped(raw: dict[bytes, list[bytes]], always: frozenset[bytes]) -> set[bytes]:
+    """
+    The names present in C{raw} not to pass on: C{always}, and any header
+    the C{Connection} header names.
+    """
+    dropped = raw.keys() & always
+    named = raw.get(b"Connection")
+    if named:
+        for value in named:
+            for token in value.split(b","):
+                token = token.strip()
+                if token:
+                    with suppress(ValueError):  # not a token: names nothing
+                        name = _nameEncoder.encode(token)
+                        if name in raw:
+                            dropped.add(name)
+    return dropped
 
 
 def upstream_headers(
@@ -58,37 +83,42 @@ def upstream_headers(
     @param extra: the target's own headers (its credentials), which replace
         any client header of the same name.
     """
-    dropped = _dropped(incoming) | {b"content-length", b"host"}
-    out = Headers()
-    # Names from getAllRawHeaders are already canonical and values already
-    # sanitised, so they are copied without setRawHeaders' re-validation:
-    # this runs for every proxied request.
-    raw = out._rawHeaders
-    for name, values in incoming.getAllRawHeaders():
-        if name.lower() not in dropped:
-            raw[name] = list(values)
-    original_host = incoming.getRawHeaders(b"host", [b""])[0]
+    source = incoming._rawHeaders
+    # A shallow copy: the value lists are shared with the client request's
+    # headers, so they are only ever replaced here, never changed in place.
+    # Names and values in it are already canonical and sanitised.
+    raw = dict(source)
+    for name in _dropped(source, _NOT_FORWARDED):
+        del raw[name]
+    original_host = source.get(b"Host")
     forwarded = raw.get(b"X-Forwarded-For")
     raw[b"X-Forwarded-For"] = [forwarded[-1] + b", " + peer if forwarded else peer]
     raw[b"X-Forwarded-Proto"] = [proto]
     raw[b"X-Forwarded-Host"] = [
-        original_host.rsplit(b":", 1)[0] if original_host else host
+        original_host[0].rsplit(b":", 1)[0] if original_host else host
     ]
     raw[b"X-Forwarded-Port"] = [port]
     raw[b"X-Real-Ip"] = [client_ip]
     raw[b"Host"] = [host]
+    out = Headers()
+    out._rawHeaders = raw
     for header, value in extra:
         out.setRawHeaders(header, [value])
     return out
 
 
-def copy_response_headers(source: Headers, target: Headers) -> None:
+def client_response_headers(source: Headers, ours: Headers) -> Headers:
     """
-    Copy a target's response headers to the client response, less the
-    hop-by-hop ones (twisted.web frames the body itself).
+    The headers for the client's response: the target's C{source}, less
+    the hop-by-hop ones (the gateway frames the body itself), and the
+    gateway's own C{ours} where the target sent none of that name.
+
+    C{source} is taken over, not copied: it belongs to one response.
     """
-    dropped = _dropped(source)
-    raw = target._rawHeaders
-    for name, values in source.getAllRawHeaders():
-        if name.lower() not in dropped:
-            raw[name] = list(values)
+    raw = source._rawHeaders
+    for name in _dropped(raw, _HOP):
+        del raw[name]
+    for name, values in ours._rawHeaders.items():
+        if name not in raw:
+            raw[name] = values
+    return source

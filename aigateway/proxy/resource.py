@@ -91,7 +91,8 @@ class ProxyResource(Resource):
         request.responseHeaders._rawHeaders[b"X-Request-Id"] = [request_id.encode()]
         body = request.body
         compiled = self._runtime.current
-        host = (request.getHeader(b"host") or b"").decode("latin-1").lower()
+        hosts = request.requestHeaders._rawHeaders.get(b"Host")
+        host = hosts[-1].decode("latin-1").lower() if hosts else ""
         if host.startswith("["):
             host = host[: host.find("]") + 1]
         else:
@@ -147,17 +148,17 @@ class ProxyResource(Resource):
         return peer
 
     def _decorate(self, exchange: Exchange, request: ProxyRequest) -> None:
-        headers = request.responseHeaders
-        headers.setRawHeaders(b"via", [VIA])
+        # Values the gateway makes itself: set in canonical form directly,
+        # without setRawHeaders' checks for line breaks.
+        raw = request.responseHeaders._rawHeaders
+        raw[b"Via"] = [VIA]
         if exchange.context.set_cookie is not None:
             name, value, path = exchange.context.set_cookie
             request.addCookie(name, value, path=path)
         if self._latency_headers:
             if exchange.upstream_latency is not None:
-                headers.setRawHeaders(
-                    b"x-upstream-latency", [b"%d" % (exchange.upstream_latency * 1000)]
-                )
+                raw[b"X-Upstream-Latency"] = [
+                    b"%d" % (exchange.upstream_latency * 1000)
+                ]
             if exchange.proxy_latency is not None:
-                headers.setRawHeaders(
-                    b"x-proxy-latency", [b"%d" % (exchange.proxy_latency * 1000)]
-                )
+                raw[b"X-Proxy-Latency"] = [b"%d" % (exchange.proxy_latency * 1000)]
