@@ -51,14 +51,29 @@ def _dropped(raw: dict[bytes, list[bytes]], always: frozenset[bytes]) -> set[byt
     named = raw.get(b"Connection")
     if named:
         for value in named:
-            for token in value.split(b","):
-                token = token.strip()
-                if token:
-                    with suppress(ValueError):  # not a token: names nothing
-                        name = _nameEncoder.encode(token)
-                        if name in raw:
-                            dropped.add(name)
+            names = _NAMED.get(value)
+            if names is None:
+                names = _named(value)
+            dropped.update(raw.keys() & names)
     return dropped
+
+
+# Connection header values seen, to the canonical names they list: nearly
+# every answer says "keep-alive", which need not be split on every request.
+_NAMED: dict[bytes, frozenset[bytes]] = {}
+
+
+def _named(value: bytes) -> frozenset[bytes]:
+    names = set()
+    for token in value.split(b","):
+        token = token.strip()
+        if token:
+            with suppress(ValueError):  # not a token: names nothing
+                names.add(_nameEncoder.encode(token))
+    result = frozenset(names)
+    if len(_NAMED) < 256:
+        _NAMED[value] = result
+    return result
 
 
 def upstream_headers(

@@ -163,7 +163,7 @@ class LeanAgent:
             for name, values in headers.getAllRawHeaders():
                 for value in values:
                     lines.append(name + b": " + value)
-        if headers is None or not headers.hasHeader(b"host"):
+        if headers is None or b"Host" not in headers._rawHeaders:
             lines.append(b"Host: " + authority)
         body = None
         if bodyProducer is None:
@@ -249,6 +249,12 @@ class _Body:
 
         @raise Exception: the producer failed at once.
         """
+        whole = getattr(self._producer, "in_memory", None)
+        if isinstance(whole, bytes) and not self.chunked:
+            # A body already in memory (the gateway's own): no producing,
+            # and no Deferred, needed.
+            self.done = True
+            return whole
         finished = self._producer.startProducing(self)
         if finished.called and not isinstance(finished.result, Failure):
             # Written at once (the gateway's case): skip the callback chain.

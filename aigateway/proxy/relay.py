@@ -33,10 +33,12 @@ _CONNECTION_DONE = Failure(ConnectionDone())
 class BytesProducer:
     """
     A request body already in memory, so it can be sent again on a retry.
+
+    @ivar in_memory: the body, which the lean client sends as it is.
     """
 
     def __init__(self, body: bytes) -> None:
-        self._body = body
+        self._body = self.in_memory = body
         self.length = len(body)
 
     def startProducing(self, consumer: Any) -> Deferred[None]:
