@@ -75,6 +75,22 @@ class Echo(Resource):
         return body
 
 
+class BodyReader(Protocol):
+    """
+    Collects a response body; C{done} fires with it.
+    """
+
+    def __init__(self) -> None:
+        self.body = bytearray()
+        self.done: Deferred[bytes] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.body.extend(data)
+
+    def connectionLost(self, reason: Any) -> None:
+        self.done.callback(bytes(self.body))
+
+
 class Conversation(Protocol):
     """
     A client connection that collects what the server sends.
@@ -503,3 +519,41 @@ class ParserTests(SynchronousTestCase):
         with self.assertRaises(BadRequest) as raised:
             parser.feed(b"GET / HTTP/1.1\r\nX: " + b"a" * 200)
         assert raised.exception.status == 431
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:OpenSSL.*")
+@pytest_twisted.ensureDeferred
+async def test_serves_over_tls():
+    """
+    Over a TLS listener the channel writes through TLS (not the plain TCP
+    write-through) and the request says it is secure; keep-alive holds.
+    """
+    from twisted.internet import ssl
+
+    from aigateway.proxy._connection import LeanPool
+    from aigateway.proxy.client import TargetEndpoints
+    from aigateway.proxy.lean import LeanAgent
+
+    from .test_lean import _certificate
+
+    cert, key = _certificate()
+    options = ssl.PrivateCertificate.loadPEM(cert + key).options()
+    resource = Echo()
+    factory = ProxyFactory(resource, 1024, reactor)
+    port = reactor.listenSSL(0, factory, options, interface="127.0.0.1")
+    endpoints = TargetEndpoints(reactor, 5, trust_root=ssl.Certificate.loadPEM(cert))
+    pool = LeanPool(reactor)
+    agent = LeanAgent(reactor, pool, endpoints)
+    url = f"https://127.0.0.1:{port.getHost().port}/tls".encode()
+    try:
+        for _ in range(2):
+            response = await agent.request(b"GET", url)
+            assert response.code == 200
+            reader = BodyReader()
+            response.deliverBody(reader)
+            body = await reader.done
+            assert json.loads(body)["secure"] is True
+        assert factory.open_connections == 1
+    finally:
+        await pool.closeCachedConnections()
+        await port.stopListening()
