@@ -45,16 +45,50 @@ def metrics(out: str) -> dict[str, Any]:
     return values
 
 
-def wrk(out: str, name: str) -> dict[str, Any] | None:
-    match = re.search(
-        r"^WRKJSON (.*)$", read(os.path.join(out, f"wrk-{name}.txt")), re.M
-    )
+def _wrk_file(path: str) -> dict[str, Any] | None:
+    match = re.search(r"^WRKJSON (.*)$", read(path), re.M)
     if not match:
         return None
     data: dict[str, Any] = json.loads(match.group(1))
     data["rps"] = data["requests"] / (data["duration_us"] / 1e6)
     data["errors"] = sum(data[k] for k in data if k.startswith("err_"))
     return data
+
+
+def wrk(out: str, name: str, m: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """
+    A wrk run's summary, with C{cpu_s} (the serving process's CPU seconds)
+    from the metrics.  A measurement made in rounds (wrk-NAME.rN.txt) gives
+    its median round by CPU per request, with C{rounds_us} listing every
+    round's.
+    """
+    m = m or {}
+    single = os.path.join(out, f"wrk-{name}.txt")
+    if os.path.exists(single):
+        data = _wrk_file(single)
+        if data is not None:
+            data["cpu_s"] = m.get(f"wrk_{name}_cpu_s")
+        return data
+    rounds = []
+    r = 1
+    while os.path.exists(os.path.join(out, f"wrk-{name}.r{r}.txt")):
+        data = _wrk_file(os.path.join(out, f"wrk-{name}.r{r}.txt"))
+        if data is not None:
+            cpu = m.get(f"wrk_{name}_r{r}_cpu_s")
+            data["cpu_s"] = cpu
+            data["us"] = (
+                float(cpu) * 1e6 / data["requests"]
+                if cpu is not None and data["requests"]
+                else None
+            )
+            rounds.append(data)
+        r += 1
+    if not rounds:
+        return None
+    ordered = sorted(rounds, key=lambda d: (d["us"] is None, d["us"] or 0.0))
+    median = ordered[(len(ordered) - 1) // 2]
+    median["rounds_us"] = [d["us"] for d in rounds]
+    return median
 
 
 def hey(out: str, name: str) -> dict[str, Any] | None:
@@ -188,11 +222,11 @@ def observability(
     """
     rows = []
     for name, label, flags in VARIANTS:
-        data = default if name == "gateway" else wrk(out, name)
+        data = default if name == "gateway" else wrk(out, name, m)
         if data is None:
             rows.append((name, label, flags, None, None))
             continue
-        seconds = m.get(f"wrk_{name}_cpu_s")
+        seconds = data.get("cpu_s")
         us = (
             default_us
             if name == "gateway"
@@ -275,10 +309,32 @@ def observability(
     return lines + [""]
 
 
+def rounds_note(w: dict[str, Any]) -> list[str]:
+    """
+    A line giving every round's CPU per request, when measured in rounds.
+    """
+    parts = []
+    for name in NAMES:
+        data = w.get(name)
+        if data and len(data.get("rounds_us") or ()) > 1:
+            figures = ", ".join(fmt(us, 1) for us in data["rounds_us"])
+            parts.append(f"{name} {figures}")
+    if not parts:
+        return []
+    return [
+        "Each column is the median of "
+        f"{len(w['gateway']['rounds_us']) if w.get('gateway') else '?'} rounds "
+        "by CPU per request; every round's CPU µs per request: "
+        + "; ".join(parts)
+        + ".",
+        "",
+    ]
+
+
 def build(options: Any) -> str:
     out = options.out
     m = metrics(out)
-    w = {name: wrk(out, name) for name in NAMES}
+    w = {name: wrk(out, name, m) for name in NAMES}
     h = {name: hey(out, name) for name in NAMES}
     s = {name: load_json(out, f"streams-{name}.json") for name in NAMES}
     many = load_json(out, "streams-many.json")
@@ -299,7 +355,7 @@ def build(options: Any) -> str:
 
     cpu_us = {}
     for name in NAMES:
-        seconds = m.get(f"wrk_{name}_cpu_s")
+        seconds = w[name]["cpu_s"] if w[name] else None
         if w[name] and seconds is not None and w[name]["requests"]:
             cpu_us[name] = float(seconds) * 1e6 / w[name]["requests"]
         else:
@@ -337,6 +393,7 @@ def build(options: Any) -> str:
         ),
         row("capacity of one core, req/s (10⁶ ÷ CPU µs per request)", capacity, 0),
         "",
+        *rounds_note(w),
         f"aigateway RSS: {fmt(m.get('gw_rss_idle_kb', 0) / 1024, 1)} MB idle (configured, before load), "
         f"{fmt(m.get('gw_rss_load_kb', 0) / 1024, 1)} MB peak under the wrk load, "
         f"{fmt(m.get('gw_rss_end_kb', 0) / 1024, 1)} MB at the end of the run.",

@@ -247,26 +247,35 @@ sleep 1
 metric gw_rss_idle_kb "$(rss_kb "$GWPID")"
 
 # --- 5. throughput with wrk ------------------------------------------------------
-run_wrk() { # name port pid [path]: the PID whose CPU time is charged to the requests
-    local name=$1 port=$2 pid=$3 url="http://127.0.0.1:$2${4:-/v1/chat/completions}"
+run_wrk() { # name port pid [path] [rounds]: the PID whose CPU time is charged to the requests
+    # With several rounds, each is kept (wrk-NAME.rR.txt, metric
+    # wrk_NAME_rR_cpu_s) and the report shows the median round by CPU per
+    # request, with the spread: single runs on a shared machine vary by
+    # +-20 %.
+    local name=$1 port=$2 pid=$3 url="http://127.0.0.1:$2${4:-/v1/chat/completions}" rounds=${5:-1} r
     taskset -c 0 wrk -t1 -c$CONNS -d${WARMUP}s -s "$BENCH/chat.lua" "$url" > /dev/null
-    local before=$(cpu_ticks "$pid")
-    sample_rss "$pid" "$((DURATION + 1))" "$OUT/rss-$name.kb" &
-    local sampler=$!
-    log "wrk $name: $CONNS connections, ${DURATION}s"
-    taskset -c 0 wrk -t1 -c$CONNS -d${DURATION}s --timeout 5s --latency -s "$BENCH/chat.lua" "$url" > "$OUT/wrk-$name.txt"
-    local after=$(cpu_ticks "$pid")
-    kill "$sampler" 2>/dev/null || true; wait "$sampler" 2>/dev/null || true
-    metric "wrk_${name}_cpu_s" "$(awk -v a="$after" -v b="$before" -v c="$CLK" 'BEGIN{print (a-b)/c}')"
-    grep -q WRKJSON "$OUT/wrk-$name.txt" || die "wrk $name printed no summary"
+    for r in $(seq "$rounds"); do
+        local before=$(cpu_ticks "$pid")
+        sample_rss "$pid" "$((DURATION + 1))" "$OUT/rss-$name.r$r.kb" &
+        local sampler=$!
+        log "wrk $name: $CONNS connections, ${DURATION}s (round $r of $rounds)"
+        taskset -c 0 wrk -t1 -c$CONNS -d${DURATION}s --timeout 5s --latency -s "$BENCH/chat.lua" "$url" > "$OUT/wrk-$name.r$r.txt"
+        local after=$(cpu_ticks "$pid")
+        kill "$sampler" 2>/dev/null || true; wait "$sampler" 2>/dev/null || true
+        metric "wrk_${name}_r${r}_cpu_s" "$(awk -v a="$after" -v b="$before" -v c="$CLK" 'BEGIN{print (a-b)/c}')"
+        grep -q WRKJSON "$OUT/wrk-$name.r$r.txt" || die "wrk $name printed no summary"
+    done
+    metric "wrk_${name}_rounds" "$rounds"
+    # The RSS peak over all rounds.
+    sort -n "$OUT"/rss-"$name".r*.kb 2>/dev/null | tail -1 > "$OUT/rss-$name.kb" || true
 }
 # nginx does its work in its (single) worker process, not the master.
 TARGET_WORKER=$(pgrep -P "$PID_targets" | head -1)
 PROXY_WORKER=$(pgrep -P "$PID_nginx_proxy" | head -1)
 [ -n "$TARGET_WORKER" ] && [ -n "$PROXY_WORKER" ] || die "nginx workers not found"
-run_wrk direct "$T1" "$TARGET_WORKER"
-run_wrk nginx "$NGX" "$PROXY_WORKER"
-run_wrk gateway "$GW" "$GWPID"
+run_wrk direct "$T1" "$TARGET_WORKER" "" "$ROUNDS"
+run_wrk nginx "$NGX" "$PROXY_WORKER" "" "$ROUNDS"
+run_wrk gateway "$GW" "$GWPID" "" "$ROUNDS"
 metric gw_rss_load_kb "$(cat "$OUT/rss-gateway.kb" 2>/dev/null || echo 0)"
 
 # --- 5b. observability cost -------------------------------------------------------
