@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import json
 from collections import Counter
+from typing import Any
 
 import pytest_twisted
 from twisted.internet import reactor
@@ -433,3 +434,115 @@ async def test_exchanges_leave_no_cyclic_garbage(gateway, servers):
     # connection: per connection opened, never per request.
     ours.pop("_Connector", None)
     assert not ours
+
+
+class _SlowReader(Protocol):
+    """
+    A target that reads a request body C{window} seconds out of every
+    C{period} (never, when C{window} is 0), then answers 200.
+    """
+
+    def __init__(self, window: float, period: float) -> None:
+        self.window = window
+        self.period = period
+        self.received = 0
+        self.expected: int | None = None
+        self._head = b""
+        self._call: Any = None
+
+    def connectionMade(self) -> None:
+        self.transport.pauseProducing()
+        if self.window:
+            self._call = reactor.callLater(self.period, self._open)
+
+    def _open(self) -> None:
+        self.transport.resumeProducing()
+        self._call = reactor.callLater(self.window, self._close)
+
+    def _close(self) -> None:
+        self.transport.pauseProducing()
+        self._call = reactor.callLater(self.period, self._open)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.expected is None:
+            self._head += data
+            head, found, rest = self._head.partition(b"\r\n\r\n")
+            if not found:
+                return
+            length = [
+                line.split(b":", 1)[1]
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            ]
+            self.expected = int(length[0])
+            data = rest
+        self.received += len(data)
+        if self.received >= self.expected:
+            if self._call is not None and self._call.active():
+                self._call.cancel()
+            self.transport.resumeProducing()
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    def connectionLost(self, reason: Any) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+
+
+@pytest_twisted.ensureDeferred
+async def test_write_timeout(tmp_path, servers):
+    """
+    A target that takes none of a request for the service's
+    C{write_timeout} fails it with a 504 long before the read timeout; one
+    that keeps taking some, more slowly than C{write_timeout} in all, gets
+    the whole request.
+    """
+    from twisted.internet.protocol import Factory
+
+    from .gatewaykit import Gateway
+
+    node = await Gateway(str(tmp_path / "g.db"), max_body=64 * 1024 * 1024).start()
+    try:
+        readers: list[_SlowReader] = []
+        stalled = reactor.listenTCP(
+            0, Factory.forProtocol(lambda: _SlowReader(0, 0)), interface="127.0.0.1"
+        )
+
+        def slow() -> _SlowReader:
+            readers.append(_SlowReader(window=0.005, period=0.15))
+            return readers[-1]
+
+        trickle = reactor.listenTCP(0, Factory.forProtocol(slow), interface="127.0.0.1")
+        servers.extend([stalled, trickle])
+        # Bigger than what loopback socket buffers absorb, so the rest waits
+        # in the gateway until the target reads.
+        body = b"x" * (40 * 1024 * 1024)
+        for name, port in (("stalled", stalled), ("trickle", trickle)):
+            await node.configure(
+                name,
+                {address(port): 100},
+            )
+            reply = await node.admin.patch(
+                f"/services/{name}",
+                form={"write_timeout": "400", "read_timeout": "20000", "retries": "0"},
+            )
+            assert reply.code == 200, reply.body
+            reply = await node.admin.patch(
+                f"/routes/{(await node.admin.get(f'/services/{name}/routes')).json['data'][0]['id']}",
+                form={"paths[]": f"/{name}"},
+            )
+            assert reply.code == 200, reply.body
+
+        started = reactor.seconds()
+        reply = await node.proxy.post("/stalled", body=body)
+        assert reply.code == 504, reply.body
+        assert reactor.seconds() - started < 10
+
+        started = reactor.seconds()
+        reply = await node.proxy.post("/trickle", body=body)
+        assert reply.code == 200, reply.body
+        assert reply.body == b"ok"
+        assert readers and readers[0].received == len(body)
+        # It took longer in all than write_timeout: only progress counted.
+        assert reactor.seconds() - started > 0.4
+    finally:
+        await node.stop()

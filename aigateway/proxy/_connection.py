@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, TimeoutError
 from twisted.internet.error import ConnectionAborted
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
@@ -25,7 +25,7 @@ from twisted.web.iweb import IResponse
 from zope.interface import implementer
 
 from ._parser import BadResponse, ResponseHead, ResponseParser
-from ._transport import send
+from ._transport import queued, send
 
 if TYPE_CHECKING:
     from .lean import _Request
@@ -64,6 +64,7 @@ class _Connection(Protocol):
         self.paused = False
         self.idle_since = 0.0
         self._lost: list[Deferred[None]] = []
+        self._write_timer: Any = None
 
     def send(self, request: _Request, data: bytes) -> None:
         """
@@ -72,7 +73,39 @@ class _Connection(Protocol):
         self.state = _WAITING
         self.request = request
         self.parser.expect(request.no_body)
-        send(self.transport, data)
+        if not send(self.transport, data):
+            timeout = request.agent.write_timeout
+            if timeout:
+                self._watch_write(timeout, queued(self.transport))
+
+    def _watch_write(self, timeout: float, left: int) -> None:
+        """
+        Part of the request is still queued: give up if the target takes
+        none of it for C{timeout} seconds (the service's C{write_timeout},
+        which, as nginx's C{proxy_send_timeout}, bounds the time between
+        two successive writes, not the whole transmission).
+        """
+        if left:
+            self._write_timer = self.pool.reactor.callLater(
+                timeout, self._check_write, timeout, left
+            )
+
+    def _check_write(self, timeout: float, before: int) -> None:
+        self._write_timer = None
+        request = self.request
+        if self.state != _WAITING or request is None:
+            return
+        left = queued(self.transport)
+        if left and left >= before:
+            self.request = None
+            self.abort()
+            request.deferred.errback(
+                Failure(
+                    TimeoutError(f"the target read none of the request for {timeout} s")
+                )
+            )
+        else:
+            self._watch_write(timeout, left)
 
     def dataReceived(self, data: bytes) -> None:
         state = self.state
@@ -94,6 +127,10 @@ class _Connection(Protocol):
             self._complete()
 
     def _head(self, head: ResponseHead) -> None:
+        if self._write_timer is not None:
+            # Answered (early, perhaps) while the request was being sent.
+            self._write_timer.cancel()
+            self._write_timer = None
         request = self.request
         assert request is not None
         self.request = None
@@ -155,6 +192,9 @@ class _Connection(Protocol):
         return d
 
     def connectionLost(self, reason: Failure = _RESPONSE_DONE) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
         state = self.state
         self.state = _CLOSED
         if state == _IDLE:
@@ -303,7 +343,7 @@ class LeanPool:
     def __init__(
         self, reactor: Any, max_idle_per_key: int = 256, idle_timeout: float = 60.0
     ) -> None:
-        self._reactor = reactor
+        self.reactor = reactor
         self.max_idle_per_key = max_idle_per_key
         self.idle_timeout = idle_timeout
         self._connections: dict[Key, list[_Connection]] = {}
@@ -332,10 +372,10 @@ class LeanPool:
             connection.transport.loseConnection()  # type: ignore[union-attr]
             return
         connection.state = _IDLE
-        connection.idle_since = self._reactor.seconds()
+        connection.idle_since = self.reactor.seconds()
         idle.append(connection)
         if self._sweeper is None:
-            self._sweeper = self._reactor.callLater(self.idle_timeout, self._sweep)
+            self._sweeper = self.reactor.callLater(self.idle_timeout, self._sweep)
 
     def remove(self, connection: _Connection) -> None:
         """
@@ -347,7 +387,7 @@ class LeanPool:
 
     def _sweep(self) -> None:
         self._sweeper = None
-        now = self._reactor.seconds()
+        now = self.reactor.seconds()
         deadline = now - self.idle_timeout
         oldest = None
         for key, idle in list(self._connections.items()):
@@ -362,7 +402,7 @@ class LeanPool:
         if oldest is not None:
             # At least a second apart, so a busy pool is swept in batches.
             delay = max(oldest + self.idle_timeout - now, 1.0)
-            self._sweeper = self._reactor.callLater(delay, self._sweep)
+            self._sweeper = self.reactor.callLater(delay, self._sweep)
 
     def closeCachedConnections(self) -> Deferred[None]:
         """

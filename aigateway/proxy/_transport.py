@@ -24,18 +24,36 @@ from twisted.internet import tcp
 _PLAIN = frozenset({tcp.Server, tcp.Client})
 
 
-def send(transport: Any, data: bytes) -> None:
+def send(transport: Any, data: bytes) -> bool:
     """
     Write C{data} to C{transport}, sending what the kernel takes at once if
     nothing is queued before it.
+
+    @return: whether all of it was handed to the kernel at once (C{False}
+        also when that cannot be known: a TLS or test transport).
     """
     if transport.__class__ in _PLAIN:
-        _through(transport, data)
-    else:
-        transport.write(data)
+        return _through(transport, data)
+    transport.write(data)
+    return False
 
 
-def _through(transport: Any, data: bytes) -> None:
+def queued(transport: Any) -> int:
+    """
+    The bytes written to C{transport} that the kernel has not taken yet,
+    looking through wrapping transports (TLS) to the TCP connection; 0 when
+    there is none to look at.
+    """
+    for _ in range(4):
+        if transport is None:
+            return 0
+        if isinstance(transport, tcp.Connection):
+            return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+        transport = getattr(transport, "transport", None)
+    return 0
+
+
+def _through(transport: Any, data: bytes) -> bool:
     if (
         not transport.TLS
         and transport.connected
@@ -50,6 +68,7 @@ def _through(transport: Any, data: bytes) -> None:
             # below sends it later or finds out and closes the usual way.
             sent = 0
         if sent == len(data):
-            return
+            return True
         data = data[sent:]
     transport.write(data)
+    return False

@@ -102,7 +102,7 @@ class TargetEndpoints:
 
 class Agents:
     """
-    One agent per connect timeout, all sharing one persistent pool, so
+    One agent per connect and write timeout, all sharing one persistent pool, so
     keep-alive connections to a target are reused whatever the service.
 
     @ivar pool: a L{LeanPool}, or with C{lean=False} an
@@ -121,22 +121,26 @@ class Agents:
             self.pool = HTTPConnectionPool(reactor, persistent=True)
             # Agent's default of 2 would make every burst open new connections.
             self.pool.maxPersistentPerHost = max_per_host
-        self._agents: dict[float, IAgent] = {}
+        self._agents: dict[tuple[float, float | None], IAgent] = {}
 
-    def agent(self, connect_timeout: float) -> IAgent:
+    def agent(
+        self, connect_timeout: float, write_timeout: float | None = None
+    ) -> IAgent:
         """
-        The agent for services with this connect timeout.
+        The agent for services with these timeouts (C{write_timeout} is
+        enforced by the lean agent only).
         """
-        agent = self._agents.get(connect_timeout)
+        key = (connect_timeout, write_timeout)
+        agent = self._agents.get(key)
         if agent is None:
             endpoints = TargetEndpoints(self._reactor, connect_timeout)
             if isinstance(self.pool, LeanPool):
-                agent = LeanAgent(self._reactor, self.pool, endpoints)
+                agent = LeanAgent(self._reactor, self.pool, endpoints, write_timeout)
             else:
                 agent = Agent.usingEndpointFactory(
                     self._reactor, endpoints, pool=self.pool
                 )
-            self._agents[connect_timeout] = agent
+            self._agents[key] = agent
         return agent
 
     def close(self) -> Any:

@@ -212,9 +212,9 @@ class Exchange:
         now = self.clock.seconds()
         if self.attempts == 1:
             self.proxy_latency = now - self.started
-        d = self.hooks.agents.agent(service.connect_timeout).request(
-            request.method, url, headers, body
-        )
+        d = self.hooks.agents.agent(
+            service.connect_timeout, service.write_timeout
+        ).request(request.method, url, headers, body)
         self._timed_out = False
         self._restart_timer()
         self._pending = d

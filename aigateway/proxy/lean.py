@@ -129,14 +129,23 @@ class LeanAgent:
     """
     Sends requests to targets over keep-alive connections from a
     L{LeanPool}, opening them with C{endpoints}.
+
+    @ivar write_timeout: seconds a target may go without taking any of a
+        request still being sent before the request fails with
+        L{TimeoutError} (L{None}: no limit).
     """
 
     def __init__(
-        self, reactor: Any, pool: LeanPool, endpoints: IAgentEndpointFactory
+        self,
+        reactor: Any,
+        pool: LeanPool,
+        endpoints: IAgentEndpointFactory,
+        write_timeout: float | None = None,
     ) -> None:
         self._reactor = reactor
         self._pool = pool
         self._endpoints = endpoints
+        self.write_timeout = write_timeout
 
     def request(
         self,
