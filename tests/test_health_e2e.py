@@ -9,11 +9,16 @@ about as long as the behaviour it shows, and fails when that is too long.
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet._resolver import HostResolution
+from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import IHostnameResolver
 from twisted.web.client import ResponseFailed
+from zope.interface import implementer
 
 from .gatewaykit import (
     HoldingTarget,
@@ -613,3 +618,68 @@ async def test_retry_after_on_the_only_target(gateway, servers):
     assert during.code == 503
     assert during.json["message"] == "failure to get a peer from the ring-balancer"
     assert during.headers.getRawHeaders(b"retry-after") == [b"1"]
+
+
+@implementer(IHostnameResolver)
+class _Names:
+    """
+    A resolver that knows only C{names} (to 127.0.0.1), so a test decides
+    which host names resolve, without a DNS server.
+    """
+
+    def __init__(self, names: set[str]) -> None:
+        self.names = names
+        self.asked: list[str] = []
+
+    def resolveHostName(
+        self,
+        resolutionReceiver: Any,
+        hostName: str,
+        portNumber: int = 0,
+        addressTypes: Any = None,
+        transportSemantics: str = "TCP",
+    ) -> Any:
+        self.asked.append(hostName)
+        resolution = HostResolution(hostName)
+        resolutionReceiver.resolutionBegan(resolution)
+        if hostName in self.names or hostName == "127.0.0.1":
+            # (The tests' own clients connect to 127.0.0.1 by name too.)
+            resolutionReceiver.addressResolved(
+                IPv4Address("TCP", "127.0.0.1", portNumber)
+            )
+        resolutionReceiver.resolutionComplete()
+        return resolution
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_name_that_does_not_resolve_is_dns_error(gateway, servers):
+    """
+    A target whose host name does not resolve is shown as C{DNS_ERROR} in
+    the health endpoint and the health gauge, gets no more traffic (its one
+    failed attempt was retried on the other target, so every client got an
+    answer), even with health checks off.
+    """
+    resource = HoldingTarget("ok")
+    servers.append(port := listen(resource))
+    number = port.getHost().port
+    names = _Names({"good.test"})
+    previous = reactor.installNameResolver(names)
+    try:
+        await gateway.configure(
+            "named", {f"broken.test:{number}": 100, f"good.test:{number}": 100}
+        )
+        replies = await bounded(40, 4, lambda i: gateway.proxy.get("/"))
+        assert [r.code for r in replies] == [200] * 40
+        health = await health_of(gateway, "named")
+        assert health[f"broken.test:{number}"] == "DNS_ERROR"
+        assert health[f"good.test:{number}"] == "HEALTHCHECKS_OFF"
+        assert names.asked.count("broken.test") == 1
+        samples = await scrape(gateway)
+        broken = {"upstream": "named", "target": f"broken.test:{number}"}
+        assert sample(samples, HEALTH, state="dns_error", **broken) == 1
+        assert sample(samples, HEALTH, state="healthchecks_off", **broken) == 0
+        assert sample(samples, ATTEMPTS, code="error", **broken) == 1
+        reply = await gateway.admin.get("/upstreams/named/health?balancer_health=1")
+        assert reply.json["data"]["health"] == "HEALTHY"  # one target still up
+    finally:
+        reactor.installNameResolver(previous)

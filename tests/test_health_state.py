@@ -22,6 +22,7 @@ from aigateway.health.passive import (
 )
 from aigateway.health.state import (
     ACTIVE,
+    DNS_RETRY,
     PASSIVE,
     Health,
     TargetHealth,
@@ -34,6 +35,7 @@ OK = Outcome.status(200)
 ERR = Outcome.status(500)
 TCP = Outcome.tcp_failure()
 TIMEOUT = Outcome.timeout()
+DNS = Outcome.dns_failure()
 HEALTHY, UNHEALTHY, OFF = Health.HEALTHY, Health.UNHEALTHY, Health.HEALTHCHECKS_OFF
 
 # Active checks on, with Kong's default thresholds (2 of each).
@@ -466,12 +468,18 @@ class FailureTests(SynchronousTestCase):
             error.ConnectionRefusedError(),
             error.ConnectionLost(),
             error.ConnectionDone(),
-            error.DNSLookupError(),
             SSL.Error(),
             ResponseNeverReceived([Failure(error.ConnectionLost())]),
             ResponseFailed([Failure(error.ConnectionDone())]),
         ]:
             self.assertEqual(outcome_of_failure(Failure(exc)), TCP, exc)
+
+    def test_dns(self) -> None:
+        for exc in [
+            error.DNSLookupError("no results for hostname lookup: x"),
+            ResponseNeverReceived([Failure(error.DNSLookupError())]),
+        ]:
+            self.assertEqual(outcome_of_failure(Failure(exc)), DNS, exc)
 
     def test_timeout(self) -> None:
         for exc in [
@@ -508,3 +516,68 @@ class FailureTests(SynchronousTestCase):
         d.addTimeout(1, clock, onTimeoutCancel=timed_out)
         clock.advance(1)
         self.assertEqual(outcome_of_failure(self.failureResultOf(d)), TIMEOUT)
+
+
+class DNSErrorTests(StateMixin, SynchronousTestCase):
+    """
+    A host name that does not resolve takes the target out at once, checks
+    on or off; it gets a trial every L{DNS_RETRY} seconds, and the first
+    attempt that gets past the lookup restores the state it had.
+    """
+
+    def test_out_at_once_with_checks_off(self) -> None:
+        state = self.make()
+        assert state.health is OFF and state.available()
+        state.record(DNS, PASSIVE)
+        assert state.health is Health.DNS_ERROR
+        assert not state.available() and not state.is_available()
+        assert self.transitions == [(OFF, Health.DNS_ERROR, "dns error")]
+        assert state.describe()["health"] == "DNS_ERROR"
+
+    def test_trial_every_retry_then_back(self) -> None:
+        state = self.make(**ACTIVE_ON)
+        state.record(DNS, PASSIVE)
+        self.clock.advance(DNS_RETRY - 0.1)
+        assert not state.available()
+        self.clock.advance(0.1)
+        assert state.available()  # the trial
+        assert not state.available()  # only one
+        state.record(DNS, PASSIVE)  # still failing: the next one later
+        assert state.health is Health.DNS_ERROR
+        self.clock.advance(DNS_RETRY / 2)
+        assert not state.available()
+        self.clock.advance(DNS_RETRY / 2)
+        assert state.available()
+        state.record(OK, PASSIVE)
+        assert state.health is HEALTHY and state.available()
+        assert self.transitions[-1] == (Health.DNS_ERROR, HEALTHY, "dns resolved")
+
+    def test_resolved_but_failing_counts_as_usual(self) -> None:
+        """
+        A connection refused after the name resolved again ends the DNS
+        error and counts as a TCP failure from the state before it.
+        """
+        state = self.make(**ACTIVE_ON)
+        state.record(TCP, ACTIVE)
+        state.record(DNS, ACTIVE)
+        state.record(TCP, ACTIVE)
+        assert state.health is HEALTHY
+        assert state.counters["tcp_failures"] == 1
+        state.record(TCP, ACTIVE)
+        assert state.health is UNHEALTHY
+
+    def test_unhealthy_before_stays_unhealthy(self) -> None:
+        state = self.make(**ACTIVE_ON)
+        state.set_manual(False)
+        state.record(DNS, ACTIVE)
+        assert state.health is Health.DNS_ERROR
+        state.record(OK, ACTIVE)
+        assert state.health is UNHEALTHY
+        state.record(OK, ACTIVE)
+        assert state.health is HEALTHY
+
+    def test_manual_overrides(self) -> None:
+        state = self.make(**ACTIVE_ON)
+        state.record(DNS, PASSIVE)
+        state.set_manual(True)
+        assert state.health is HEALTHY and state.available()

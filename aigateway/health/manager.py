@@ -174,12 +174,18 @@ class HealthManager:
             retry_after = retry_after.decode("latin-1")
         self.report(target, Outcome.status(status, retry_after))
 
-    def report_failure(self, target: Target, timeout: bool) -> None:
+    def report_failure(self, target: Target, timeout: bool, dns: bool = False) -> None:
         """
-        A proxied attempt got no response: it timed out, or the connection
-        failed.
+        A proxied attempt got no response: it timed out, the target's name
+        did not resolve (C{dns}), or the connection failed.
         """
-        self.report(target, Outcome.timeout() if timeout else Outcome.tcp_failure())
+        if dns:
+            outcome = Outcome.dns_failure()
+        elif timeout:
+            outcome = Outcome.timeout()
+        else:
+            outcome = Outcome.tcp_failure()
+        self.report(target, outcome)
 
     def report_error(self, reason: Failure, target: Target) -> Failure:
         """

@@ -26,6 +26,7 @@ STATUS = "status"
 CONNECTED = "connected"
 TCP_FAILURE = "tcp_failure"
 TIMEOUT = "timeout"
+DNS_FAILURE = "dns_failure"
 
 #: The longest rate-limit cooldown a C{Retry-After} may ask for, in
 #: seconds: a misbehaving upstream must not take a target out for hours.
@@ -41,7 +42,6 @@ _TIMEOUTS = (defer.TimeoutError, error.TimeoutError, error.TCPTimedOutError)
 _TCP_FAILURES = (
     error.ConnectError,
     error.ConnectionClosed,
-    error.DNSLookupError,
     SSL.Error,
 )
 # ResponseNeverReceived is a ResponseFailed.
@@ -101,11 +101,19 @@ class Outcome:
         """
         return _TIMEOUT
 
+    @classmethod
+    def dns_failure(cls) -> Outcome:
+        """
+        The target's host name did not resolve.
+        """
+        return _DNS
+
 
 _STATUSES: dict[int, Outcome] = {}
 _CONNECTED = Outcome(CONNECTED)
 _TCP = Outcome(TCP_FAILURE)
 _TIMEOUT = Outcome(TIMEOUT)
+_DNS = Outcome(DNS_FAILURE)
 
 
 def parse_retry_after(value: str, now: float) -> float | None:
@@ -141,7 +149,8 @@ def outcome_of_failure(reason: Failure) -> Outcome | None:
     connecting or waiting is seen as one, not as the
     C{ResponseNeverReceived} the cancellation becomes.
 
-    @return: L{Outcome.timeout}, L{Outcome.tcp_failure} or L{None}.
+    @return: L{Outcome.timeout}, L{Outcome.dns_failure},
+        L{Outcome.tcp_failure} or L{None}.
     """
     exc = reason.value
     if isinstance(exc, _WRAPPERS):
@@ -149,6 +158,8 @@ def outcome_of_failure(reason: Failure) -> Outcome | None:
         found = [outcome_of_failure(inner) for inner in exc.reasons]
         if _TIMEOUT in found:
             return _TIMEOUT
+        if _DNS in found:
+            return _DNS
         if all(isinstance(inner.value, _CANCELS) for inner in exc.reasons):
             return None
         return _TCP
@@ -156,6 +167,8 @@ def outcome_of_failure(reason: Failure) -> Outcome | None:
         return _TIMEOUT
     if isinstance(exc, _CANCELS):
         return None
+    if isinstance(exc, error.DNSLookupError):
+        return _DNS
     if isinstance(exc, _TCP_FAILURES):
         return _TCP
     return None

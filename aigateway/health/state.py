@@ -20,7 +20,14 @@ from twisted.internet.interfaces import IReactorTime
 
 from ..model import Target, Upstream
 from .config import Active, Passive
-from .passive import CONNECTED, STATUS, TCP_FAILURE, Outcome, parse_retry_after
+from .passive import (
+    CONNECTED,
+    DNS_FAILURE,
+    STATUS,
+    TCP_FAILURE,
+    Outcome,
+    parse_retry_after,
+)
 
 
 class Health(enum.Enum):
@@ -32,9 +39,13 @@ class Health(enum.Enum):
     UNHEALTHY = "UNHEALTHY"
     #: The upstream checks nothing: the target is always available.
     HEALTHCHECKS_OFF = "HEALTHCHECKS_OFF"
-    #: Reserved for when targets are resolved by name; never set yet.
+    #: The target's host name did not resolve when last tried.
     DNS_ERROR = "DNS_ERROR"
 
+
+#: Seconds between tries of a target whose name did not resolve (Kong's
+#: resolver caches a failed lookup for seconds too, then tries again).
+DNS_RETRY = 5.0
 
 #: Where an outcome came from, which selects the thresholds it is held to.
 ACTIVE = "active"
@@ -86,6 +97,12 @@ class TargetHealth:
       UNHEALTHY  -- (passive) a trial request succeeds ------> HEALTHY
       any        -- set by hand ---------------------------> HEALTHY/UNHEALTHY
       any        -- healthchecks turned off / on -----------> HEALTHCHECKS_OFF/HEALTHY
+      any        -- its host name does not resolve ---------> DNS_ERROR
+      DNS_ERROR  -- an attempt or probe gets past the lookup --> the state before
+
+    A target in C{DNS_ERROR} gets no traffic, whether checks are on or off
+    (as in Kong), except one trial every L{DNS_RETRY} seconds, so that a
+    name that resolves again brings it back without active checks.
 
     Counters count I{consecutive} events, as lua-resty-healthcheck does: a
     success clears the failure counters and a failure the success counter;
@@ -132,6 +149,8 @@ class TargetHealth:
         # and whether a trial is out, so its report ends it.
         self._trial_at: float | None = None
         self._trial_out = False
+        # The health to go back to once the host name resolves again.
+        self._before_dns = self.health
 
     def available(self) -> bool:
         """
@@ -150,7 +169,12 @@ class TargetHealth:
         # Back on the fast path once a rate-limit cooldown is over.
         self.cooldown_until = 0.0
         if not self._up:
-            self._trial_at = now + self.upstream.healthchecks.passive.unhealthy.cooldown
+            if self.health is Health.DNS_ERROR:
+                self._trial_at = now + DNS_RETRY
+            else:
+                self._trial_at = (
+                    now + self.upstream.healthchecks.passive.unhealthy.cooldown
+                )
             self._trial_out = True
         return True
 
@@ -170,6 +194,13 @@ class TargetHealth:
         Count the outcome of a probe (C{source} L{ACTIVE}) or of a proxied
         attempt (L{PASSIVE}), and move the target if a threshold is reached.
         """
+        if outcome.kind == DNS_FAILURE:
+            self._dns_failed()
+            return
+        if self.health is Health.DNS_ERROR:
+            # Whatever else happened, the name resolved: back to where it
+            # was, and count the outcome as usual from there.
+            self._become(self._before_dns, source, "dns resolved")
         if outcome.code == 429 and outcome.retry_after is not None:
             now = self._clock.seconds()
             delay = parse_retry_after(outcome.retry_after, now)
@@ -204,6 +235,13 @@ class TargetHealth:
             if counters[counter] >= limit:
                 self._become(goal, source, f"{source} {counter}")
 
+    def _dns_failed(self) -> None:
+        if self.health is not Health.DNS_ERROR:
+            self._before_dns = self.health
+            self._become(Health.DNS_ERROR, "dns", "dns error")
+        self._trial_out = False
+        self._trial_at = self._clock.seconds() + DNS_RETRY
+
     def set_manual(self, healthy: bool) -> None:
         """
         Set the health by hand: counters, trial and rate-limit cooldown are
@@ -230,7 +268,10 @@ class TargetHealth:
             self._become(Health.HEALTHY, "config", "healthchecks on")
         elif was and not now:
             self._become(Health.HEALTHCHECKS_OFF, "config", "healthchecks off")
-        elif not upstream.healthchecks.passive.unhealthy.cooldown:
+        elif (
+            not upstream.healthchecks.passive.unhealthy.cooldown
+            and self.health is not Health.DNS_ERROR
+        ):
             self._trial_at, self._trial_out = None, False
 
     def describe(self) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.error import DNSLookupError
 from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
@@ -261,7 +262,9 @@ class Exchange:
             # The client cancelled: not the target's fault.
             self.done()
             return
-        self.hooks.health.report_failure(target, timeout)
+        self.hooks.health.report_failure(
+            target, timeout, failure.check(DNSLookupError) is not None
+        )
         self.error = failure.getErrorMessage()
         if self.attempts <= self.service.retries:
             following = self._pick()
