@@ -8,6 +8,7 @@ is written, so its cost never delays the bytes a client is waiting for.
 
 from __future__ import annotations
 
+from json.encoder import encode_basestring_ascii as _quote
 from typing import Any
 
 from .accesslog import AccessLog
@@ -75,7 +76,7 @@ class Recorder(ExchangeObserver):
         if self._metrics is not None:
             self._count(exchange, service, route, upstream, elapsed)
         if self._log is not None:
-            self._log.write(self._record(exchange, service, route, upstream, elapsed))
+            self._log.write(self._line(exchange, service, route, upstream, elapsed))
 
     def _count(
         self,
@@ -105,44 +106,64 @@ class Recorder(ExchangeObserver):
             tokens[(model, "completion")] += usage.completion
             tokens[(model, "total")] += usage.total
 
-    def _record(
+    def _line(
         self,
         exchange: Exchange,
         service: str,
         route: str,
         upstream: str,
         elapsed: float,
-    ) -> dict[str, Any]:
-        request = exchange.request
+    ) -> str:
+        """
+        The access log line of an exchange: a JSON object, formatted here
+        rather than built as a dict for C{json.dumps}, which took twice as
+        long (every string still goes through JSON's own escaping).
+        """
         usage = exchange.usage
-        return {
-            "time": round(exchange.started, 3),
-            "request_id": exchange.request_id,
-            "client_ip": exchange.context.client_ip,
-            "method": request.method.decode("latin-1"),
-            "path": exchange.context.path,
-            "route": route,
-            "service": service,
-            "upstream": upstream or None,
-            "target": exchange.target.key if exchange.target is not None else None,
-            "status": exchange.status,
-            "attempts": exchange.attempts,
-            "tried": sorted(exchange.tried),
-            "bytes_in": len(exchange.body),
-            "bytes_out": exchange.bytes_out,
-            "latency_ms": {
-                "request": _ms(elapsed),
-                "upstream": _ms(exchange.upstream_latency),
-                "proxy": _ms(exchange.proxy_latency),
-            },
-            "tokens": None
-            if usage is None
-            else {
-                "model": usage.model,
-                "prompt": usage.prompt,
-                "completion": usage.completion,
-                "total": usage.total,
-            },
-            "error": exchange.error,
-            "client_gone": exchange.gone,
-        }
+        target = exchange.target
+        if usage is None:
+            tokens = "null"
+        else:
+            tokens = (
+                f'{{"model":{_string(usage.model)},"prompt":{usage.prompt:d},'
+                f'"completion":{usage.completion:d},"total":{usage.total:d}}}'
+            )
+        return _LINE % (
+            exchange.started,
+            _quote(exchange.request_id),
+            _quote(exchange.context.client_ip),
+            _quote(exchange.request.method.decode("latin-1")),
+            _quote(exchange.context.path),
+            _quote(route),
+            _quote(service),
+            _quote(upstream) if upstream else "null",
+            _quote(target.key) if target is not None else "null",
+            exchange.status,
+            exchange.attempts,
+            ",".join(map(_quote, sorted(exchange.tried))),
+            len(exchange.body),
+            exchange.bytes_out,
+            _number(_ms(elapsed)),
+            _number(_ms(exchange.upstream_latency)),
+            _number(_ms(exchange.proxy_latency)),
+            tokens,
+            _string(exchange.error),
+            "true" if exchange.gone else "false",
+        )
+
+
+_LINE = (
+    '{"time":%.3f,"request_id":%s,"client_ip":%s,"method":%s,"path":%s,'
+    '"route":%s,"service":%s,"upstream":%s,"target":%s,"status":%d,'
+    '"attempts":%d,"tried":[%s],"bytes_in":%d,"bytes_out":%d,'
+    '"latency_ms":{"request":%s,"upstream":%s,"proxy":%s},"tokens":%s,'
+    '"error":%s,"client_gone":%s}\n'
+)
+
+
+def _string(value: str | None) -> str:
+    return "null" if value is None else _quote(value)
+
+
+def _number(value: float | None) -> str:
+    return "null" if value is None else repr(value)

@@ -16,6 +16,7 @@ from .gatewaykit import (
     TargetResource,
     address,
     listen,
+    raw_request,
     scrape,
     sleep,
 )
@@ -378,12 +379,47 @@ async def test_metrics_off_access_log_on(tmp_path, servers):
         await node.configure("up", {address(port): 100})
         for _ in range(3):
             assert (await node.proxy.get("/")).code == 200
+        # A path with characters JSON must escape, in a raw request.
+        raw = await raw_request(
+            node.service.proxy_port.getHost().port,
+            b'GET /q"\\\xe9?x=1 HTTP/1.1\r\nConnection: close\r\n\r\n',
+        )
+        # (The twisted.web target may refuse such a path: any answer will do.)
+        status = int(raw.split(b" ", 2)[1])
         samples = await scrape(node)
         assert not [key for key in samples if key[0] == "aigateway_http_requests_total"]
         assert health(samples, "up", address(port), "healthchecks_off") == 1
     finally:
         await node.stop()
-    assert len(log_path.read_text().splitlines()) == 3
+    lines = [json.loads(line) for line in log_path.read_text().splitlines()]
+    assert len(lines) == 4
+    assert lines[-1]["path"] == '/q"\\\xe9' and lines[-1]["status"] == status
+    first = lines[0]
+    assert set(first) == {
+        "time",
+        "request_id",
+        "client_ip",
+        "method",
+        "path",
+        "route",
+        "service",
+        "upstream",
+        "target",
+        "status",
+        "attempts",
+        "tried",
+        "bytes_in",
+        "bytes_out",
+        "latency_ms",
+        "tokens",
+        "error",
+        "client_gone",
+    }
+    assert first["method"] == "GET" and first["status"] == 200
+    assert first["upstream"] == "up" and first["target"] == address(port)
+    assert first["tried"] == [address(port)] and first["client_gone"] is False
+    assert first["tokens"] is None and first["error"] is None
+    assert all(isinstance(v, float) for v in first["latency_ms"].values())
 
 
 @pytest_twisted.ensureDeferred
