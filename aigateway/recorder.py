@@ -8,10 +8,9 @@ is written, so its cost never delays the bytes a client is waiting for.
 
 from __future__ import annotations
 
-from json.encoder import encode_basestring_ascii as _quote
 from typing import Any
 
-from .accesslog import AccessLog
+from .accesslog import AccessLog, Record
 from .metrics import Metrics, labels
 from .model import Target
 from .proxy.forward import Exchange, ExchangeObserver
@@ -23,10 +22,6 @@ def _names(exchange: Exchange) -> tuple[str, str]:
 
 def _upstream_name(exchange: Exchange) -> str:
     return exchange.upstream.name if exchange.upstream is not None else ""
-
-
-def _ms(seconds: float | None) -> float | None:
-    return None if seconds is None else round(seconds * 1000, 3)
 
 
 class Recorder(ExchangeObserver):
@@ -76,7 +71,7 @@ class Recorder(ExchangeObserver):
         if self._metrics is not None:
             self._count(exchange, service, route, upstream, elapsed)
         if self._log is not None:
-            self._log.write(self._line(exchange, service, route, upstream, elapsed))
+            self._log.write(self._record(exchange, service, route, upstream, elapsed))
 
     def _count(
         self,
@@ -106,64 +101,34 @@ class Recorder(ExchangeObserver):
             tokens[(model, "completion")] += usage.completion
             tokens[(model, "total")] += usage.total
 
-    def _line(
+    def _record(
         self,
         exchange: Exchange,
         service: str,
         route: str,
         upstream: str,
         elapsed: float,
-    ) -> str:
-        """
-        The access log line of an exchange: a JSON object, formatted here
-        rather than built as a dict for C{json.dumps}, which took twice as
-        long (every string still goes through JSON's own escaping).
-        """
-        usage = exchange.usage
+    ) -> Record:
         target = exchange.target
-        if usage is None:
-            tokens = "null"
-        else:
-            tokens = (
-                f'{{"model":{_string(usage.model)},"prompt":{usage.prompt:d},'
-                f'"completion":{usage.completion:d},"total":{usage.total:d}}}'
-            )
-        return _LINE % (
+        return (
             exchange.started,
-            _quote(exchange.request_id),
-            _quote(exchange.context.client_ip),
-            _quote(exchange.request.method.decode("latin-1")),
-            _quote(exchange.context.path),
-            _quote(route),
-            _quote(service),
-            _quote(upstream) if upstream else "null",
-            _quote(target.key) if target is not None else "null",
+            exchange.request_id,
+            exchange.context.client_ip,
+            exchange.request.method,
+            exchange.context.path,
+            route,
+            service,
+            upstream,
+            target.key if target is not None else None,
             exchange.status,
             exchange.attempts,
-            ",".join(map(_quote, sorted(exchange.tried))),
+            tuple(exchange.tried),
             len(exchange.body),
             exchange.bytes_out,
-            _number(_ms(elapsed)),
-            _number(_ms(exchange.upstream_latency)),
-            _number(_ms(exchange.proxy_latency)),
-            tokens,
-            _string(exchange.error),
-            "true" if exchange.gone else "false",
+            elapsed,
+            exchange.upstream_latency,
+            exchange.proxy_latency,
+            exchange.usage,
+            exchange.error,
+            exchange.gone,
         )
-
-
-_LINE = (
-    '{"time":%.3f,"request_id":%s,"client_ip":%s,"method":%s,"path":%s,'
-    '"route":%s,"service":%s,"upstream":%s,"target":%s,"status":%d,'
-    '"attempts":%d,"tried":[%s],"bytes_in":%d,"bytes_out":%d,'
-    '"latency_ms":{"request":%s,"upstream":%s,"proxy":%s},"tokens":%s,'
-    '"error":%s,"client_gone":%s}\n'
-)
-
-
-def _string(value: str | None) -> str:
-    return "null" if value is None else _quote(value)
-
-
-def _number(value: float | None) -> str:
-    return "null" if value is None else repr(value)
