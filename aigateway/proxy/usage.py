@@ -38,19 +38,18 @@ class Usage:
 # inside a message's content: only real keys.  A regular expression over the
 # bytes costs a fraction of json.loads on a whole answer.
 _USAGE = re.compile(rb'"usage"\s*:\s*\{')
-_COUNT = re.compile(
-    rb'"(prompt_tokens|completion_tokens|total_tokens|input_tokens|output_tokens)"'
-    rb"\s*:\s*(\d+)"
+# Each count is found with bytes.find and read with an anchored match: a
+# single alternation scanned over the object cost twice as much.
+_KEYS = (
+    (b'"prompt_tokens"', "prompt"),
+    (b'"input_tokens"', "prompt"),
+    (b'"completion_tokens"', "completion"),
+    (b'"output_tokens"', "completion"),
+    (b'"total_tokens"', "total"),
 )
+_NUMBER = re.compile(rb"\s*:\s*(\d+)")
 _MODEL = re.compile(rb'"model"\s*:\s*("(?:[^"\\]|\\.){1,200}")')
 _WINDOW = 1024
-_NAMES = {
-    b"prompt_tokens": "prompt",
-    b"input_tokens": "prompt",
-    b"completion_tokens": "completion",
-    b"output_tokens": "completion",
-    b"total_tokens": "total",
-}
 
 
 def _string(token: bytes) -> str | None:
@@ -80,8 +79,15 @@ def scan(document: bytes) -> Usage | None:
     if last is None:
         return None
     counts: dict[str, int] = {}
-    for match in _COUNT.finditer(document, last.end(), last.end() + _WINDOW):
-        counts.setdefault(_NAMES[match.group(1)], int(match.group(2)))
+    start = last.end()
+    end = start + _WINDOW
+    for key, name in _KEYS:
+        if name not in counts:
+            found = document.find(key, start, end)
+            if found >= 0:
+                number = _NUMBER.match(document, found + len(key), end)
+                if number is not None:
+                    counts[name] = int(number.group(1))
     # In a stream the model is in the same event; in a document, anywhere.
     line = document.rfind(b"\n", 0, last.start()) + 1
     model = _MODEL.search(document, line) or _MODEL.search(document)
