@@ -195,6 +195,15 @@ async def test_absolute_form_routes_on_its_path(served):
     assert raw.startswith(b"HTTP/1.1 200 OK")
     assert resource.seen[0]["path"] == "/v1/x"
     assert resource.seen[0]["uri"] == "http://example.com/v1/x?y=1"
+    # Its authority wins over the Host header.
+    raw = await raw_request(
+        port,
+        b"GET http://api.test:8080 HTTP/1.1\r\nHost: other\r\nConnection: close\r\n\r\n",
+    )
+    assert raw.startswith(b"HTTP/1.1 200 OK")
+    assert (
+        resource.seen[1]["path"] == "/" and resource.seen[1]["host"] == "api.test:8080"
+    )
 
 
 @pytest_twisted.ensureDeferred

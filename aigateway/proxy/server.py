@@ -127,10 +127,15 @@ class ProxyRequest:
         uri = head.uri
         self.uri = uri
         if uri[:1] != b"/" and uri != b"*":
-            # Absolute form (RFC 9112 3.2.2): the path is what the route sees.
+            # Absolute form (RFC 9112 3.2.2): its authority replaces the
+            # Host header, and its path is what the route sees.
             after = uri.partition(b"//")[2]
             slash = after.find(b"/")
-            uri = after[slash:] if slash >= 0 else b"/"
+            authority, uri = (
+                (after[:slash], after[slash:]) if slash >= 0 else (after, b"/")
+            )
+            if authority:
+                head.headers._rawHeaders[b"Host"] = [authority.rpartition(b"@")[2]]
         self.path = uri.partition(b"?")[0]
         self.clientproto = head.version
         self.requestHeaders = head.headers
