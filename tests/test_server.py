@@ -566,3 +566,57 @@ async def test_serves_over_tls():
     finally:
         await pool.closeCachedConnections()
         await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_dripping_head_and_a_client_that_never_reads_are_cut_off():
+    """
+    A request head sent a line at a time still gets its 408 once
+    C{idle_timeout} has passed since its first byte; a connection closing
+    after its answer, whose client reads none of the rest, is aborted after
+    C{close_grace}.
+    """
+    clock = Clock()
+    resource = Echo()
+    factory = ProxyFactory(resource, 1024, clock, idle_timeout=10)
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    try:
+        number = port.getHost().port
+        drip = await connect(number)
+        drip.transport.write(b"GET /a HTTP/1.1\r\n")
+        for n in range(4):
+            await sleep(0.02)
+            clock.advance(2)
+            drip.transport.write(b"X-%d: y\r\n" % n)
+        await sleep(0.02)
+        assert not drip.is_closed
+        clock.advance(3)  # 11 s since the first byte, 3 s since the last
+        await drip.closed
+        assert drip.data.startswith(b"HTTP/1.1 408 ")
+
+        # A 4 MB answer and a close, to a client that stops reading.
+        big = b"z" * (4 * 1024 * 1024)
+
+        class Big(Resource):
+            isLeaf = True
+
+            def render(self, request: Any) -> bytes:
+                return big
+
+        factory.resource = Big()
+        stuck = await connect(number)
+        stuck.transport.pauseProducing()
+        stuck.transport.write(b"GET /big HTTP/1.1\r\nConnection: close\r\n\r\n")
+        await sleep(0.2)
+        assert factory.open_connections == 1
+        clock.advance(factory.close_grace - 1)
+        await sleep(0.05)
+        assert factory.open_connections == 1
+        clock.advance(1)
+        await sleep(0.05)
+        assert factory.open_connections == 0
+        stuck.transport.resumeProducing()  # now it sees the abort
+        await stuck.closed
+        assert len(stuck.data) < len(big)
+    finally:
+        await port.stopListening()

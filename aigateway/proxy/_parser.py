@@ -236,6 +236,12 @@ class _MessageParser:
         self._state = _DONE
         self._buffer = b""
 
+    def in_head(self) -> bool:
+        """
+        Whether part, but not all, of a message head has arrived.
+        """
+        return self._state == _HEAD and self.received
+
     def release(self) -> None:
         """
         Drop the callbacks (they usually point back at the parser's owner,

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 NO_PEER = "failure to get a peer from the ring-balancer"
 BAD_GATEWAY = "An invalid response was received from the upstream server"
 TIMEOUT = "The upstream server is timing out"
+_NO_LENGTH = frozenset({204, 304})
 _BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH", b"DELETE"})
 
 
@@ -301,7 +302,13 @@ class Exchange:
         headers = request.responseHeaders = client_response_headers(
             response.headers, request.responseHeaders
         )
-        if response.length is not UNKNOWN_LENGTH:
+        if (
+            response.length is not UNKNOWN_LENGTH
+            and status not in _NO_LENGTH
+            and request.method != b"HEAD"
+        ):
+            # (Not for a HEAD, 204 or 304, whose length the parser reports
+            # as 0: that is not the size of the resource.)
             # Twisted's client keeps Content-Length out of response.headers.
             headers._rawHeaders[b"Content-Length"] = [b"%d" % response.length]
         self.hooks.decorate(self, request)

@@ -25,8 +25,10 @@ What it does, per RFC 9112:
   - keep-alive for HTTP/1.1 unless C{Connection: close}, and for HTTP/1.0
     when asked with C{Connection: keep-alive} and the length is known;
   - a malformed request gets a 400 (431, 501, 505 where they apply) and the
-    connection is closed; idle connections and slow request heads are
-    closed after C{idle_timeout}.
+    connection is closed; idle connections, and request heads not whole
+    within C{idle_timeout} of their first byte, are closed after it; a
+    closing connection whose client does not take the rest of the answer
+    is aborted after C{close_grace}.
 """
 
 from __future__ import annotations
@@ -220,7 +222,11 @@ class ProxyRequest:
             return
         if not self.started:
             raw = self.responseHeaders._rawHeaders
-            if b"Content-Length" not in raw and self.code not in _NO_BODY:
+            if (
+                b"Content-Length" not in raw
+                and self.code not in _NO_BODY
+                and not self._no_body
+            ):
                 raw[b"Content-Length"] = [b"0"]
             self.channel.send(self._head())
         elif self._chunked and not self._no_body:
@@ -363,6 +369,8 @@ class ProxyChannel(Protocol):
         self._producer: Any = None
         self._write_paused = False
         self._read_paused = False
+        self._closing: Any = None
+        self.request_began = 0.0
 
     def connectionMade(self) -> None:
         transport: Any = self.transport
@@ -383,11 +391,13 @@ class ProxyChannel(Protocol):
     # -- reading requests ------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        self.last_active = self.factory.seconds()
+        now = self.last_active = self.factory.seconds()
         if self.responding or self.refused:
             if not self.refused:
                 self._hold(data)
             return
+        if not self.parser.received:
+            self.request_began = now
         self._feed(data)
 
     def _hold(self, data: bytes) -> None:
@@ -447,7 +457,7 @@ class ProxyChannel(Protocol):
         transport: Any = self.transport
         if transport is not None:
             transport.write(_json_error(code, message))
-            transport.loseConnection()
+            self.close()
 
     def _dispatch(self, request: ProxyRequest) -> None:
         request.body_complete()
@@ -488,7 +498,7 @@ class ProxyChannel(Protocol):
             self.refused = True
             self.close()
             return
-        self.last_active = self.factory.seconds()
+        self.last_active = self.request_began = self.factory.seconds()
         self.parser.expect()
         held, self._held = self._held, b""
         if self._read_paused:
@@ -505,9 +515,27 @@ class ProxyChannel(Protocol):
             send(transport, data)
 
     def close(self) -> None:
-        transport = self.transport
+        """
+        Close once what was written is sent, and abort if the client has
+        not taken it within the factory's C{close_grace}.
+        """
+        transport: Any = self.transport
+        if transport is None or self._closing is not None:
+            return
+        # Twisted resumes a transport's producer instead of closing once a
+        # paused write buffer drains: stop being its producer first (the
+        # request still hears of the client leaving, from connectionLost).
+        if getattr(transport, "producer", None) is self:
+            transport.unregisterProducer()
+        transport.loseConnection()
+        # A client that never reads the rest would hold the connection.
+        self._closing = self.factory.call_later(self.factory.close_grace, self._abort)
+
+    def _abort(self) -> None:
+        self._closing = None
+        transport: Any = self.transport
         if transport is not None:
-            transport.loseConnection()
+            transport.abortConnection()
 
     def register(self, producer: Any) -> None:
         """
@@ -542,6 +570,10 @@ class ProxyChannel(Protocol):
         """
         if self.responding:
             return 0.0
+        if self.parser.in_head():
+            # A request head must arrive whole within the timeout, however
+            # slowly it drips in.
+            return now - self.request_began
         return now - self.last_active
 
     def time_out(self) -> None:
@@ -560,6 +592,9 @@ class ProxyChannel(Protocol):
 
     def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
         self.factory.closed(self)
+        if self._closing is not None and self._closing.active():
+            self._closing.cancel()
+        self._closing = None
         self._abandon(reason)
         self._producer = None
         # The parser calls back into this channel: let go of it, so a closed
@@ -586,6 +621,9 @@ class ProxyFactory(Factory):
     """
 
     noisy = False
+    #: Seconds a closing connection may take to send what is left before
+    #: it is aborted (twisted.web's abortTimeout).
+    close_grace = 15.0
 
     def __init__(
         self,
@@ -597,6 +635,7 @@ class ProxyFactory(Factory):
         self.resource = resource
         self.max_body = max_body
         self.seconds = clock.seconds
+        self.call_later = clock.callLater
         self._clock = clock
         self.idle_timeout = idle_timeout
         self._channels: dict[ProxyChannel, None] = {}
