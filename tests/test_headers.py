@@ -78,3 +78,17 @@ class ClientResponseHeadersTests(SynchronousTestCase):
         assert out.getRawHeaders(b"content-type") == [b"application/json"]
         for gone in (b"connection", b"x-internal", b"keep-alive"):
             assert not out.hasHeader(gone), gone
+
+
+class ForwardedHostTests(SynchronousTestCase):
+    def test_port_is_dropped_ipv6_kept(self) -> None:
+        for host, expected in [
+            (b"api.example.com:8000", b"api.example.com"),
+            (b"api.example.com", b"api.example.com"),
+            (b"[::1]:8000", b"[::1]"),
+            (b"[::1]", b"[::1]"),
+        ]:
+            out = upstream_headers(
+                Headers({b"Host": [host]}), b"t", b"p", b"p", b"http", b"80"
+            )
+            assert out.getRawHeaders(b"x-forwarded-host") == [expected], host

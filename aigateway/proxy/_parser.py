@@ -564,6 +564,10 @@ class RequestParser(_MessageParser):
             keep_alive = b"close" not in tokens
         else:
             keep_alive = b"keep-alive" in tokens
+        hosts = fields.headers._rawHeaders.get(b"Host")
+        if hosts is not None and len(hosts) > 1:
+            # Routing and the target would not agree on which one counts.
+            raise BadRequest("more than one Host header")
         expect = fields.headers._rawHeaders.get(b"Expect")
         expect_continue = expect is not None and expect[0].lower() == b"100-continue"
         self._framed(fields)

@@ -109,9 +109,7 @@ def upstream_headers(
     forwarded = raw.get(b"X-Forwarded-For")
     raw[b"X-Forwarded-For"] = [forwarded[-1] + b", " + peer if forwarded else peer]
     raw[b"X-Forwarded-Proto"] = [proto]
-    raw[b"X-Forwarded-Host"] = [
-        original_host[0].rsplit(b":", 1)[0] if original_host else host
-    ]
+    raw[b"X-Forwarded-Host"] = [_hostname(original_host[0]) if original_host else host]
     raw[b"X-Forwarded-Port"] = [port]
     raw[b"X-Real-Ip"] = [client_ip]
     raw[b"Host"] = [host]
@@ -120,6 +118,15 @@ def upstream_headers(
     for header, value in extra:
         out.setRawHeaders(header, [value])
     return out
+
+
+def _hostname(authority: bytes) -> bytes:
+    """
+    C{authority} without its port: C{[::1]:8000} gives C{[::1]}.
+    """
+    if authority.startswith(b"["):
+        return authority[: authority.find(b"]") + 1]
+    return authority.partition(b":")[0]
 
 
 def client_response_headers(source: Headers, ours: Headers) -> Headers:
