@@ -355,6 +355,23 @@ def listen_killable(resource: Resource, port: int = 0) -> Any:
     return reactor.listenTCP(port, TrackingSite(resource), interface="127.0.0.1")
 
 
+def hold_targets(
+    servers: list[Any],
+    names: Any,
+    arrivals: list[str] | None = None,
+    killable: bool = False,
+) -> tuple[dict[str, HoldingTarget], dict[str, Any]]:
+    """
+    A L{HoldingTarget} per name, listening (and added to C{servers}, to be
+    closed after the test); returns C{(resources, ports)} keyed by name.
+    """
+    resources = {name: HoldingTarget(name, arrivals) for name in names}
+    serve = listen_killable if killable else listen
+    ports = {name: serve(r) for name, r in resources.items()}
+    servers.extend(ports.values())
+    return resources, ports
+
+
 async def kill(port: Any, servers: list[Any] | None = None) -> None:
     """
     Stop listening on C{port} and abort its open connections: the target

@@ -24,7 +24,6 @@ from twisted.web.server import NOT_DONE_YET
 
 from .gatewaykit import (
     Gateway,
-    HoldingTarget,
     Reply,
     TargetResource,
     address,
@@ -38,18 +37,9 @@ from .gatewaykit import (
     sleep,
     wait_for,
 )
-
-
-def start_targets(servers, names, arrivals=None, killable=False):
-    """
-    A L{HoldingTarget} per name, listening; returns C{(resources, ports)}
-    keyed by name.
-    """
-    resources = {name: HoldingTarget(name, arrivals) for name in names}
-    serve = listen_killable if killable else listen
-    ports = {name: serve(r) for name, r in resources.items()}
-    servers.extend(ports.values())
-    return resources, ports
+from .gatewaykit import (
+    hold_targets as start_targets,
+)
 
 
 async def spread(gateway, count, concurrency=20, headers=None, path="/"):

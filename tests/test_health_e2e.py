@@ -26,6 +26,7 @@ from .gatewaykit import (
     address,
     bounded,
     health_of,
+    hold_targets,
     kill,
     listen,
     listen_killable,
@@ -44,12 +45,8 @@ def start_targets(servers, names, killable=False):
     A L{HoldingTarget} per name, listening; returns C{(resources, ports,
     keys)} keyed by name (C{keys}: the C{host:port} target strings).
     """
-    resources = {name: HoldingTarget(name) for name in names}
-    serve = listen_killable if killable else listen
-    ports = {name: serve(r) for name, r in resources.items()}
-    servers.extend(ports.values())
-    keys = {name: address(p) for name, p in ports.items()}
-    return resources, ports, keys
+    resources, ports = hold_targets(servers, names, killable=killable)
+    return resources, ports, {name: address(p) for name, p in ports.items()}
 
 
 async def spread(gateway, count, concurrency=10, path="/"):

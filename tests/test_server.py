@@ -142,6 +142,19 @@ def served() -> Any:
     port.stopListening()
 
 
+@pytest.fixture
+def clocked() -> Any:
+    """
+    An L{Echo} behind a L{ProxyFactory} whose timers run on a L{Clock}
+    (10 s idle timeout), on a real port: C{(clock, factory, port number)}.
+    """
+    clock = Clock()
+    factory = ProxyFactory(Echo(), 1024, clock, idle_timeout=10)
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    yield clock, factory, port.getHost().port
+    port.stopListening()
+
+
 def responses(data: bytes) -> list[tuple[bytes, bytes]]:
     """
     Split raw bytes into (head, rest) at each status line.
@@ -384,40 +397,33 @@ async def test_client_leaving_is_told_to_the_request(served):
 
 
 @pytest_twisted.ensureDeferred
-async def test_idle_and_slow_clients_are_timed_out():
+async def test_idle_and_slow_clients_are_timed_out(clocked):
     """
     With a 10 s idle timeout: a keep-alive connection left idle is closed
     silently; a client that stops in the middle of its request head gets a
     408; a connection whose response is in progress is left alone.
     """
-    clock = Clock()
-    resource = Echo()
-    factory = ProxyFactory(resource, 1024, clock, idle_timeout=10)
-    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-    try:
-        number = port.getHost().port
-        idle = await connect(number)
-        idle.transport.write(b"GET /a HTTP/1.1\r\n\r\n")
-        await idle.until(b"200 OK")
-        slow = await connect(number)
-        slow.transport.write(b"GET /a HTTP/1.1\r\nHost:")
-        busy = await connect(number)
-        busy.transport.write(b"GET /hold HTTP/1.1\r\n\r\n")
-        await sleep(0.05)
-        clock.advance(5)
-        await sleep(0.05)
-        assert not (idle.is_closed or slow.is_closed or busy.is_closed)
-        clock.advance(10)
-        await idle.closed
-        await slow.closed
-        assert idle.data.count(b"HTTP/1.1") == 1
-        assert slow.data.startswith(b"HTTP/1.1 408 ")
-        await sleep(0.05)
-        assert not busy.is_closed
-        busy.transport.loseConnection()
-        await busy.closed
-    finally:
-        await port.stopListening()
+    clock, factory, number = clocked
+    idle = await connect(number)
+    idle.transport.write(b"GET /a HTTP/1.1\r\n\r\n")
+    await idle.until(b"200 OK")
+    slow = await connect(number)
+    slow.transport.write(b"GET /a HTTP/1.1\r\nHost:")
+    busy = await connect(number)
+    busy.transport.write(b"GET /hold HTTP/1.1\r\n\r\n")
+    await sleep(0.05)
+    clock.advance(5)
+    await sleep(0.05)
+    assert not (idle.is_closed or slow.is_closed or busy.is_closed)
+    clock.advance(10)
+    await idle.closed
+    await slow.closed
+    assert idle.data.count(b"HTTP/1.1") == 1
+    assert slow.data.startswith(b"HTTP/1.1 408 ")
+    await sleep(0.05)
+    assert not busy.is_closed
+    busy.transport.loseConnection()
+    await busy.closed
 
 
 @pytest_twisted.ensureDeferred
@@ -571,54 +577,47 @@ async def test_serves_over_tls():
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_dripping_head_and_a_client_that_never_reads_are_cut_off():
+async def test_a_dripping_head_and_a_client_that_never_reads_are_cut_off(clocked):
     """
     A request head sent a line at a time still gets its 408 once
     C{idle_timeout} has passed since its first byte; a connection closing
     after its answer, whose client reads none of the rest, is aborted after
     C{close_grace}.
     """
-    clock = Clock()
-    resource = Echo()
-    factory = ProxyFactory(resource, 1024, clock, idle_timeout=10)
-    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-    try:
-        number = port.getHost().port
-        drip = await connect(number)
-        drip.transport.write(b"GET /a HTTP/1.1\r\n")
-        for n in range(4):
-            await sleep(0.02)
-            clock.advance(2)
-            drip.transport.write(b"X-%d: y\r\n" % n)
+    clock, factory, number = clocked
+    drip = await connect(number)
+    drip.transport.write(b"GET /a HTTP/1.1\r\n")
+    for n in range(4):
         await sleep(0.02)
-        assert not drip.is_closed
-        clock.advance(3)  # 11 s since the first byte, 3 s since the last
-        await drip.closed
-        assert drip.data.startswith(b"HTTP/1.1 408 ")
+        clock.advance(2)
+        drip.transport.write(b"X-%d: y\r\n" % n)
+    await sleep(0.02)
+    assert not drip.is_closed
+    clock.advance(3)  # 11 s since the first byte, 3 s since the last
+    await drip.closed
+    assert drip.data.startswith(b"HTTP/1.1 408 ")
 
-        # A 4 MB answer and a close, to a client that stops reading.
-        big = b"z" * (4 * 1024 * 1024)
+    # A 4 MB answer and a close, to a client that stops reading.
+    big = b"z" * (4 * 1024 * 1024)
 
-        class Big(Resource):
-            isLeaf = True
+    class Big(Resource):
+        isLeaf = True
 
-            def render(self, request: Any) -> bytes:
-                return big
+        def render(self, request: Any) -> bytes:
+            return big
 
-        factory.resource = Big()
-        stuck = await connect(number)
-        stuck.transport.pauseProducing()
-        stuck.transport.write(b"GET /big HTTP/1.1\r\nConnection: close\r\n\r\n")
-        await sleep(0.2)
-        assert factory.open_connections == 1
-        clock.advance(factory.close_grace - 1)
-        await sleep(0.05)
-        assert factory.open_connections == 1
-        clock.advance(1)
-        await sleep(0.05)
-        assert factory.open_connections == 0
-        stuck.transport.resumeProducing()  # now it sees the abort
-        await stuck.closed
-        assert len(stuck.data) < len(big)
-    finally:
-        await port.stopListening()
+    factory.resource = Big()
+    stuck = await connect(number)
+    stuck.transport.pauseProducing()
+    stuck.transport.write(b"GET /big HTTP/1.1\r\nConnection: close\r\n\r\n")
+    await sleep(0.2)
+    assert factory.open_connections == 1
+    clock.advance(factory.close_grace - 1)
+    await sleep(0.05)
+    assert factory.open_connections == 1
+    clock.advance(1)
+    await sleep(0.05)
+    assert factory.open_connections == 0
+    stuck.transport.resumeProducing()  # now it sees the abort
+    await stuck.closed
+    assert len(stuck.data) < len(big)

@@ -38,11 +38,11 @@ class BytesProducer:
     """
 
     def __init__(self, body: bytes) -> None:
-        self._body = self.in_memory = body
+        self.in_memory = body
         self.length = len(body)
 
     def startProducing(self, consumer: Any) -> Deferred[None]:
-        consumer.write(self._body)
+        consumer.write(self.in_memory)
         return succeed(None)
 
     def pauseProducing(self) -> None:
