@@ -96,6 +96,8 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         from twisted.internet.endpoints import _parseServer
 
+        _default_reactor()
+
         database = self["database"]
         if "://" in database:
             raise usage.UsageError(
@@ -132,6 +134,26 @@ class Options(usage.Options):
             raise usage.UsageError(
                 f"--config: {path} is invalid:\n  {listed}"
             ) from None
+
+
+def _default_reactor() -> None:
+    """
+    Install L{aigateway.reactor}'s lean epoll reactor, unless one is
+    installed already (C{twistd --reactor NAME} installs its choice while
+    parsing the options before ours, and so does a test runner).
+
+    This is the moment twistd itself installs a reactor named with
+    C{--reactor}: after the options are read, before the service is made.
+    """
+    import sys
+
+    if "twisted.internet.reactor" in sys.modules:
+        return
+    try:
+        from .reactor import install
+    except ImportError:  # no epoll on this platform: twistd's default
+        return
+    install()
 
 
 def makeService(options: Options) -> IService:
