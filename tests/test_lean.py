@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import (
     PotentialDataLoss,
+    RequestTransmissionFailed,
     ResponseDone,
     ResponseFailed,
     ResponseNeverReceived,
@@ -451,6 +452,98 @@ async def test_cancel_before_head_aborts(client: _Client, scripted: Any) -> None
     assert (await _failure(d)).check(CancelledError)
     await factory.connections[0].lost
     assert client.idle() == 0
+
+
+class _Receiver:
+    """
+    Records what L{LeanAgent.dispatch} tells its receiver.
+    """
+
+    def __init__(self) -> None:
+        self.outcomes: list[Any] = []
+        self.told: Deferred[None] = Deferred()
+
+    def response_received(self, response: Any) -> None:
+        self.outcomes.append(response)
+        self.told.callback(None)
+
+    def request_failed(self, failure: Failure) -> None:
+        self.outcomes.append(failure)
+        self.told.callback(None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_dispatch_tells_the_receiver_once(client: _Client, echo: Any) -> None:
+    """
+    L{LeanAgent.dispatch} sends to an authority and path, no URI, and hands
+    the response to its receiver; a late cancel changes nothing.
+    """
+    _, port = echo
+    receiver = _Receiver()
+    authority = b"127.0.0.1:%d" % port.getHost().port
+    request = client.agent.dispatch(
+        b"POST",
+        b"http",
+        authority,
+        b"/d?x=1",
+        Headers(),
+        BytesProducer(b"hi"),
+        receiver,
+    )
+    assert request is not None
+    await receiver.told
+    (response,) = receiver.outcomes
+    assert response.headers.getRawHeaders(b"x-seen") == [b"POST /d?x=1"]
+    assert (await _read(response))[0] == b"echo:hi"
+    request.cancel()
+    assert receiver.outcomes == [response]
+
+
+@pytest_twisted.ensureDeferred
+async def test_dispatch_cancel(client: _Client, scripted: Any) -> None:
+    """
+    Cancelling a dispatched request tells the receiver of a
+    L{CancelledError}, once, and drops the connection.
+    """
+    factory, port = scripted(lambda server: None)
+    receiver = _Receiver()
+    authority = b"127.0.0.1:%d" % port.getHost().port
+    request = client.agent.dispatch(
+        b"GET", b"http", authority, b"/", None, None, receiver
+    )
+    assert request is not None
+    while not factory.requests:
+        await sleep(0.01)
+    request.cancel()
+    request.cancel()
+    (failure,) = receiver.outcomes
+    assert failure.check(CancelledError)
+    await factory.connections[0].lost
+    assert client.idle() == 0
+
+
+class _BrokenProducer(BytesProducer):
+    def startProducing(self, consumer: Any) -> Deferred[None]:
+        raise RuntimeError("no body today")
+
+
+def test_dispatch_body_failure_at_once() -> None:
+    """
+    A body producer that fails at once fails the dispatch at once: the
+    receiver is told, nothing is sent, and no request is returned.
+    """
+    pool = LeanPool(reactor)
+    agent = LeanAgent(reactor, pool, TargetEndpoints(reactor, 5))
+    receiver = _Receiver()
+    producer = _BrokenProducer(b"x")
+    producer.in_memory = None  # type: ignore[assignment]  # make it produce
+    request = agent.dispatch(
+        b"POST", b"http", b"127.0.0.1:9", b"/", None, producer, receiver
+    )
+    assert request is None
+    (failure,) = receiver.outcomes
+    assert failure.check(RequestTransmissionFailed)
+    assert pool._connections == {}
 
 
 class _NeverConnects:

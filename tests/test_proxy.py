@@ -546,3 +546,70 @@ async def test_write_timeout(tmp_path, servers):
         assert reactor.seconds() - started > 0.4
     finally:
         await node.stop()
+
+
+class _RaisingFor:
+    """
+    Target endpoints that fail at once, before any connection attempt,
+    for one port: a failure the lean agent reports while it is still
+    being called.
+    """
+
+    def __init__(self, port: int, endpoints: Any) -> None:
+        self._port = port
+        self._endpoints = endpoints
+        self.refused = 0
+
+    def endpointForURI(self, uri: Any) -> Any:
+        if uri.port == self._port:
+            self.refused += 1
+            raise RuntimeError("no endpoint for this target")
+        return self._endpoints.endpointForURI(uri)
+
+
+class _Hangs(Protocol):
+    def connectionMade(self) -> None:
+        self.transport.write(b"GET /v1/chat HTTP/1.1\r\nHost: x\r\n\r\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_retry_after_immediate_failure_still_cancellable(gateway, servers):
+    """
+    An attempt that fails while it is being sent is retried on another
+    target, and that retry is the one a client leaving cancels: the
+    held target's connection is closed.
+    """
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+    from aigateway.proxy.client import TargetEndpoints
+    from aigateway.proxy.lean import LeanAgent
+
+    from .gatewaykit import HoldingTarget
+
+    held = HoldingTarget("held")
+    held.holding = True
+    servers.append(held_port := listen(held))
+    servers.append(broken_port := listen(TargetResource("broken")))
+    await gateway.configure("up", {address(broken_port): 65535, address(held_port): 1})
+    agents = gateway.service.agents
+    endpoints = _RaisingFor(broken_port.getHost().port, TargetEndpoints(reactor, 60.0))
+    agents._agents[(60.0, 60.0)] = LeanAgent(reactor, agents.pool, endpoints, 60.0)
+    client = await connectProtocol(
+        TCP4ClientEndpoint(
+            reactor, "127.0.0.1", gateway.service.proxy_port.getHost().port
+        ),
+        _Hangs(),
+    )
+    for _ in range(100):
+        if held.held:
+            break
+        await sleep(0.02)
+    assert endpoints.refused == 1
+    (request,) = held.held
+    assert not request._disconnected
+    client.transport.abortConnection()
+    for _ in range(100):
+        if request._disconnected:
+            break
+        await sleep(0.02)
+    assert request._disconnected

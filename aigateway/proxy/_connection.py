@@ -99,7 +99,7 @@ class _Connection(Protocol):
         if left and left >= before:
             self.request = None
             self.abort()
-            request.deferred.errback(
+            request.fail(
                 Failure(
                     TimeoutError(f"the target read none of the request for {timeout} s")
                 )
@@ -138,7 +138,7 @@ class _Connection(Protocol):
         self.response = response
         self.keep_alive = head.keep_alive
         self.state = _BODY
-        request.deferred.callback(response)
+        request.succeed(response)
 
     def _body(self, data: bytes) -> None:
         response = self.response
@@ -169,7 +169,7 @@ class _Connection(Protocol):
         self.abort()
         reason = Failure(ResponseFailed([failure]))
         if state == _WAITING and request is not None:
-            request.deferred.errback(reason)
+            request.fail(reason)
         elif state == _BODY and response is not None:
             # Bytes after a complete response spoil the connection, not the
             # response.

@@ -150,7 +150,27 @@ class _Fields:
         self.length = length
         self.coded = coded
         self.chunked = chunked
-        self.connection = {t.strip(b" \t") for v in connection for t in v.split(b",")}
+        self.connection = _tokens(connection) if connection else _NO_TOKENS
+
+
+_NO_TOKENS: frozenset[bytes] = frozenset()
+# Connection header values to their tokens: nearly every message says
+# "keep-alive" or "close".  Bounded, as a peer could send endless values.
+_TOKENS: dict[bytes, frozenset[bytes]] = {}
+
+
+def _tokens(values: list[bytes]) -> frozenset[bytes]:
+    """
+    The lower-cased tokens of C{Connection} header values.
+    """
+    if len(values) == 1:
+        tokens = _TOKENS.get(values[0])
+        if tokens is not None:
+            return tokens
+    tokens = frozenset(t.strip(b" \t") for v in values for t in v.split(b","))
+    if len(values) == 1 and len(_TOKENS) < 256:
+        _TOKENS[values[0]] = tokens
+    return tokens
 
 
 def _split_head(head: bytes, error: type[BadMessage]) -> list[bytes]:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import attrs
-from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.defer import TimeoutError
 from twisted.internet.error import DNSLookupError
 from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
@@ -24,6 +24,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from ..addresses import format_target, host_header
 from ..model import Target
 from .headers import client_response_headers, upstream_headers
+from .lean import LeanAgent
 from .relay import BytesProducer, Discard, Relay, write_error
 from .usage import Usage
 
@@ -127,7 +128,10 @@ class Exchange:
         self.error: str | None = None
         self.usage: Usage | None = None
         self.gone = False
-        self._pending: Deferred[Any] | None = None
+        # The attempt in flight: a lean request or a Deferred, either of
+        # which can be cancelled.
+        self._pending: Any = None
+        self._sent = 0.0
         self._relay: Relay | None = None
         self._finished = False
         # One timer per exchange for the service's read_timeout: until a
@@ -191,14 +195,7 @@ class Exchange:
             # The same Host an active probe sends, so a probe checks what
             # proxied requests will get.
             name = upstream.host_header if upstream is not None else None
-            host = host_header(
-                name or target.host, target.port, service.protocol
-            ).encode("ascii")
-        url = b"%s://%s%s" % (
-            service.protocol.encode("ascii"),
-            target.key.encode("ascii"),
-            self.path,
-        )
+            host = _host_value(name or target.host, target.port, service.protocol)
         headers = upstream_headers(
             request.requestHeaders,
             host,
@@ -214,18 +211,42 @@ class Exchange:
         now = self.clock.seconds()
         if self.attempts == 1:
             self.proxy_latency = now - self.started
-        d = self.hooks.agents.agent(
-            service.connect_timeout, service.write_timeout
-        ).request(request.method, url, headers, body)
+        agent = self.hooks.agents.agent(service.connect_timeout, service.write_timeout)
         self._timed_out = False
         self._restart_timer()
-        self._pending = d
-        d.addCallbacks(
-            self._response,
-            self._failed,
-            callbackArgs=(target, now),
-            errbackArgs=(target,),
+        self._sent = now
+        scheme = service.protocol.encode("ascii")
+        authority = target.key.encode("ascii")
+        if isinstance(agent, LeanAgent):
+            # The exchange is the request's receiver: no URI to format and
+            # parse again, no Deferred.
+            pending = agent.dispatch(
+                request.method, scheme, authority, self.path, headers, body, self
+            )
+            # A request that failed at once has been handled already (and
+            # perhaps retried, with a pending request of its own).
+            if pending is not None and not pending.done:
+                self._pending = pending
+            return
+        d = agent.request(
+            request.method, scheme + b"://" + authority + self.path, headers, body
         )
+        self._pending = d
+        d.addCallbacks(self.response_received, self.request_failed)
+
+    def response_received(self, response: IResponse) -> None:
+        """
+        The current attempt's response head arrived (L{Receiver}).
+        """
+        assert self.target is not None
+        self._response(response, self.target, self._sent)
+
+    def request_failed(self, failure: Failure) -> None:
+        """
+        The current attempt failed before any response (L{Receiver}).
+        """
+        assert self.target is not None
+        self._failed(failure, self.target)
 
     def _restart_timer(self) -> None:
         timer = self._timer
@@ -346,6 +367,15 @@ class Exchange:
             # cycle so both go with reference counting, not a GC pass.
             self._relay = None
             self._pending = None
+
+
+@functools.lru_cache(maxsize=4096)
+def _host_value(host: str, port: int, protocol: str) -> bytes:
+    """
+    The C{Host} header sent to a target: the same few values on every
+    request, formatted once.
+    """
+    return host_header(host, port, protocol).encode("ascii")
 
 
 @functools.lru_cache(maxsize=1024)

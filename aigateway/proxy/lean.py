@@ -19,9 +19,9 @@ are the same as with L{Agent}.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.python.failure import Failure
 from twisted.web.client import URI, RequestTransmissionFailed, ResponseNeverReceived
 from twisted.web.http_headers import Headers
@@ -36,16 +36,59 @@ from zope.interface import implementer
 
 from ._connection import Key, LeanPool, LeanResponse, _Connection, _Connector
 
-__all__ = ["LeanAgent", "LeanPool", "LeanResponse"]
+__all__ = ["LeanAgent", "LeanPool", "LeanResponse", "Receiver"]
 
 _PORTS = {b"http": 80, b"https": 443}
 _EMPTY_BODY = frozenset({b"POST", b"PUT", b"PATCH"})
 
 
+class Receiver(Protocol):
+    """
+    What hears of the outcome of a request sent with L{LeanAgent.dispatch}:
+    exactly one of its methods is called, once.
+    """
+
+    def response_received(self, response: LeanResponse) -> None:
+        """
+        The response head arrived; its body follows through
+        L{LeanResponse.deliverBody}.
+        """
+
+    def request_failed(self, failure: Failure) -> None:
+        """
+        No response will come: the failure says why (L{CancelledError}
+        after L{_Request.cancel}).
+        """
+
+
+class _DeferredReceiver:
+    """
+    Fires a L{Deferred}: the receiver behind L{LeanAgent.request}.
+    """
+
+    __slots__ = ("deferred", "request")
+
+    def __init__(self) -> None:
+        self.request: _Request | None = None
+        self.deferred: Deferred[LeanResponse] = Deferred(self._cancel)
+
+    def _cancel(self, deferred: Deferred[LeanResponse]) -> None:
+        if self.request is not None:
+            self.request.cancel()
+
+    def response_received(self, response: LeanResponse) -> None:
+        self.request = None
+        self.deferred.callback(response)
+
+    def request_failed(self, failure: Failure) -> None:
+        self.request = None
+        self.deferred.errback(failure)
+
+
 class _Request:
     """
-    One request in flight: its bytes, the L{Deferred} its caller holds, and
-    whatever it is waiting on (a connection attempt or a response).
+    One request in flight: its bytes, the L{Receiver} told of its outcome,
+    and whatever it is waiting on (a connection attempt or a response).
     """
 
     __slots__ = (
@@ -54,26 +97,50 @@ class _Request:
         "data",
         "no_body",
         "body",
-        "deferred",
+        "receiver",
         "connecting",
         "connection",
         "retried",
         "cancelled",
+        "done",
     )
 
     def __init__(
-        self, agent: LeanAgent, key: Key, data: bytes, no_body: bool, body: Any
+        self,
+        agent: LeanAgent,
+        key: Key,
+        data: bytes,
+        no_body: bool,
+        body: Any,
+        receiver: Receiver,
     ) -> None:
         self.agent = agent
         self.key = key
         self.data = data
         self.no_body = no_body
         self.body: _Body | None = body
-        self.deferred: Deferred[LeanResponse] = Deferred(self._cancel)
+        self.receiver = receiver
         self.connecting: Deferred[Any] | None = None
         self.connection: _Connection | None = None
         self.retried = False
         self.cancelled = False
+        self.done = False
+
+    def succeed(self, response: LeanResponse) -> None:
+        """
+        The response head arrived: hand it to the receiver.
+        """
+        if not self.done:
+            self.done = True
+            self.receiver.response_received(response)
+
+    def fail(self, failure: Failure) -> None:
+        """
+        No response will come: tell the receiver why.
+        """
+        if not self.done:
+            self.done = True
+            self.receiver.request_failed(failure)
 
     def send(self, connection: _Connection) -> None:
         self.connecting = None
@@ -85,7 +152,7 @@ class _Request:
     def connect_failed(self, failure: Failure) -> None:
         self.connecting = None
         if not self.cancelled:
-            self.deferred.errback(failure)
+            self.fail(failure)
 
     def lost(self, connection: _Connection, reason: Failure) -> None:
         """
@@ -108,11 +175,16 @@ class _Request:
             self.retried = True
             self.agent.connect(self)
             return
-        self.deferred.errback(Failure(ResponseNeverReceived([reason])))
+        self.fail(Failure(ResponseNeverReceived([reason])))
 
-    def _cancel(self, deferred: Deferred[LeanResponse]) -> None:
-        # Deferred.cancel then fails the deferred with CancelledError, which
-        # is what Deferred.addTimeout recognises.
+    def cancel(self) -> None:
+        """
+        Give up on the response: the receiver hears of a L{CancelledError}
+        (which is what L{Deferred.addTimeout} recognises, on the
+        L{Deferred} of L{LeanAgent.request}).
+        """
+        if self.done:
+            return
         self.cancelled = True
         connecting, connection = self.connecting, self.connection
         self.connecting = self.connection = None
@@ -122,6 +194,7 @@ class _Request:
             # No response head yet: the connection is mid-exchange, useless.
             connection.request = None
             connection.abort()
+        self.fail(Failure(CancelledError()))
 
 
 @implementer(IAgent)
@@ -155,11 +228,8 @@ class LeanAgent:
         bodyProducer: IBodyProducer | None = None,
     ) -> Deferred[IResponse]:
         """
-        Send a request to the C{scheme://host:port/path?query} C{uri}.
-
-        Header names and values are sent as given: they come from
-        twisted.web's parsed request and from L{Headers}, which have
-        already refused line breaks.
+        Send a request to the C{scheme://host:port/path?query} C{uri}
+        (L{IAgent}'s form of L{dispatch}).
         """
         scheme, _, rest = uri.partition(b"://")
         slash = rest.find(b"/")
@@ -167,6 +237,35 @@ class LeanAgent:
             authority, path = rest, b"/"
         else:
             authority, path = rest[:slash], rest[slash:]
+        receiver = _DeferredReceiver()
+        receiver.request = self.dispatch(
+            method, scheme, authority, path, headers, bodyProducer, receiver
+        )
+        return receiver.deferred  # type: ignore[return-value]
+
+    def dispatch(
+        self,
+        method: bytes,
+        scheme: bytes,
+        authority: bytes,
+        path: bytes,
+        headers: Headers | None,
+        bodyProducer: IBodyProducer | None,
+        receiver: Receiver,
+    ) -> _Request | None:
+        """
+        Send a request to C{authority} (C{host:port}) for C{path} (with
+        its query), and tell C{receiver} of the outcome: the proxy's way,
+        without the URI to format and parse again and the L{Deferred} of
+        L{request}.
+
+        Header names and values are sent as given: they come from the
+        proxy's parsed request and from L{Headers}, which have already
+        refused line breaks.
+
+        @return: the request in flight, whose C{cancel()} gives up on it;
+            L{None} when it failed at once (C{receiver} has been told).
+        """
         lines = [method + b" " + path + b" HTTP/1.1"]
         if headers is not None:
             for name, values in headers.getAllRawHeaders():
@@ -188,23 +287,26 @@ class LeanAgent:
             try:
                 data = body.start()
             except Exception:
-                failure = Failure(RequestTransmissionFailed([Failure()]))
-                d: Deferred[IResponse] = Deferred()
-                d.errback(failure)
-                return d
+                receiver.request_failed(Failure(RequestTransmissionFailed([Failure()])))
+                return None
             if body.done:
                 body = None
         lines.append(b"")
         lines.append(data)
         request = _Request(
-            self, (scheme, authority), b"\r\n".join(lines), method == b"HEAD", body
+            self,
+            (scheme, authority),
+            b"\r\n".join(lines),
+            method == b"HEAD",
+            body,
+            receiver,
         )
         connection = self._pool.take(request.key)
         if connection is None:
             self.connect(request)
         else:
             request.send(connection)
-        return request.deferred  # type: ignore[return-value]
+        return request
 
     def connect(self, request: _Request) -> None:
         """

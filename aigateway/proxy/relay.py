@@ -134,7 +134,9 @@ class Relay(Protocol):
             exchange.done()
             return
         request.unregisterProducer()
-        if reason.check(*_DONE) and self._stall_cause is None:
+        # isinstance, not Failure.check, which names every class of the
+        # exception's ancestry (reflect.qual) to compare them.
+        if isinstance(reason.value, _DONE) and self._stall_cause is None:
             if self._sniffer is not None:
                 exchange.usage = self._sniffer.usage()
             request.finish()
