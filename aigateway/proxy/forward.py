@@ -135,9 +135,12 @@ class Exchange:
         self._relay: Relay | None = None
         self._finished = False
         # One timer per exchange for the service's read_timeout: until a
-        # response head arrives, then between body chunks (the relay resets
-        # it).  One DelayedCall instead of addTimeout's plus the relay's.
+        # response head arrives, then between body chunks.  One DelayedCall
+        # instead of addTimeout's plus the relay's, and not reset on every
+        # chunk: bytes arriving only note the time (_last), and the timer,
+        # when it fires, sets itself again for what is left of the timeout.
         self._timer: Any = None
+        self._last = 0.0
         self._timed_out = False
 
     def start(self) -> None:
@@ -213,7 +216,7 @@ class Exchange:
             self.proxy_latency = now - self.started
         agent = self.hooks.agents.agent(service.connect_timeout, service.write_timeout)
         self._timed_out = False
-        self._restart_timer()
+        self._restart_timer(now)
         self._sent = now
         scheme = service.protocol.encode("ascii")
         authority = target.key.encode("ascii")
@@ -248,19 +251,18 @@ class Exchange:
         assert self.target is not None
         self._failed(failure, self.target)
 
-    def _restart_timer(self) -> None:
+    def _restart_timer(self, now: float) -> None:
+        self._last = now
         timer = self._timer
-        if timer is not None and timer.active():
-            timer.reset(self.service.read_timeout)
-        else:
+        if timer is None or not timer.active():
             self._timer = self.clock.callLater(self.service.read_timeout, self._expired)
 
-    def touch(self) -> None:
+    def touch(self, now: float | None = None) -> None:
         """
-        Bytes arrived from the target: the read timeout starts again.
+        Bytes arrived from the target (at C{now}): the read timeout starts
+        again.
         """
-        if self._timer is not None:
-            self._timer.reset(self.service.read_timeout)
+        self._last = self.clock.seconds() if now is None else now
 
     def _stop_timer(self) -> None:
         timer = self._timer
@@ -270,6 +272,13 @@ class Exchange:
 
     def _expired(self) -> None:
         self._timer = None
+        if self._finished:
+            return
+        left = self._last + self.service.read_timeout - self.clock.seconds()
+        if left > 0:
+            # Bytes came since the timer was set: wait for the rest.
+            self._timer = self.clock.callLater(left, self._expired)
+            return
         if self._pending is not None:
             self._timed_out = True
             self._pending.cancel()
@@ -333,7 +342,7 @@ class Exchange:
             # Twisted's client keeps Content-Length out of response.headers.
             headers._rawHeaders[b"Content-Length"] = [b"%d" % response.length]
         self.hooks.decorate(self, request)
-        self.touch()
+        self.touch(sent + first_byte)
         relay = Relay(self, target, first_byte)
         self._relay = relay
         response.deliverBody(relay)

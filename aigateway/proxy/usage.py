@@ -48,6 +48,12 @@ _KEYS = (
     (b'"total_tokens"', "total"),
 )
 _NUMBER = re.compile(rb"\s*:\s*(\d+)")
+# OpenAI's own layout (prompt, completion, total, in that order, first in
+# the object) read in one match; anything else goes the general way.
+_OPENAI = re.compile(
+    rb'\s*"prompt_tokens"\s*:\s*(\d+)\s*,\s*"completion_tokens"\s*:\s*(\d+)'
+    rb'\s*,\s*"total_tokens"\s*:\s*(\d+)'
+)
 # A model name without escapes (all of them in practice) is matched by one
 # character-class run, which the regular expression engine does in a tight
 # loop; the alternation that allows escapes, tried only when that fails,
@@ -82,8 +88,25 @@ def scan(document: bytes) -> Usage | None:
         position = document.rfind(b'"usage"', 0, position)
     if last is None:
         return None
-    counts: dict[str, int] = {}
     start = last.end()
+    openai = _OPENAI.match(document, start)
+    if openai is not None:
+        prompt, completion, total = map(int, openai.groups())
+    else:
+        prompt, completion, total = _counts(document, start)
+    # In a stream the model is in the same event; in a document, anywhere.
+    line = document.rfind(b"\n", 0, last.start()) + 1
+    model = _MODEL.search(document, line) or _MODEL.search(document)
+    return Usage(_string(model.group(1)) if model else None, prompt, completion, total)
+
+
+def _counts(document: bytes, start: int) -> tuple[int, int, int]:
+    """
+    The prompt, completion and total counts of the usage object that
+    opens at C{start}, whatever their names (OpenAI's or Anthropic's) and
+    order.
+    """
+    counts: dict[str, int] = {}
     end = start + _WINDOW
     for key, name in _KEYS:
         if name not in counts:
@@ -92,16 +115,8 @@ def scan(document: bytes) -> Usage | None:
                 number = _NUMBER.match(document, found + len(key), end)
                 if number is not None:
                     counts[name] = int(number.group(1))
-    # In a stream the model is in the same event; in a document, anywhere.
-    line = document.rfind(b"\n", 0, last.start()) + 1
-    model = _MODEL.search(document, line) or _MODEL.search(document)
     prompt, completion = counts.get("prompt", 0), counts.get("completion", 0)
-    return Usage(
-        _string(model.group(1)) if model else None,
-        prompt,
-        completion,
-        counts.get("total", prompt + completion),
-    )
+    return prompt, completion, counts.get("total", prompt + completion)
 
 
 class Sniffer:
