@@ -737,6 +737,36 @@ class ParserTests(SynchronousTestCase):
             assert not heads[0].headers.hasHeader(b"transfer-encoding")
             assert heads[0].keep_alive and not parser.trailing
 
+    def test_header_lines_remembered_within_bounds(self) -> None:
+        """
+        A header line seen before is read from the parser's memory of
+        lines, with the same result; lines that fail are never kept, long
+        lines are not kept, and the memory stops growing at its bound.
+        """
+        from aigateway.proxy import _parser
+
+        answer = (
+            b"HTTP/1.1 200 OK\r\nX-Twice:  same value \t\r\nContent-Length: 2\r\n"
+            b"Connection: keep-alive\r\n\r\nok"
+        )
+        first = self.parse(answer)[0][0]
+        assert b"X-Twice:  same value \t" in _parser._LINES
+        again = self.parse(answer)[0][0]
+        for head in (first, again):
+            assert head.headers.getRawHeaders(b"x-twice") == [b"same value"]
+            assert head.length == 2 and head.keep_alive
+        with pytest.raises(BadResponse):
+            self.parse(b"HTTP/1.1 200 OK\r\nBad Name: x\r\n\r\n")
+        assert b"Bad Name: x" not in _parser._LINES
+        long = b"X-Long: " + b"v" * _parser._MAX_LINE_KEPT
+        self.parse(b"HTTP/1.1 204 No Content\r\n" + long + b"\r\n\r\n")
+        assert long not in _parser._LINES
+        saved = dict(_parser._LINES)
+        self.addCleanup(lambda: (_parser._LINES.clear(), _parser._LINES.update(saved)))
+        for n in range(_parser._MAX_LINES + 10):
+            self.parse(b"HTTP/1.1 204 No Content\r\nX-N: %d\r\n\r\n" % n)
+        assert len(_parser._LINES) == _parser._MAX_LINES
+
     def test_head_request(self) -> None:
         heads, body, parser = self.parse(
             b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n", head=True
