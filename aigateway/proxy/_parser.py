@@ -135,9 +135,8 @@ class _Fields:
                 name, colon, value = line.partition(b":")
                 if not colon:
                     raise error("header line without a colon")
-                canonical = _CANONICAL.get(name)
-                if canonical is None:
-                    canonical = _canonical(name, error)
+                cached = _CANONICAL.get(name)
+                canonical = _canonical(name, error) if cached is None else cached
                 value = value.strip(b" \t")
                 if len(_LINES) < _MAX_LINES and len(line) <= _MAX_LINE_KEPT:
                     _LINES[line] = (canonical, value)
