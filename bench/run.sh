@@ -17,12 +17,16 @@
 #      --access-log, both; and through the default one to a text/plain
 #      answer (no usage sniffing): non-AI vs AI traffic
 #   6. a py-spy profile of the gateway under the wrk load
+#   7. instructions per request (callgrind, user space) of the gateway, of
+#      nginx as a proxy and of the target, each in a fresh process under
+#      valgrind: a figure that does not move with the machine's load
 # and appends a dated Markdown report to bench/RESULTS.md (bench/report.py).
 # Everything it starts is stopped by PID on exit.
 #
 # Environment: BENCH_QUICK=1 (3 s runs, fewer rounds, 2,000 slow streams),
 # BENCH_DURATION (s), BENCH_STREAMS (slow streams), BENCH_SLOW_CHUNKS (20),
-# BENCH_SLOW_RAMP (800 streams/s), BENCH_GW_BACKLOG (4096), BENCH_PORT_BASE (18100; 14 ports from it),
+# BENCH_SLOW_RAMP (800 streams/s), BENCH_GW_BACKLOG (4096), BENCH_PORT_BASE (18100; 18 ports from it),
+# BENCH_IR_REQUESTS (requests counted under callgrind: 2,000; 0 skips it),
 # BENCH_NO_RESULTS=1 (do not touch bench/RESULTS.md), BENCH_COMMAND (how the
 # run was started, for the report).
 
@@ -49,6 +53,9 @@ T1=$BASE; T2=$((BASE + 1)); SSE=$((BASE + 2)); NGX=$((BASE + 3)); GW=$((BASE + 4
 # admin BASE+7+2i.
 VARIANT_BASE=$((BASE + 6))
 VARIANT_PORTS=8
+# Under callgrind: the target, nginx as a proxy, the gateway and its Admin API.
+IR_TARGET=$((BASE + 14)); IR_NGX=$((BASE + 15)); IR_GW=$((BASE + 16)); IR_ADMIN=$((BASE + 17))
+IR_REQUESTS=${BENCH_IR_REQUESTS:-2000}
 CONNS=50
 # nginx and the targets listen with backlog=4096; give the gateway the same
 # (its default, 50, drops SYNs when 100 clients connect at once: +1 s).
@@ -81,7 +88,7 @@ trap cleanup EXIT INT TERM
 
 # --- 1. tools --------------------------------------------------------------
 need=()
-for tool in wrk nginx hey taskset curl; do
+for tool in wrk nginx hey taskset curl valgrind; do
     command -v "$tool" >/dev/null 2>&1 || need+=("$tool")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -133,7 +140,8 @@ start() { # name command...: background, remember the PID
     eval "PID_${name//-/_}=$!"
 }
 
-for p in $T1 $T2 $SSE $NGX $GW $ADMIN $(seq "$VARIANT_BASE" $((VARIANT_BASE + VARIANT_PORTS - 1))); do
+for p in $T1 $T2 $SSE $NGX $GW $ADMIN $(seq "$VARIANT_BASE" $((VARIANT_BASE + VARIANT_PORTS - 1))) \
+    $IR_TARGET $IR_NGX $IR_GW $IR_ADMIN; do
     port_busy "$p" && die "port $p is in use (set BENCH_PORT_BASE)"
 done
 
@@ -385,6 +393,74 @@ kill "$sampler" 2>/dev/null || true; wait "$sampler" 2>/dev/null || true
 metric many_gw_cpu_s "$(awk -v a="$after" -v b="$before" -v c="$CLK" 'BEGIN{print (a-b)/c}')"
 metric many_wall_s "$(awk -v a="$ended" -v b="$started" 'BEGIN{print a-b}')"
 metric many_rss_kb "$(cat "$OUT/rss-many.kb" 2>/dev/null || echo 0)"
+
+# --- 11. instructions per request under callgrind ---------------------------------
+# CPU time per request moves by +-20 % with what else the machine runs; the
+# instructions a process executes for the same requests do not (callgrind
+# counts them in user space only: system calls' kernel work is not in it).
+# Each server runs in a fresh process under valgrind, warmed up, and counts
+# only while IR_REQUESTS requests (hey, 10 connections) go through.
+count_ir() { # name pid port: instructions per request, as metric ir_NAME
+    local name=$1 pid=$2 url="http://127.0.0.1:$3/v1/chat/completions" total
+    taskset -c 0 hey -n 500 -c 10 -m POST -T application/json -D "$OUT/body.json" "$url" > /dev/null
+    callgrind_control -i on "$pid" > /dev/null
+    taskset -c 0 hey -n "$IR_REQUESTS" -c 10 -m POST -T application/json -D "$OUT/body.json" "$url" > "$OUT/hey-ir-$name.txt"
+    callgrind_control -i off "$pid" > /dev/null
+    callgrind_control -d "$pid" > /dev/null
+    total=$(cat "$OUT"/callgrind-"$name".out.* 2>/dev/null | awk '/^totals:/{s += $2} END{print s + 0}')
+    grep -q "\[200\].*$IR_REQUESTS responses" "$OUT/hey-ir-$name.txt" || log "callgrind $name: not every request answered 200"
+    metric "ir_$name" "$((total / IR_REQUESTS))"
+    stop_pid "$pid"
+}
+under_callgrind() { # name command...: start it under callgrind on CPU 1, instrumentation off
+    # (taskset execs valgrind, so the PID is valgrind's, which callgrind_control
+    # addresses; valgrind does not follow an exec, so it must come last.)
+    local name=$1; shift
+    start "ir-$name" taskset -c 1 valgrind --tool=callgrind --instr-atstart=no \
+        --callgrind-out-file="$OUT/callgrind-$name.out" "$@"
+}
+if [ "$IR_REQUESTS" -gt 0 ] && command -v callgrind_control >/dev/null; then
+    log "instructions per request under callgrind: $IR_REQUESTS requests each"
+    {
+        nginx_common ir-target | sed 's/^master_process on;/master_process off;/'
+        cat <<EOF
+    server {
+        listen 127.0.0.1:$IR_TARGET backlog=4096;
+        location / { default_type application/json; return 200 '$CHAT_JSON'; }
+    }
+}
+EOF
+    } > "$OUT/nginx-ir-target.conf"
+    {
+        nginx_common ir-proxy | sed 's/^master_process on;/master_process off;/'
+        cat <<EOF
+    upstream chat { server 127.0.0.1:$T1; server 127.0.0.1:$T2; keepalive 128; }
+    server {
+        listen 127.0.0.1:$IR_NGX backlog=4096;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        location / { proxy_pass http://chat; }
+    }
+}
+EOF
+    } > "$OUT/nginx-ir-proxy.conf"
+    under_callgrind direct nginx -p "$OUT" -c "$OUT/nginx-ir-target.conf"
+    wait_http "http://127.0.0.1:$IR_TARGET/" "nginx target under callgrind" 60
+    count_ir direct "$PID_ir_direct" "$IR_TARGET"
+    under_callgrind nginx nginx -p "$OUT" -c "$OUT/nginx-ir-proxy.conf"
+    wait_http "http://127.0.0.1:$IR_NGX/health" "nginx proxy under callgrind" 60
+    count_ir nginx "$PID_ir_nginx" "$IR_NGX"
+    under_callgrind gateway "$PY" "$TWISTD" -n --pidfile "$OUT/twistd-ir.pid" \
+        --logfile "$OUT/gateway-ir.log" aigateway --proxy "tcp:$IR_GW:interface=127.0.0.1:backlog=$GW_BACKLOG" \
+        --admin "tcp:$IR_ADMIN:interface=127.0.0.1" --database "$OUT/gateway-ir.db"
+    wait_http "http://127.0.0.1:$IR_ADMIN/status" "aigateway under callgrind" 120
+    configure_chat "$IR_ADMIN"
+    wait_http "http://127.0.0.1:$IR_GW/health" "aigateway under callgrind, proxy route" 60
+    count_ir gateway "$PID_ir_gateway" "$IR_GW"
+    metric ir_requests "$IR_REQUESTS"
+else
+    log "callgrind unavailable or BENCH_IR_REQUESTS=0: no instruction counts"
+fi
 
 # --- 9. report --------------------------------------------------------------------
 metric gw_rss_end_kb "$(rss_kb "$GWPID")"
