@@ -613,3 +613,69 @@ async def test_retry_after_immediate_failure_still_cancellable(gateway, servers)
             break
         await sleep(0.02)
     assert request._disconnected
+
+
+class _Big(Resource):
+    isLeaf = True
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def render(self, request: Any) -> bytes:
+        return b"b" * self.size
+
+
+class _Reader(Protocol):
+    """
+    Sends one request and collects the answer, reading only when told.
+    """
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.ended: Deferred[None] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.pauseProducing()
+        self.transport.write(
+            b"GET /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason: Any) -> None:
+        self.ended.callback(None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_slow_client_is_not_the_targets_timeout(gateway, servers):
+    """
+    A client that stops reading for longer than the service's read_timeout
+    pauses the target, which is then not silent: the answer is not cut,
+    and no passive timeout is counted against the target.
+    """
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+    size = 16 * 1024 * 1024
+    servers.append(port := listen(_Big(size)))
+    await gateway.configure("big", {address(port): 100})
+    await gateway.admin.patch("/services/big", form={"read_timeout": "300"})
+    await gateway.admin.patch(
+        "/upstreams/big", form={"healthchecks.passive.unhealthy.timeouts": "1"}
+    )
+    reader = await connectProtocol(
+        TCP4ClientEndpoint(
+            reactor, "127.0.0.1", gateway.service.proxy_port.getHost().port
+        ),
+        _Reader(),
+    )
+    await sleep(1.0)
+    reader.transport.resumeProducing()
+    await reader.ended
+    head, _, body = reader.data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert len(body) == size
+    (health,) = (await gateway.admin.get("/upstreams/big/health")).json["data"]
+    assert health["counters"]["timeouts"] == 0
+    assert health["health"] == "HEALTHY"

@@ -621,3 +621,39 @@ async def test_a_dripping_head_and_a_client_that_never_reads_are_cut_off(clocked
     stuck.transport.resumeProducing()  # now it sees the abort
     await stuck.closed
     assert len(stuck.data) < len(big)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_takes_nothing_of_a_response_is_dropped(clocked):
+    """
+    A client that takes none of a response still being written, for
+    C{idle_timeout}, is dropped (nginx's C{send_timeout}), and the request
+    hears it went away; until then it is kept, however long the response.
+    """
+    clock, factory, number = clocked
+    gone: list[Any] = []
+
+    class Endless(Resource):
+        isLeaf = True
+
+        def render(self, request: Any) -> Any:
+            request.write(b"z" * (4 * 1024 * 1024))
+            request.when_gone(gone.append)
+            return NOT_DONE_YET
+
+    factory.resource = Endless()
+    stuck = await connect(number)
+    stuck.transport.pauseProducing()
+    stuck.transport.write(b"GET /endless HTTP/1.1\r\nHost: x\r\n\r\n")
+    await sleep(0.2)
+    channel = next(iter(factory._channels))
+    assert channel.write_paused
+    for _ in range(18):  # to 9 s, in steps shorter than the sweeper's period
+        clock.advance(0.5)
+    await sleep(0.05)
+    assert factory.open_connections == 1 and not gone
+    for _ in range(4):
+        clock.advance(0.5)
+    await sleep(0.05)
+    assert factory.open_connections == 0
+    assert len(gone) == 1

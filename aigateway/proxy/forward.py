@@ -274,7 +274,18 @@ class Exchange:
         self._timer = None
         if self._finished:
             return
-        left = self._last + self.service.read_timeout - self.clock.seconds()
+        timeout = self.service.read_timeout
+        last = self._last
+        if self._relay is not None:
+            if self.request.client_stalled():
+                # The target is paused because the client takes nothing:
+                # not the target's silence.  (The proxy's channel drops a
+                # client that takes nothing for its idle timeout.)
+                self._timer = self.clock.callLater(timeout, self._expired)
+                return
+            # The target's silence counts from when it could send again.
+            last = max(last, self.request.client_resumed_at())
+        left = last + timeout - self.clock.seconds()
         if left > 0:
             # Bytes came since the timer was set: wait for the rest.
             self._timer = self.clock.callLater(left, self._expired)

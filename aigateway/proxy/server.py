@@ -24,6 +24,9 @@ What it does, per RFC 9112:
     204 and 304;
   - keep-alive for HTTP/1.1 unless C{Connection: close}, and for HTTP/1.0
     when asked with C{Connection: keep-alive} and the length is known;
+  - a client that takes none of a response in progress for
+    C{idle_timeout} (its connection's send buffer full all that time) is
+    dropped, as nginx's C{send_timeout} does;
   - a malformed request gets a 400 (431, 501, 505 where they apply) and the
     connection is closed; idle connections, and request heads not whole
     within C{idle_timeout} of their first byte, are closed after it; a
@@ -300,6 +303,20 @@ class ProxyRequest:
         """
         self._gone_hook = hook
 
+    def client_stalled(self) -> bool:
+        """
+        Whether the client is not taking the response (its connection's
+        send buffer is full): the target is paused for it, not silent.
+        """
+        return self.channel.write_paused
+
+    def client_resumed_at(self) -> float:
+        """
+        When the client last started taking the response again after a
+        stall (0 if it never stalled).
+        """
+        return self.channel.resumed_at
+
     def close_connection(self) -> None:
         """
         Close the client connection once what was written is sent: the
@@ -371,6 +388,10 @@ class ProxyChannel(Protocol):
         self._read_paused = False
         self._closing: Any = None
         self.request_began = 0.0
+        #: When the client last stopped taking the response (its send
+        #: buffer filled up), and when it last started again.
+        self.paused_since = 0.0
+        self.resumed_at = 0.0
 
     def connectionMade(self) -> None:
         transport: Any = self.transport
@@ -547,14 +568,26 @@ class ProxyChannel(Protocol):
             producer.pauseProducing()
 
     def pauseProducing(self) -> None:
-        self._write_paused = True
+        if not self._write_paused:
+            self._write_paused = True
+            self.paused_since = self.factory.seconds()
         if self._producer is not None:
             self._producer.pauseProducing()
 
     def resumeProducing(self) -> None:
-        self._write_paused = False
+        if self._write_paused:
+            self._write_paused = False
+            self.resumed_at = self.factory.seconds()
         if self._producer is not None:
             self._producer.resumeProducing()
+
+    @property
+    def write_paused(self) -> bool:
+        """
+        Whether the client is not taking what is written to it (its send
+        buffer is full), so the response's producer is paused.
+        """
+        return self._write_paused
 
     def stopProducing(self) -> None:
         # The transport is closing: the request hears of it first, so that
@@ -565,11 +598,12 @@ class ProxyChannel(Protocol):
 
     def idle_for(self, now: float) -> float:
         """
-        How long the connection has waited on its client; 0 while a
-        response is in progress (the exchange's own timeouts apply).
+        How long the connection has waited on its client: while a response
+        is in progress, how long the client has taken none of it (0 while
+        it keeps up: the exchange's own timeouts apply).
         """
         if self.responding:
-            return 0.0
+            return now - self.paused_since if self._write_paused else 0.0
         if self.parser.in_head():
             # A request head must arrive whole within the timeout, however
             # slowly it drips in.
@@ -578,8 +612,16 @@ class ProxyChannel(Protocol):
 
     def time_out(self) -> None:
         """
-        The client sent nothing for the factory's C{idle_timeout}.
+        The client sent nothing for the factory's C{idle_timeout}, or took
+        none of a response in progress for that long.
         """
+        if self.responding:
+            # Nothing more can be sent to it, nor a refusal: drop it (the
+            # exchange hears the client went away; no target is blamed).
+            transport: Any = self.transport
+            if transport is not None:
+                transport.abortConnection()
+            return
         if self.refused:
             return
         parser = self.parser
