@@ -217,6 +217,12 @@ async def test_absolute_form_routes_on_its_path(served):
     assert (
         resource.seen[1]["path"] == "/" and resource.seen[1]["host"] == "api.test:8080"
     )
+    # No path before the query: the authority stops at the "?".
+    raw = await raw_request(
+        port, b"GET http://api.test?y=1 HTTP/1.1\r\nConnection: close\r\n\r\n"
+    )
+    assert raw.startswith(b"HTTP/1.1 200 OK")
+    assert resource.seen[2]["host"] == "api.test" and resource.seen[2]["path"] == "/"
 
 
 @pytest_twisted.ensureDeferred
@@ -524,6 +530,27 @@ class ParserTests(SynchronousTestCase):
         for data, keep_alive in cases.items():
             heads, _, _ = self.parse(data, len(data))
             assert heads[0].keep_alive is keep_alive, data
+
+    def test_http_1_0_no_continue_and_no_keep_alive_after_chunked(self) -> None:
+        """
+        HTTP/1.0 has no 100 Continue, and a Transfer-Encoding in an
+        HTTP/1.0 request closes the connection after the answer.
+        """
+        data = (
+            b"POST / HTTP/1.0\r\nConnection: keep-alive\r\nContent-Length: 2\r\n"
+            b"Expect: 100-continue\r\n\r\nok"
+        )
+        heads, _, _ = self.parse(data, len(data))
+        assert not heads[0].expect_continue and heads[0].keep_alive
+        data = (
+            b"POST / HTTP/1.0\r\nConnection: keep-alive\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+        )
+        heads, body, _ = self.parse(data, len(data))
+        assert body == b"ok" and not heads[0].keep_alive
+        data = data.replace(b"HTTP/1.0", b"HTTP/1.1")
+        heads, body, _ = self.parse(data, len(data))
+        assert body == b"ok" and heads[0].keep_alive
 
     def test_absolute_form(self) -> None:
         data = b"GET http://example.com/v1/x?y HTTP/1.1\r\n\r\n"

@@ -606,7 +606,10 @@ class RequestParser(_MessageParser):
         if version == b"HTTP/1.1":
             keep_alive = b"close" not in tokens
         else:
-            keep_alive = b"keep-alive" in tokens
+            # A Transfer-Encoding in an HTTP/1.0 request may have been
+            # framed differently on its way here: answer it, then close
+            # (RFC 9112 section 6.1).
+            keep_alive = b"keep-alive" in tokens and not fields.coded
         hosts = fields.headers._rawHeaders.get(b"Host")
         if hosts is not None and len(hosts) > 1:
             # Routing and the target would not agree on which one counts.
@@ -622,7 +625,8 @@ class RequestParser(_MessageParser):
                 fields.headers,
                 length,
                 keep_alive,
-                expect_continue and length != 0,
+                # HTTP/1.0 has no 100 Continue (RFC 9110 section 10.1.1).
+                expect_continue and length != 0 and version == b"HTTP/1.1",
             )
         )
         return rest

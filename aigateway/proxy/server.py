@@ -136,9 +136,14 @@ class ProxyRequest:
             # Host header, and its path is what the route sees.
             after = uri.partition(b"//")[2]
             slash = after.find(b"/")
-            authority, uri = (
-                (after[:slash], after[slash:]) if slash >= 0 else (after, b"/")
-            )
+            query = after.find(b"?")
+            if query >= 0 and (slash < 0 or query < slash):
+                # No path before the query (http://host?q): the path is "/".
+                authority, uri = after[:query], b"/" + after[query:]
+            elif slash >= 0:
+                authority, uri = after[:slash], after[slash:]
+            else:
+                authority, uri = after, b"/"
             if authority:
                 head.headers._rawHeaders[b"Host"] = [authority.rpartition(b"@")[2]]
         self.path = uri.partition(b"?")[0]
