@@ -42,7 +42,7 @@ def with_backlog(spec: str) -> str:
     dropped SYN costs its client a one-second retransmit.
     """
     kind = spec.split(":", 1)[0]
-    if kind in ("tcp", "tcp6", "ssl") and "backlog=" not in spec:
+    if kind in ("tcp", "tcp6", "ssl", "reuseport") and "backlog=" not in spec:
         return f"{spec}:backlog={BACKLOG}"
     return spec
 

@@ -95,6 +95,7 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         from twisted.internet.endpoints import _parseServer
+        from twisted.internet.interfaces import IStreamServerEndpointStringParser
 
         _default_reactor()
 
@@ -108,8 +109,16 @@ class Options(usage.Options):
             self._check_config(self["config"])
         for name in ("proxy", "admin"):
             try:
-                _parseServer(self[name], None)
-            except (ValueError, KeyError) as e:
+                parsed = _parseServer(self[name], None)
+                if IStreamServerEndpointStringParser.providedBy(parsed[0]):
+                    # A plugin's endpoint (reuseport:): let it check its
+                    # arguments now, not when the service starts.
+                    parsed[0].parseStreamServer(
+                        None,  # type: ignore[arg-type]  # not listened on
+                        *parsed[1],
+                        **parsed[2],
+                    )
+            except (ValueError, KeyError, TypeError) as e:
                 raise usage.UsageError(
                     f"--{name}: invalid endpoint {self[name]!r}: {e}"
                 ) from None

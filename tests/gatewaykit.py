@@ -103,14 +103,20 @@ class Gateway:
     A gateway node on ephemeral loopback ports, with clients for both.
     """
 
-    def __init__(self, database: str, **settings: Any) -> None:
+    def __init__(
+        self,
+        database: str,
+        proxy_spec: str = "tcp:0:interface=127.0.0.1",
+        **settings: Any,
+    ) -> None:
         self.database = database
+        self.proxy_spec = proxy_spec
         self.settings = settings
         self.service: GatewayService | None = None
 
     async def start(self) -> Gateway:
         settings = Settings(
-            proxy="tcp:0:interface=127.0.0.1",
+            proxy=self.proxy_spec,
             admin="tcp:0:interface=127.0.0.1",
             database=self.database,
             **self.settings,

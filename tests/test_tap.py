@@ -84,6 +84,7 @@ def test_dropin_does_not_import_reactor():
     """
     code = (
         "import sys, twisted.plugins.aigateway_plugin as p, aigateway.tap;"
+        "import twisted.plugins.aigateway_endpoints, twisted.plugins.aigateway_reactor;"
         "p.aigateway.options;"
         "assert 'twisted.internet.reactor' not in sys.modules, 'reactor imported'"
     )
@@ -114,6 +115,8 @@ def test_wheel_ships_the_plugin(tmp_path):
     (wheel,) = tmp_path.glob("aigateway-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "twisted/plugins/aigateway_plugin.py" in names
+    assert "twisted/plugins/aigateway_endpoints.py" in names
+    assert "twisted/plugins/aigateway_reactor.py" in names
     assert "twisted/plugins/__init__.py" not in names
     assert "aigateway/plugins/aigateway_balancers.py" in names
     assert "aigateway/py.typed" in names
