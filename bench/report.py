@@ -362,6 +362,7 @@ def build(options: Any) -> str:
     h = {name: hey(out, name) for name in NAMES}
     s = {name: load_json(out, f"streams-{name}.json") for name in NAMES}
     many = load_json(out, "streams-many.json")
+    two = load_json(out, "streams-two.json")
     headers = load_json(out, "latency-headers.json")
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -529,6 +530,31 @@ def build(options: Any) -> str:
         if m.get("many_note"):
             lines += ["", f"Note: {m['many_note']}."]
         many_ok = many["errors"] == 0 and rss_mb <= 1024
+    two_ok = None
+    if two:
+        cpu_s = float(m.get("two_gw_cpu_s", 0))
+        wall = float(m.get("two_wall_s", 0)) or 1.0
+        rss1, rss2 = m.get("two_rss1_kb", 0) / 1024, m.get("two_rss2_kb", 0) / 1024
+        lines += [
+            "",
+            f"### Concurrency, one process per core: {fmt(two['requests'])} slow streams through two "
+            "aigateway processes on one `reuseport:` port (the same load)",
+            "",
+            "Each process pinned to its own core, configured alike through its own Admin API; the kernel "
+            "spreads the connections (`SO_REUSEPORT`), so each holds about half of the descriptors.",
+            "",
+            "| streams | completed | errors | peak open at once (client) | peak streaming at once | "
+            "peak RSS, MB (sum; each) | requests served (each) | CPU, s (both) | TTFC p50 / p99, ms | total p99, s |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            f"| {fmt(two['requests'])} | {fmt(two['ok'])} | {fmt(two['errors'])} {two['error_kinds'] or ''} "
+            f"| {fmt(two['peak_open'])} | {fmt(two['peak_streaming'])} "
+            f"| {fmt(rss1 + rss2, 1)} ({fmt(rss1, 1)}; {fmt(rss2, 1)}) "
+            f"| {fmt(m.get('two_accepted1'))}; {fmt(m.get('two_accepted2'))} "
+            f"| {fmt(cpu_s, 1)} ({100 * cpu_s / wall:.0f}% of one core over {wall:.1f} s) "
+            f"| {fmt(two['ttfc_p50_ms'], 1)} / {fmt(two['ttfc_p99_ms'], 1)} "
+            f"| {fmt((two['total_p99_ms'] or 0) / 1000, 2)} |",
+        ]
+        two_ok = two["errors"] == 0 and rss1 + rss2 <= 1024
 
     # Goals.
     g = w["gateway"]
@@ -583,6 +609,16 @@ def build(options: Any) -> str:
                 else "–"
             ),
             None if many_ok is None else (many_ok and many["requests"] >= 10000),
+        ),
+        (
+            "… with one gateway process per core (2, on one `reuseport:` port), RSS summed",
+            (
+                f"{fmt(two['requests'])} streams, {two['errors']} errors, "
+                f"{fmt((m.get('two_rss1_kb', 0) + m.get('two_rss2_kb', 0)) / 1024, 0)} MB"
+                if two
+                else "–"
+            ),
+            None if two_ok is None else (two_ok and two["requests"] >= 10000),
         ),
     ]
     lines += instructions(m)

@@ -13,6 +13,8 @@
 #   3. 100 concurrent SSE streams of 20 chunks 20 ms apart
 #      (bench/stream_client.py): time to first chunk and total time
 #   4. ~10,000 concurrent slow streams held open through the gateway
+#   4b. the same through two gateway processes sharing one reuseport: port
+#      (BENCH_TWO_PROCESSES=0 skips it)
 #   5. observability cost: wrk through fresh gateways with --no-metrics,
 #      --access-log, both; and through the default one to a text/plain
 #      answer (no usage sniffing): non-AI vs AI traffic
@@ -25,7 +27,7 @@
 #
 # Environment: BENCH_QUICK=1 (3 s runs, fewer rounds, 2,000 slow streams),
 # BENCH_DURATION (s), BENCH_STREAMS (slow streams), BENCH_SLOW_CHUNKS (20),
-# BENCH_SLOW_RAMP (800 streams/s), BENCH_GW_BACKLOG (4096), BENCH_PORT_BASE (18100; 18 ports from it),
+# BENCH_SLOW_RAMP (800 streams/s), BENCH_GW_BACKLOG (4096), BENCH_PORT_BASE (18100; 21 ports from it),
 # BENCH_IR_REQUESTS (requests counted under callgrind: 2,000; 0 skips it),
 # BENCH_NO_RESULTS=1 (do not touch bench/RESULTS.md), BENCH_COMMAND (how the
 # run was started, for the report).
@@ -56,6 +58,8 @@ VARIANT_PORTS=8
 # Under callgrind: the target, nginx as a proxy, the gateway and its Admin API.
 IR_TARGET=$((BASE + 14)); IR_NGX=$((BASE + 15)); IR_GW=$((BASE + 16)); IR_ADMIN=$((BASE + 17))
 IR_REQUESTS=${BENCH_IR_REQUESTS:-2000}
+# Two gateway processes on one reuseport: port, and their Admin APIs.
+RP_GW=$((BASE + 18)); RP_ADMIN=$((BASE + 19))
 CONNS=50
 # nginx and the targets listen with backlog=4096; give the gateway the same
 # (its default, 50, drops SYNs when 100 clients connect at once: +1 s).
@@ -141,7 +145,7 @@ start() { # name command...: background, remember the PID
 }
 
 for p in $T1 $T2 $SSE $NGX $GW $ADMIN $(seq "$VARIANT_BASE" $((VARIANT_BASE + VARIANT_PORTS - 1))) \
-    $IR_TARGET $IR_NGX $IR_GW $IR_ADMIN; do
+    $IR_TARGET $IR_NGX $IR_GW $IR_ADMIN $RP_GW $RP_ADMIN $((RP_ADMIN + 1)); do
     port_busy "$p" && die "port $p is in use (set BENCH_PORT_BASE)"
 done
 
@@ -393,6 +397,53 @@ kill "$sampler" 2>/dev/null || true; wait "$sampler" 2>/dev/null || true
 metric many_gw_cpu_s "$(awk -v a="$after" -v b="$before" -v c="$CLK" 'BEGIN{print (a-b)/c}')"
 metric many_wall_s "$(awk -v a="$ended" -v b="$started" 'BEGIN{print a-b}')"
 metric many_rss_kb "$(cat "$OUT/rss-many.kb" 2>/dev/null || echo 0)"
+
+# --- 8b. the same slow streams through two gateway processes on one port --------
+# One process per core on a reuseport: endpoint (README): the kernel spreads
+# the connections, so each process holds about half of the descriptors.
+# Each is configured alike through its own Admin API.
+if [ "${BENCH_TWO_PROCESSES:-1}" = 1 ]; then
+    TWO=${BENCH_STREAMS:-$([ "$QUICK" = 1 ] && echo 2000 || echo 10000)}
+    log "slow streams: $TWO through two gateway processes on one reuseport port"
+    RP_PIDS=()
+    for n in 1 2; do
+        admin_port=$((RP_ADMIN + n - 1))
+        start "gw-rp$n" taskset -c $((2 - n)) "$TWISTD" -n --pidfile "$OUT/twistd-rp$n.pid" \
+            --logfile "$OUT/gateway-rp$n.log" aigateway \
+            --proxy "reuseport:$RP_GW:interface=127.0.0.1:backlog=$GW_BACKLOG" \
+            --admin "tcp:$admin_port:interface=127.0.0.1" --database "$OUT/gateway-rp$n.db"
+        eval "RP_PIDS+=(\$PID_gw_rp$n)"
+        wait_http "http://127.0.0.1:$admin_port/status" "aigateway (reuseport $n) Admin API" 30
+        admin "$admin_port" /upstreams name=sse
+        admin "$admin_port" /upstreams/sse/targets "target=127.0.0.1:$SSE" weight=100
+        admin "$admin_port" /services name=sse host=sse
+        admin "$admin_port" /services/sse/routes 'paths[]=/sse' strip_path=false
+    done
+    wait_http "http://127.0.0.1:$RP_GW/sse/x?chunks=1&delay=0" "aigateway (reuseport) SSE route" 20
+    HOLD=$(( TWO / MANY_RAMP + MANY_CHUNKS + 20 ))
+    before=$(( $(cpu_ticks "${RP_PIDS[0]}") + $(cpu_ticks "${RP_PIDS[1]}") ))
+    sample_rss "${RP_PIDS[0]}" "$HOLD" "$OUT/rss-rp1.kb" &
+    s1=$!
+    sample_rss "${RP_PIDS[1]}" "$HOLD" "$OUT/rss-rp2.kb" &
+    s2=$!
+    started=$(date +%s.%N)
+    taskset -c 0 "$PY" "$BENCH/stream_client.py" --port "$RP_GW" --path /sse/v1/chat/completions --streams "$TWO" \
+        --chunks $MANY_CHUNKS --delay 1 --rounds 1 --warmup 0 --ramp $MANY_RAMP --timeout $HOLD > "$OUT/streams-two.json"
+    ended=$(date +%s.%N)
+    after=$(( $(cpu_ticks "${RP_PIDS[0]}") + $(cpu_ticks "${RP_PIDS[1]}") ))
+    kill "$s1" "$s2" 2>/dev/null || true; wait "$s1" "$s2" 2>/dev/null || true
+    metric two_gw_cpu_s "$(awk -v a="$after" -v b="$before" -v c="$CLK" 'BEGIN{print (a-b)/c}')"
+    metric two_wall_s "$(awk -v a="$ended" -v b="$started" 'BEGIN{print a-b}')"
+    metric two_rss1_kb "$(cat "$OUT/rss-rp1.kb" 2>/dev/null || echo 0)"
+    metric two_rss2_kb "$(cat "$OUT/rss-rp2.kb" 2>/dev/null || echo 0)"
+    # Connections each process took (its own counter, not the client's view).
+    for n in 1 2; do
+        metric "two_accepted$n" "$(curl -s "http://127.0.0.1:$((RP_ADMIN + n - 1))/metrics" \
+            | awk '/^aigateway_http_requests_total\{/ {s += $2} END {print s + 0}')"
+    done
+    stop_pid "${RP_PIDS[0]}"
+    stop_pid "${RP_PIDS[1]}"
+fi
 
 # --- 11. instructions per request under callgrind ---------------------------------
 # CPU time per request moves by +-20 % with what else the machine runs; the
