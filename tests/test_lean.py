@@ -6,6 +6,7 @@ and raw TCP servers that send crafted (sometimes broken) answers.
 from __future__ import annotations
 
 import datetime
+import gc
 import ipaddress
 import re
 from collections.abc import AsyncIterator, Callable
@@ -527,6 +528,37 @@ class _BrokenProducer(BytesProducer):
         raise RuntimeError("no body today")
 
 
+def test_request_failing_at_once_leaves_no_cycle() -> None:
+    """
+    L{LeanAgent.request} whose connection cannot even be attempted fails
+    its Deferred at once and leaves nothing for the garbage collector.
+    """
+
+    class Raising:
+        def endpointForURI(self, uri: Any) -> Any:
+            raise RuntimeError("no endpoint")
+
+    agent = LeanAgent(reactor, LeanPool(reactor), Raising())  # type: ignore[arg-type]
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        d = agent.request(b"GET", b"http://127.0.0.1:1/x")
+        failures: list[Failure] = []
+        d.addErrback(failures.append)
+        assert failures and failures[0].check(RuntimeError)
+        del d, failures
+        gc.collect()
+        ours = [
+            type(o).__qualname__
+            for o in gc.garbage
+            if type(o).__module__.startswith("aigateway.")
+        ]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert not ours, ours
+
+
 def test_dispatch_body_failure_at_once() -> None:
     """
     A body producer that fails at once fails the dispatch at once: the
@@ -761,11 +793,21 @@ class ParserTests(SynchronousTestCase):
         long = b"X-Long: " + b"v" * _parser._MAX_LINE_KEPT
         self.parse(b"HTTP/1.1 204 No Content\r\n" + long + b"\r\n\r\n")
         assert long not in _parser._LINES
+        # Credentials and lines that differ on every message are not kept.
+        secret = b"Set-Cookie: session=s3cr3t"
+        date = b"Date: Tue, 01 Dec 2026 23:50:01 GMT"
+        head = self.parse(
+            b"HTTP/1.1 204 No Content\r\n%s\r\n%s\r\n\r\n" % (secret, date)
+        )
+        assert head[0][0].headers.getRawHeaders(b"set-cookie") == [b"session=s3cr3t"]
+        assert secret not in _parser._LINES and date not in _parser._LINES
+        # Full, it starts afresh: what came last is kept, the bound holds.
         saved = dict(_parser._LINES)
         self.addCleanup(lambda: (_parser._LINES.clear(), _parser._LINES.update(saved)))
         for n in range(_parser._MAX_LINES + 10):
             self.parse(b"HTTP/1.1 204 No Content\r\nX-N: %d\r\n\r\n" % n)
-        assert len(_parser._LINES) == _parser._MAX_LINES
+        assert len(_parser._LINES) <= _parser._MAX_LINES
+        assert b"X-N: %d" % (_parser._MAX_LINES + 9) in _parser._LINES
 
     def test_head_request(self) -> None:
         heads, body, parser = self.parse(

@@ -684,3 +684,43 @@ async def test_a_client_that_takes_nothing_of_a_response_is_dropped(clocked):
     await sleep(0.05)
     assert factory.open_connections == 0
     assert len(gone) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_slow_client_that_keeps_reading_is_kept(clocked):
+    """
+    A client that takes some of the response at every step, however
+    little, is slow, not gone: it is kept past C{idle_timeout}, though its
+    write buffer never empties (so the channel stays paused).
+    """
+    clock, factory, number = clocked
+    gone: list[Any] = []
+
+    class Endless(Resource):
+        isLeaf = True
+
+        def render(self, request: Any) -> Any:
+            request.write(b"z" * (64 * 1024 * 1024))
+            request.when_gone(gone.append)
+            return NOT_DONE_YET
+
+    factory.resource = Endless()
+    slow = await connect(number)
+    slow.transport.pauseProducing()
+    slow.transport.write(b"GET /endless HTTP/1.1\r\nHost: x\r\n\r\n")
+    await sleep(0.2)
+    channel = next(iter(factory._channels))
+    for _ in range(30):  # 15 s of the clock, some bytes taken at each step
+        before = len(slow.data)
+        slow.transport.resumeProducing()
+        for _ in range(200):
+            await sleep(0.002)
+            if len(slow.data) - before >= 64 * 1024:
+                break
+        slow.transport.pauseProducing()
+        assert len(slow.data) > before
+        clock.advance(0.5)
+        await sleep(0.01)
+    assert channel.write_paused
+    assert not slow.is_closed and not gone
+    slow.transport.abortConnection()

@@ -61,10 +61,24 @@ _FRAMING = frozenset({b"Content-Length", b"Transfer-Encoding", b"Connection"})
 # most lines of a client's requests, and of a target's answers, are the
 # same bytes every time (Host, Content-Type, Server, Connection...), and a
 # dictionary look-up of the line costs a third of splitting it again.
-# Bounded in entries and line length, as peers could send endless lines.
+# Bounded in entries and line length, as peers could send endless lines;
+# once full it starts afresh, so lines that repeat are soon back in it
+# whatever filled it.  Credentials are never kept, nor lines that differ on
+# every message.
 _LINES: dict[bytes, tuple[bytes, bytes]] = {}
 _MAX_LINES = 4096
 _MAX_LINE_KEPT = 256
+_NOT_KEPT = frozenset(
+    {
+        b"Authorization",
+        b"Proxy-Authorization",
+        b"Cookie",
+        b"Set-Cookie",
+        b"X-Api-Key",
+        b"Api-Key",
+        b"Date",
+    }
+)
 
 
 def _canonical(name: bytes, error: type[BadMessage]) -> bytes:
@@ -138,7 +152,9 @@ class _Fields:
                 cached = _CANONICAL.get(name)
                 canonical = _canonical(name, error) if cached is None else cached
                 value = value.strip(b" \t")
-                if len(_LINES) < _MAX_LINES and len(line) <= _MAX_LINE_KEPT:
+                if len(line) <= _MAX_LINE_KEPT and canonical not in _NOT_KEPT:
+                    if len(_LINES) >= _MAX_LINES:
+                        _LINES.clear()
                     _LINES[line] = (canonical, value)
             if canonical in _FRAMING:
                 if canonical == b"Content-Length":

@@ -238,9 +238,13 @@ class LeanAgent:
         else:
             authority, path = rest[:slash], rest[slash:]
         receiver = _DeferredReceiver()
-        receiver.request = self.dispatch(
+        request = self.dispatch(
             method, scheme, authority, path, headers, bodyProducer, receiver
         )
+        if request is not None and not request.done:
+            # (One that failed at once is over: keeping it would make a
+            # cycle with the receiver it points at.)
+            receiver.request = request
         return receiver.deferred  # type: ignore[return-value]
 
     def dispatch(

@@ -52,7 +52,7 @@ from zope.interface import implementer
 
 from .._version import __version__
 from ._parser import BadRequest, RequestHead, RequestParser
-from ._transport import send
+from ._transport import queued, send
 
 _log = Logger()
 
@@ -397,6 +397,7 @@ class ProxyChannel(Protocol):
         #: buffer filled up), and when it last started again.
         self.paused_since = 0.0
         self.resumed_at = 0.0
+        self._queued_seen = 0
 
     def connectionMade(self) -> None:
         transport: Any = self.transport
@@ -576,6 +577,7 @@ class ProxyChannel(Protocol):
         if not self._write_paused:
             self._write_paused = True
             self.paused_since = self.factory.seconds()
+            self._queued_seen = queued(self.transport)
         if self._producer is not None:
             self._producer.pauseProducing()
 
@@ -608,7 +610,17 @@ class ProxyChannel(Protocol):
         it keeps up: the exchange's own timeouts apply).
         """
         if self.responding:
-            return now - self.paused_since if self._write_paused else 0.0
+            if not self._write_paused:
+                return 0.0
+            # Twisted resumes a producer only once the write buffer is
+            # empty: a slow client that drains it bit by bit stays paused.
+            # Progress, not the pause, is what counts (nginx's send_timeout
+            # is the time between two successive writes).
+            left = queued(self.transport)
+            if left < self._queued_seen:
+                self.paused_since = now
+            self._queued_seen = left
+            return now - self.paused_since
         if self.parser.in_head():
             # A request head must arrive whole within the timeout, however
             # slowly it drips in.
