@@ -679,3 +679,54 @@ async def test_slow_client_is_not_the_targets_timeout(gateway, servers):
     (health,) = (await gateway.admin.get("/upstreams/big/health")).json["data"]
     assert health["counters"]["timeouts"] == 0
     assert health["health"] == "HEALTHY"
+
+
+@pytest_twisted.ensureDeferred
+async def test_read_timeout_starts_once_the_request_is_sent(tmp_path, servers):
+    """
+    A body that takes the target longer than the service's read_timeout to
+    read (but keeps moving, within write_timeout) is not cut by the read
+    timeout: the target's time to answer starts once it has it all.
+    """
+    from twisted.internet.protocol import Factory
+
+    from .gatewaykit import Gateway
+
+    node = await Gateway(str(tmp_path / "g.db"), max_body=64 * 1024 * 1024).start()
+    try:
+        readers: list[_SlowReader] = []
+
+        def slow_then_fast() -> _SlowReader:
+            # Reads a little every 0.15 s for 1.2 s, then all of it at once.
+            reader = _SlowReader(window=0.005, period=0.15)
+            readers.append(reader)
+
+            def fast() -> None:
+                if reader._call is not None and reader._call.active():
+                    reader._call.cancel()
+                reader.transport.resumeProducing()
+
+            reactor.callLater(1.2, fast)
+            return reader
+
+        port = reactor.listenTCP(
+            0, Factory.forProtocol(slow_then_fast), interface="127.0.0.1"
+        )
+        servers.append(port)
+        await node.configure("slow", {address(port): 100})
+        reply = await node.admin.patch(
+            "/services/slow",
+            form={"write_timeout": "2000", "read_timeout": "400", "retries": "0"},
+        )
+        assert reply.code == 200, reply.body
+        # Bigger than what loopback socket buffers absorb: the rest waits in
+        # the gateway while the target reads slowly.
+        body = b"x" * (40 * 1024 * 1024)
+        started = reactor.seconds()
+        reply = await node.proxy.post("/", body=body)
+        assert reply.code == 200, reply.body
+        assert readers and readers[0].received == len(body)
+        # The upload outlasted read_timeout three times over.
+        assert reactor.seconds() - started > 1.2
+    finally:
+        await node.stop()

@@ -28,7 +28,7 @@ from ._parser import BadResponse, ResponseHead, ResponseParser
 from ._transport import queued, send
 
 if TYPE_CHECKING:
-    from .lean import _Request
+    from .lean import LeanRequest
 
 # Connection states.
 _IDLE = 0  # in the pool
@@ -57,7 +57,7 @@ class _Connection(Protocol):
         self.key = key
         self.state = _WAITING
         self.parser = ResponseParser(self._head, self._body)
-        self.request: _Request | None = None
+        self.request: LeanRequest | None = None
         self.response: LeanResponse | None = None
         self.keep_alive = False
         self.reused = False
@@ -66,7 +66,7 @@ class _Connection(Protocol):
         self._lost: list[Deferred[None]] = []
         self._write_timer: Any = None
 
-    def send(self, request: _Request, data: bytes) -> None:
+    def send(self, request: LeanRequest, data: bytes) -> None:
         """
         Write a whole request; the response goes to C{request}.
         """

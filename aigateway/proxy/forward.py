@@ -24,7 +24,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from ..addresses import format_target, host_header
 from ..model import Target
 from .headers import client_response_headers, upstream_headers
-from .lean import LeanAgent
+from .lean import LeanAgent, LeanRequest
 from .relay import BytesProducer, Discard, Relay, write_error
 from .usage import Usage
 
@@ -141,6 +141,7 @@ class Exchange:
         # when it fires, sets itself again for what is left of the timeout.
         self._timer: Any = None
         self._last = 0.0
+        self._sending = False
         self._timed_out = False
 
     def start(self) -> None:
@@ -216,6 +217,7 @@ class Exchange:
             self.proxy_latency = now - self.started
         agent = self.hooks.agents.agent(service.connect_timeout, service.write_timeout)
         self._timed_out = False
+        self._sending = False
         self._restart_timer(now)
         self._sent = now
         scheme = service.protocol.encode("ascii")
@@ -276,6 +278,21 @@ class Exchange:
             return
         timeout = self.service.read_timeout
         last = self._last
+        pending = self._pending
+        if isinstance(pending, LeanRequest) and pending.sending():
+            # The request is still going out (its pace is write_timeout's
+            # business): the target's time to answer starts once it is
+            # sent.  Look again in a quarter of the timeout...
+            self._sending = True
+            self._timer = self.clock.callLater(timeout / 4, self._expired)
+            return
+        if self._sending:
+            # ...and once it is out, count from that look: never early, at
+            # most a quarter of the timeout late.
+            self._sending = False
+            self._last = self.clock.seconds()
+            self._timer = self.clock.callLater(timeout, self._expired)
+            return
         if self._relay is not None:
             if self.request.client_stalled():
                 # The target is paused because the client takes nothing:

@@ -35,8 +35,9 @@ from twisted.web.iweb import (
 from zope.interface import implementer
 
 from ._connection import Key, LeanPool, LeanResponse, _Connection, _Connector
+from ._transport import queued
 
-__all__ = ["LeanAgent", "LeanPool", "LeanResponse", "Receiver"]
+__all__ = ["LeanAgent", "LeanPool", "LeanRequest", "LeanResponse", "Receiver"]
 
 _PORTS = {b"http": 80, b"https": 443}
 _EMPTY_BODY = frozenset({b"POST", b"PUT", b"PATCH"})
@@ -57,7 +58,7 @@ class Receiver(Protocol):
     def request_failed(self, failure: Failure) -> None:
         """
         No response will come: the failure says why (L{CancelledError}
-        after L{_Request.cancel}).
+        after L{LeanRequest.cancel}).
         """
 
 
@@ -69,7 +70,7 @@ class _DeferredReceiver:
     __slots__ = ("deferred", "request")
 
     def __init__(self) -> None:
-        self.request: _Request | None = None
+        self.request: LeanRequest | None = None
         self.deferred: Deferred[LeanResponse] = Deferred(self._cancel)
 
     def _cancel(self, deferred: Deferred[LeanResponse]) -> None:
@@ -85,7 +86,7 @@ class _DeferredReceiver:
         self.deferred.errback(failure)
 
 
-class _Request:
+class LeanRequest:
     """
     One request in flight: its bytes, the L{Receiver} told of its outcome,
     and whatever it is waiting on (a connection attempt or a response).
@@ -125,6 +126,18 @@ class _Request:
         self.retried = False
         self.cancelled = False
         self.done = False
+
+    def sending(self) -> bool:
+        """
+        Whether part of the request is still on its way to the target
+        (queued for its connection, or still to come from a body producer).
+        """
+        connection = self.connection
+        if connection is None or self.done:
+            return False
+        return (self.body is not None and not self.body.done) or queued(
+            connection.transport
+        ) > 0
 
     def succeed(self, response: LeanResponse) -> None:
         """
@@ -256,7 +269,7 @@ class LeanAgent:
         headers: Headers | None,
         bodyProducer: IBodyProducer | None,
         receiver: Receiver,
-    ) -> _Request | None:
+    ) -> LeanRequest | None:
         """
         Send a request to C{authority} (C{host:port}) for C{path} (with
         its query), and tell C{receiver} of the outcome: the proxy's way,
@@ -297,7 +310,7 @@ class LeanAgent:
                 body = None
         lines.append(b"")
         lines.append(data)
-        request = _Request(
+        request = LeanRequest(
             self,
             (scheme, authority),
             b"\r\n".join(lines),
@@ -312,7 +325,7 @@ class LeanAgent:
             request.send(connection)
         return request
 
-    def connect(self, request: _Request) -> None:
+    def connect(self, request: LeanRequest) -> None:
         """
         Open a new connection for C{request}.
         """
