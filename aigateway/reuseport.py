@@ -42,8 +42,8 @@ class ReusePortEndpoint:
     """
     Listens on a TCP port with C{SO_REUSEPORT} (and C{SO_REUSEADDR}).
 
-    @ivar port: the port (0: one the kernel picks; other processes then
-        join it by its number).
+    @ivar port: the port (0: one the kernel picks, for this listener only;
+        other processes then join it by its number).
     @ivar interface: the address to bind, C{""} for every IPv4 one; an
         IPv6 address binds IPv6.
     """
@@ -63,7 +63,10 @@ class ReusePortEndpoint:
         family = socket.AF_INET
         if self.interface and ipaddress.ip_address(self.interface).version == 6:
             family = socket.AF_INET6
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as e:  # out of descriptors, say
+            return fail(CannotListenError(self.interface, self.port, e))
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -74,6 +77,8 @@ class ReusePortEndpoint:
             port = self._reactor.adoptStreamPort(sock.fileno(), family, protocolFactory)
         except OSError as e:
             return fail(CannotListenError(self.interface, self.port, e))
+        except Exception:
+            return fail()
         finally:
             sock.close()
         return succeed(port)

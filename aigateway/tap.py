@@ -95,7 +95,8 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         from twisted.internet.endpoints import _parseServer
-        from twisted.internet.interfaces import IStreamServerEndpointStringParser
+
+        from .reuseport import ReusePortParser
 
         _default_reactor()
 
@@ -110,15 +111,11 @@ class Options(usage.Options):
         for name in ("proxy", "admin"):
             try:
                 parsed = _parseServer(self[name], None)
-                if IStreamServerEndpointStringParser.providedBy(parsed[0]):
-                    # A plugin's endpoint (reuseport:): let it check its
-                    # arguments now, not when the service starts.
-                    parsed[0].parseStreamServer(
-                        None,  # type: ignore[arg-type]  # not listened on
-                        *parsed[1],
-                        **parsed[2],
-                    )
-            except (ValueError, KeyError, TypeError) as e:
+                if isinstance(parsed[0], ReusePortParser):
+                    # Ours checks its arguments now, not when the service
+                    # starts (other plugins may need the reactor to).
+                    parsed[0].parseStreamServer(None, *parsed[1], **parsed[2])
+            except (ValueError, KeyError, TypeError, OSError) as e:
                 raise usage.UsageError(
                     f"--{name}: invalid endpoint {self[name]!r}: {e}"
                 ) from None

@@ -384,13 +384,16 @@ metric many_chunks "$MANY_CHUNKS"
 metric many_ramp "$MANY_RAMP"
 metric gw_backlog "$GW_BACKLOG"
 HOLD=$(( MANY / MANY_RAMP + MANY_CHUNKS + 20 ))
+slow_streams() { # port streams out-json: the slow-stream client, bounded by HOLD s
+    taskset -c 0 "$PY" "$BENCH/stream_client.py" --port "$1" --path /sse/v1/chat/completions --streams "$2" \
+        --chunks "$MANY_CHUNKS" --delay 1 --rounds 1 --warmup 0 --ramp "$MANY_RAMP" --timeout "$HOLD" > "$3"
+}
 log "slow streams: $MANY through the gateway, $MANY_CHUNKS chunks 1 s apart, opened $MANY_RAMP/s"
 before=$(cpu_ticks "$GWPID")
 sample_rss "$GWPID" "$HOLD" "$OUT/rss-many.kb" &
 sampler=$!
 started=$(date +%s.%N)
-taskset -c 0 "$PY" "$BENCH/stream_client.py" --port "$GW" --path /sse/v1/chat/completions --streams "$MANY" \
-    --chunks $MANY_CHUNKS --delay 1 --rounds 1 --warmup 0 --ramp $MANY_RAMP --timeout $HOLD > "$OUT/streams-many.json"
+slow_streams "$GW" "$MANY" "$OUT/streams-many.json"
 ended=$(date +%s.%N)
 after=$(cpu_ticks "$GWPID")
 kill "$sampler" 2>/dev/null || true; wait "$sampler" 2>/dev/null || true
@@ -427,8 +430,7 @@ if [ "${BENCH_TWO_PROCESSES:-1}" = 1 ]; then
     sample_rss "${RP_PIDS[1]}" "$HOLD" "$OUT/rss-rp2.kb" &
     s2=$!
     started=$(date +%s.%N)
-    taskset -c 0 "$PY" "$BENCH/stream_client.py" --port "$RP_GW" --path /sse/v1/chat/completions --streams "$TWO" \
-        --chunks $MANY_CHUNKS --delay 1 --rounds 1 --warmup 0 --ramp $MANY_RAMP --timeout $HOLD > "$OUT/streams-two.json"
+    slow_streams "$RP_GW" "$TWO" "$OUT/streams-two.json"
     ended=$(date +%s.%N)
     after=$(( $(cpu_ticks "${RP_PIDS[0]}") + $(cpu_ticks "${RP_PIDS[1]}") ))
     kill "$s1" "$s2" 2>/dev/null || true; wait "$s1" "$s2" 2>/dev/null || true

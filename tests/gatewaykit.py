@@ -5,6 +5,7 @@ client, and target servers written for the tests.
 
 from __future__ import annotations
 
+import gc
 import json
 from collections import Counter
 from typing import Any
@@ -488,3 +489,31 @@ async def raw_request(port: int, request: bytes) -> bytes:
     factory = ClientFactory.forProtocol(lambda: protocol)
     reactor.connectTCP("127.0.0.1", port, factory)
     return await protocol.closed
+
+
+class AigatewayGarbage:
+    """
+    What a block leaves for the garbage collector, of aigateway's own
+    objects: C{with AigatewayGarbage() as garbage: ...}, then
+    C{garbage.found} counts them by class name (the block may await).
+    """
+
+    def __init__(self) -> None:
+        self.found: Counter[str] = Counter()
+
+    def __enter__(self) -> AigatewayGarbage:
+        gc.collect()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            gc.collect()
+            self.found.update(
+                type(obj).__qualname__
+                for obj in gc.garbage
+                if type(obj).__module__.startswith("aigateway.")
+            )
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()

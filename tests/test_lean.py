@@ -6,7 +6,6 @@ and raw TCP servers that send crafted (sometimes broken) answers.
 from __future__ import annotations
 
 import datetime
-import gc
 import ipaddress
 import re
 from collections.abc import AsyncIterator, Callable
@@ -43,7 +42,7 @@ from aigateway.proxy.client import Agents, TargetEndpoints
 from aigateway.proxy.lean import LeanAgent, LeanPool
 from aigateway.proxy.relay import BytesProducer
 
-from .gatewaykit import sleep
+from .gatewaykit import AigatewayGarbage, sleep
 
 _ENDED = Failure(ResponseDone())
 
@@ -539,24 +538,13 @@ def test_request_failing_at_once_leaves_no_cycle() -> None:
             raise RuntimeError("no endpoint")
 
     agent = LeanAgent(reactor, LeanPool(reactor), Raising())  # type: ignore[arg-type]
-    gc.collect()
-    gc.set_debug(gc.DEBUG_SAVEALL)
-    try:
+    with AigatewayGarbage() as garbage:
         d = agent.request(b"GET", b"http://127.0.0.1:1/x")
         failures: list[Failure] = []
         d.addErrback(failures.append)
         assert failures and failures[0].check(RuntimeError)
         del d, failures
-        gc.collect()
-        ours = [
-            type(o).__qualname__
-            for o in gc.garbage
-            if type(o).__module__.startswith("aigateway.")
-        ]
-    finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
-    assert not ours, ours
+    assert not garbage.found, garbage.found
 
 
 def test_dispatch_body_failure_at_once() -> None:

@@ -4,7 +4,6 @@ The proxy end to end: real gateway, real target servers, real sockets.
 
 from __future__ import annotations
 
-import gc
 import json
 from collections import Counter
 from typing import Any
@@ -18,6 +17,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from .gatewaykit import (
+    AigatewayGarbage,
     SSEResource,
     TargetResource,
     address,
@@ -406,9 +406,7 @@ async def test_exchanges_leave_no_cyclic_garbage(gateway, servers):
         form = {"paths[]": path, "strip_path": "false"}
         assert (await admin.post(f"/services/{name}/routes", form=form)).code == 201
     await gateway.proxy.get("/v1/chat")  # warm the pools and caches
-    gc.collect()
-    gc.set_debug(gc.DEBUG_SAVEALL)
-    try:
+    with AigatewayGarbage() as garbage:
         for _ in range(20):
             assert (await gateway.proxy.post("/v1/chat", body=b"{}")).code == 200
         assert (await gateway.proxy.get("/nowhere")).code == 404
@@ -420,15 +418,7 @@ async def test_exchanges_leave_no_cyclic_garbage(gateway, servers):
         stream = await gateway.proxy.get("/sse/x")
         assert stream.code == 200 and b"[DONE]" in stream.body
         await sleep(0.05)
-        gc.collect()
-        ours = Counter(
-            type(obj).__qualname__
-            for obj in gc.garbage
-            if type(obj).__module__.startswith("aigateway.")
-        )
-    finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
+    ours = garbage.found
     # Twisted's endpoints keep a cycle per connection attempt (a wrapping
     # factory and its Deferred), which holds the factory of each new target
     # connection: per connection opened, never per request.
@@ -698,7 +688,7 @@ async def test_read_timeout_starts_once_the_request_is_sent(tmp_path, servers):
 
         def slow_then_fast() -> _SlowReader:
             # Reads a little every 0.15 s for 1.2 s, then all of it at once.
-            reader = _SlowReader(window=0.005, period=0.15)
+            reader = _SlowReader(window=0.002, period=0.15)
             readers.append(reader)
 
             def fast() -> None:
@@ -726,7 +716,7 @@ async def test_read_timeout_starts_once_the_request_is_sent(tmp_path, servers):
         reply = await node.proxy.post("/", body=body)
         assert reply.code == 200, reply.body
         assert readers and readers[0].received == len(body)
-        # The upload outlasted read_timeout three times over.
-        assert reactor.seconds() - started > 1.2
+        # The upload outlasted read_timeout twice over at least.
+        assert reactor.seconds() - started > 0.8
     finally:
         await node.stop()

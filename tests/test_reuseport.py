@@ -93,6 +93,8 @@ def test_parser_and_interface():
         "reuseport:8000:interface=nowhere",
         "reuseport:8000:backlog=0",
         "reuseport:8000:reuse=1",
+        "tcp:8000:reuse=1",
+        "ssl:8443:privateKey=/nonexistent/key.pem",
     ],
 )
 def test_bad_endpoint_strings_refused_up_front(spec):
@@ -131,3 +133,15 @@ async def test_two_gateways_serve_one_port(tmp_path, servers):
     finally:
         await first.stop()
         await second.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reactor_that_cannot_adopt_fails_the_deferred():
+    """
+    Whatever goes wrong after the socket is made fails the L{Deferred}
+    (and closes the socket) rather than raising from C{listen}.
+    """
+    endpoint = ReusePortEndpoint(object(), 0, "127.0.0.1")
+    d = endpoint.listen(Factory.forProtocol(Protocol))
+    with pytest.raises(AttributeError):
+        await d

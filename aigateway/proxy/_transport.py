@@ -17,6 +17,9 @@ TLS, not a test's fake transport); anything else goes to C{write}.
 
 from __future__ import annotations
 
+import fcntl
+import struct
+import termios
 from typing import Any
 
 from twisted.internet import tcp
@@ -51,6 +54,28 @@ def queued(transport: Any) -> int:
             return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
         transport = getattr(transport, "transport", None)
     return 0
+
+
+def unsent(transport: Any) -> int:
+    """
+    The bytes written to C{transport} that its peer has not taken yet: what
+    Twisted still queues (L{queued}) and what the kernel holds in the
+    socket's send queue (Linux lets more in only once about half of that
+    has gone, so a slow reader can take bytes without Twisted's queue
+    moving).
+    """
+    waiting = queued(transport)
+    for _ in range(4):
+        if transport is None:
+            break
+        if isinstance(transport, tcp.Connection):
+            try:
+                outq = fcntl.ioctl(transport.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+            except (OSError, ValueError):  # closed, or not a socket
+                break
+            return waiting + struct.unpack("i", outq)[0]
+        transport = getattr(transport, "transport", None)
+    return waiting
 
 
 def _through(transport: Any, data: bytes) -> bool:

@@ -52,7 +52,7 @@ from zope.interface import implementer
 
 from .._version import __version__
 from ._parser import BadRequest, RequestHead, RequestParser
-from ._transport import queued, send
+from ._transport import send, unsent
 
 _log = Logger()
 
@@ -577,7 +577,7 @@ class ProxyChannel(Protocol):
         if not self._write_paused:
             self._write_paused = True
             self.paused_since = self.factory.seconds()
-            self._queued_seen = queued(self.transport)
+            self._queued_seen = unsent(self.transport)
         if self._producer is not None:
             self._producer.pauseProducing()
 
@@ -609,18 +609,20 @@ class ProxyChannel(Protocol):
         is in progress, how long the client has taken none of it (0 while
         it keeps up: the exchange's own timeouts apply).
         """
-        if self.responding:
-            if not self._write_paused:
-                return 0.0
-            # Twisted resumes a producer only once the write buffer is
-            # empty: a slow client that drains it bit by bit stays paused.
-            # Progress, not the pause, is what counts (nginx's send_timeout
-            # is the time between two successive writes).
-            left = queued(self.transport)
+        if self._write_paused:
+            # The client has not taken all it was sent (whether or not the
+            # response is over).  Twisted resumes a producer only once the
+            # write buffer is empty, so a slow client that drains it bit
+            # by bit stays paused: progress, not the pause, is what counts
+            # (nginx's send_timeout is the time between two successive
+            # writes).
+            left = unsent(self.transport)
             if left < self._queued_seen:
                 self.paused_since = now
             self._queued_seen = left
             return now - self.paused_since
+        if self.responding:
+            return 0.0
         if self.parser.in_head():
             # A request head must arrive whole within the timeout, however
             # slowly it drips in.
@@ -632,7 +634,7 @@ class ProxyChannel(Protocol):
         The client sent nothing for the factory's C{idle_timeout}, or took
         none of a response in progress for that long.
         """
-        if self.responding:
+        if self.responding or self._write_paused:
             # Nothing more can be sent to it, nor a refusal: drop it (the
             # exchange hears the client went away; no target is blamed).
             transport: Any = self.transport
