@@ -92,6 +92,42 @@ class Exchange:
     @ivar usage: the token usage the answer reported, if any.
     """
 
+    # Slots: one exchange is made per request, and at its thirtieth
+    # attribute CPython 3.11 stopped sharing its instance dictionary's keys
+    # (callgrind: 8.6k more instructions per request, 2 %).
+    __slots__ = (
+        "hooks",
+        "clock",
+        "request",
+        "route",
+        "service",
+        "upstream",
+        "balancer",
+        "context",
+        "path",
+        "body",
+        "request_id",
+        "started",
+        "attempts",
+        "tried",
+        "target",
+        "status",
+        "upstream_latency",
+        "proxy_latency",
+        "bytes_out",
+        "error",
+        "usage",
+        "gone",
+        "_pending",
+        "_sent",
+        "_relay",
+        "_finished",
+        "_timer",
+        "_last",
+        "_sending",
+        "_timed_out",
+    )
+
     def __init__(
         self,
         hooks: Hooks,
