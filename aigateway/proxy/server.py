@@ -24,9 +24,10 @@ What it does, per RFC 9112:
     204 and 304;
   - keep-alive for HTTP/1.1 unless C{Connection: close}, and for HTTP/1.0
     when asked with C{Connection: keep-alive} and the length is known;
-  - a client that takes none of a response in progress for
-    C{idle_timeout} (its connection's send buffer full all that time) is
-    dropped, as nginx's C{send_timeout} does;
+  - a client from which no byte of a response leaves (neither Twisted's
+    write buffer nor the kernel's send queue goes down) for
+    C{idle_timeout} is dropped, as nginx's C{send_timeout} does, whether
+    or not the response is finished;
   - a malformed request gets a 400 (431, 501, 505 where they apply) and the
     connection is closed; idle connections, and request heads not whole
     within C{idle_timeout} of their first byte, are closed after it; a
