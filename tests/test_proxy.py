@@ -720,3 +720,41 @@ async def test_read_timeout_starts_once_the_request_is_sent(tmp_path, servers):
         assert reactor.seconds() - started > 0.8
     finally:
         await node.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_bug_handling_an_answer_ends_the_exchange(gateway, servers):
+    """
+    If the gateway's own handling of a target's answer raises, the failure
+    is logged and the client gets a 502 at once instead of waiting with
+    nothing to time it out; the next request is served as usual.
+    """
+    target = TargetResource("t")
+    servers.append(port := listen(target))
+    await gateway.configure("up", {address(port): 100})
+    health = gateway.service.runtime.health
+    real = health.report_status
+    calls: list[int] = []
+
+    def broken(*args: Any) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("a bug")
+        real(*args)
+
+    from twisted.logger import globalLogPublisher
+
+    logged: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(logged.append)
+    health.report_status = broken
+    try:
+        reply = await gateway.proxy.get("/x")
+        assert reply.code == 502, reply.body
+        assert b"invalid response" in reply.body
+        assert (await gateway.proxy.get("/x")).code == 200
+    finally:
+        del health.report_status
+        globalLogPublisher.removeObserver(logged.append)
+    assert len(calls) == 2
+    failures = [e["log_failure"] for e in logged if "log_failure" in e]
+    assert len(failures) == 1 and failures[0].check(RuntimeError)

@@ -13,11 +13,13 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.internet.defer import TimeoutError
 from twisted.internet.error import DNSLookupError
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
@@ -34,6 +36,8 @@ if TYPE_CHECKING:
     from ..model import Route, Service, Upstream
     from .client import Agents
     from .server import ProxyRequest
+
+_log = Logger()
 
 NO_PEER = "failure to get a peer from the ring-balancer"
 BAD_GATEWAY = "An invalid response was received from the upstream server"
@@ -280,14 +284,44 @@ class Exchange:
         The current attempt's response head arrived (L{Receiver}).
         """
         assert self.target is not None
-        self._response(response, self.target, self._sent)
+        try:
+            self._response(response, self.target, self._sent)
+        except Exception:
+            self._broke(response)
 
     def request_failed(self, failure: Failure) -> None:
         """
         The current attempt failed before any response (L{Receiver}).
         """
         assert self.target is not None
-        self._failed(failure, self.target)
+        try:
+            self._failed(failure, self.target)
+        except Exception:
+            self._broke(None)
+
+    def _broke(self, response: IResponse | None) -> None:
+        """
+        The gateway's own handling of an attempt's outcome raised (a bug):
+        log it, and end the exchange rather than leave the client waiting
+        with nothing to time it out.
+        """
+        _log.failure(
+            "handling an answer for {request_id} failed", request_id=self.request_id
+        )
+        if response is not None and self._relay is None:
+            # Nobody reads its body: let it be read and dropped, so the
+            # target connection is not left holding it.
+            with suppress(RuntimeError):  # (unless that was already done)
+                response.deliverBody(Discard())
+        if self._finished:
+            return
+        if not self.gone:
+            if self.request.started:
+                self.request.close_connection()
+            else:
+                self.status = 502
+                write_error(self.request, 502, BAD_GATEWAY, self.request_id)
+        self.done()
 
     def _restart_timer(self, now: float) -> None:
         self._last = now
