@@ -41,19 +41,30 @@ def send(transport: Any, data: bytes) -> bool:
     return False
 
 
-def queued(transport: Any) -> int:
+def _tcp(transport: Any) -> tcp.Connection | None:
     """
-    The bytes written to C{transport} that the kernel has not taken yet,
-    looking through wrapping transports (TLS) to the TCP connection; 0 when
-    there is none to look at.
+    The TCP connection under C{transport}, looking through wrapping
+    transports (TLS); L{None} when there is none to look at.
     """
     for _ in range(4):
         if transport is None:
-            return 0
+            return None
         if isinstance(transport, tcp.Connection):
-            return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+            return transport
         transport = getattr(transport, "transport", None)
-    return 0
+    return None
+
+
+def queued(transport: Any) -> int:
+    """
+    The bytes written to C{transport} that the kernel has not taken yet
+    (those queued by the TCP connection under it); 0 when there is no TCP
+    connection to look at.
+    """
+    connection = _tcp(transport)
+    if connection is None:
+        return 0
+    return len(connection.dataBuffer) - connection.offset + connection._tempDataLen
 
 
 def unsent(transport: Any) -> int:
@@ -64,18 +75,15 @@ def unsent(transport: Any) -> int:
     has gone, so a slow reader can take bytes without Twisted's queue
     moving).
     """
-    waiting = queued(transport)
-    for _ in range(4):
-        if transport is None:
-            break
-        if isinstance(transport, tcp.Connection):
-            try:
-                outq = fcntl.ioctl(transport.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
-            except (OSError, ValueError):  # closed, or not a socket
-                break
-            return waiting + struct.unpack("i", outq)[0]
-        transport = getattr(transport, "transport", None)
-    return waiting
+    connection = _tcp(transport)
+    if connection is None:
+        return 0
+    waiting = queued(connection)
+    try:
+        outq = fcntl.ioctl(connection.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    except (OSError, ValueError):  # closed, or not a socket
+        return waiting
+    return waiting + struct.unpack("i", outq)[0]
 
 
 def _through(transport: Any, data: bytes) -> bool:
