@@ -606,9 +606,10 @@ class ProxyChannel(Protocol):
 
     def idle_for(self, now: float) -> float:
         """
-        How long the connection has waited on its client: while a response
-        is in progress, how long the client has taken none of it (0 while
-        it keeps up: the exchange's own timeouts apply).
+        How long the connection has waited on its client: while the client
+        has not taken all it was sent, how long no byte of it has left;
+        while a response is in progress and the client keeps up, 0 (the
+        exchange's own timeouts apply).
         """
         if self._write_paused:
             # The client has not taken all it was sent (whether or not the
