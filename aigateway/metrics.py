@@ -39,6 +39,8 @@ BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 6
 _LE = [floatToGoString(bound) for bound in BUCKETS] + ["+Inf"]
 MAX_MODELS = 100
 HEALTH_STATES = ("healthy", "unhealthy", "healthchecks_off", "dns_error")
+# The token_type label values, in the order TargetSeries.tokens keeps them.
+TOKEN_TYPES = ("prompt", "completion", "total")
 
 TargetKey = tuple[str, str]
 Owner = tuple[str, ...]
@@ -91,13 +93,52 @@ class TargetSeries:
     the token usage its answers reported, by model.
     """
 
-    __slots__ = ("codes", "probes", "llm", "tokens")
+    __slots__ = ("codes", "probes", "llm", "tokens", "inflight")
 
     def __init__(self) -> None:
         self.codes: dict[str, int] = defaultdict(int)
         self.probes: dict[str, int] = defaultdict(int)
         self.llm: dict[str, int] = defaultdict(int)
-        self.tokens: dict[tuple[str, str], int] = defaultdict(int)
+        # Per model: prompt, completion and total tokens.
+        self.tokens: dict[str, list[int]] = {}
+        self.inflight = 0
+
+
+class AttemptSeries:
+    """
+    Everything one attempt on a target for a route counts into, found with
+    one lookup instead of one per series (L{Metrics.attempt}).
+
+    @ivar route: the route's series.
+    @ivar target: the target's series.
+    @ivar latency: the target's first-byte latency for the route.
+    @ivar upstream: the upstream's label.
+    """
+
+    __slots__ = ("_pins", "route", "target", "latency", "upstream")
+
+    def __init__(
+        self,
+        pins: tuple[object, object],
+        route: RouteSeries,
+        target: TargetSeries,
+        latency: Histogram,
+        upstream: str,
+    ) -> None:
+        # The route and target objects this was made for: they keep the ids
+        # of the lookup key from being reused while this is remembered.
+        self._pins = pins
+        self.route = route
+        self.target = target
+        self.latency = latency
+        self.upstream = upstream
+
+    def made_for(self, route: object, target: object) -> bool:
+        """
+        Whether these are the series of C{route} and C{target}.
+        """
+        pins = self._pins
+        return pins[0] is route and pins[1] is target
 
 
 class Metrics:
@@ -119,8 +160,48 @@ class Metrics:
         self.upstream_latency: dict[tuple[str, str, str, str], Histogram] = {}
         self.retries: dict[str, int] = defaultdict(int)
         self._models: set[str] = set()
-        self.inflight: dict[TargetKey, int] = defaultdict(int)
+        # The series each (route, target) pair counts into, by the objects'
+        # ids: for the proxy's hot path (L{attempt}); emptied by L{forget}.
+        self._attempts: dict[tuple[int, int], AttemptSeries] = {}
         registry.register(_RequestCollector(self))
+
+    def attempt(
+        self, service: Service, route: Route, upstream: str, target: Target
+    ) -> AttemptSeries:
+        """
+        The series an attempt on C{target} (of C{upstream}, C{""} for a
+        service's host) for C{route} of C{service} counts into.
+
+        A configuration's route and target objects live until it is
+        replaced, and L{forget} runs then, so these are looked up by
+        identity: hashing the objects' values or building their labels on
+        every request cost more than the counting itself.
+        """
+        key = (id(route), id(target))
+        series = self._attempts.get(key)
+        if series is None or not series.made_for(route, target):
+            names = labels(service, route)
+            series = self._attempts[key] = AttemptSeries(
+                (route, target),
+                self.route(*names),
+                self.target(upstream, target.key),
+                self.latency_to(*names, upstream, target.key),
+                upstream,
+            )
+        return series
+
+    def inflight(self, upstream: str, target: str) -> int:
+        """
+        The attempts in flight to C{target} of C{upstream}.
+        """
+        series = self.targets.get((upstream, target))
+        return 0 if series is None else series.inflight
+
+    def inflight_total(self) -> int:
+        """
+        The attempts in flight to all targets.
+        """
+        return sum(series.inflight for series in self.targets.values())
 
     def route(self, service: str, route: str) -> RouteSeries:
         """
@@ -171,6 +252,7 @@ class Metrics:
         Remove the series of every target, route and upstream not in
         C{keep} (see L{live}).
         """
+        self._attempts.clear()
         for key in [k for k in self.routes if ("route", *k) not in keep]:
             del self.routes[key]
         for key in [k for k in self.targets if ("target", *k) not in keep]:
@@ -183,8 +265,6 @@ class Metrics:
             del self.upstream_latency[both]
         for upstream in [u for u in self.retries if ("upstream", u) not in keep]:
             del self.retries[upstream]
-        for key in [k for k in self.inflight if ("target", *k) not in keep]:
-            del self.inflight[key]
 
 
 class _RequestCollector(Collector):
@@ -282,9 +362,10 @@ class _RequestCollector(Collector):
             "Tokens reported in OpenAI-style usage objects.",
             ["upstream", "target", "model", "token_type"],
             (
-                ([*key, *labels], count)
+                ([*key, model, kind], count)
                 for key, series in targets
-                for labels, count in sorted(series.tokens.items())
+                for model, counts in sorted(series.tokens.items())
+                for kind, count in zip(TOKEN_TYPES, counts, strict=True)
             ),
         )
 
@@ -380,7 +461,7 @@ class StateCollector(Collector):
                     )
                 inflight.add_metric(
                     [upstream.name, target.key],
-                    self._metrics.inflight.get((upstream.name, target.key), 0),
+                    self._metrics.inflight(upstream.name, target.key),
                 )
         yield health
         yield inflight

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from .accesslog import AccessLog, Record
-from .metrics import Metrics, labels
+from .metrics import AttemptSeries, Metrics, labels
 from .model import Target
 from .proxy.forward import Exchange, ExchangeObserver
 
@@ -43,47 +43,50 @@ class Recorder(ExchangeObserver):
         metrics = self._metrics
         if metrics is None:
             return
-        upstream = _upstream_name(exchange)
-        metrics.inflight[(upstream, target.key)] += 1
+        series = exchange.observed = metrics.attempt(
+            exchange.service, exchange.route, _upstream_name(exchange), target
+        )
+        series.target.inflight += 1
         if exchange.attempts > 1:
-            metrics.retries[upstream] += 1
+            metrics.retries[series.upstream] += 1
 
     def attempt_ended(
         self, exchange: Exchange, target: Target, code: str, first_byte: float | None
     ) -> None:
-        metrics = self._metrics
-        if metrics is None:
+        if self._metrics is None:
             return
-        upstream = _upstream_name(exchange)
-        key = (upstream, target.key)
-        metrics.inflight[key] = max(0, metrics.inflight[key] - 1)
-        metrics.target(upstream, target.key).codes[code] += 1
+        series = self._series(exchange, target)
+        per_target = series.target
+        per_target.inflight = max(0, per_target.inflight - 1)
+        per_target.codes[code] += 1
         if first_byte is not None:
-            service, route = _names(exchange)
-            metrics.latency_to(service, route, upstream, target.key).observe(
-                first_byte * 1000
+            series.latency.observe(first_byte * 1000)
+
+    def _series(self, exchange: Exchange, target: Target) -> AttemptSeries:
+        # The attempt that ends is the one that started last.
+        series: AttemptSeries | None = exchange.observed
+        if series is None or not series.made_for(exchange.route, target):
+            assert self._metrics is not None
+            series = self._metrics.attempt(
+                exchange.service, exchange.route, _upstream_name(exchange), target
             )
+        return series
 
     def done(self, exchange: Exchange) -> None:
-        service, route = _names(exchange)
         elapsed = self._clock.seconds() - exchange.started
-        upstream = _upstream_name(exchange)
         if self._metrics is not None:
-            self._count(exchange, service, route, upstream, elapsed)
+            self._count(exchange, elapsed)
         if self._log is not None:
-            self._log.write(self._record(exchange, service, route, upstream, elapsed))
+            self._log.write(self._record(exchange, elapsed))
 
-    def _count(
-        self,
-        exchange: Exchange,
-        service: str,
-        route: str,
-        upstream: str,
-        elapsed: float,
-    ) -> None:
+    def _count(self, exchange: Exchange, elapsed: float) -> None:
         metrics = self._metrics
         assert metrics is not None
-        series = metrics.route(service, route)
+        target = exchange.target
+        attempt: AttemptSeries | None = (
+            None if target is None else self._series(exchange, target)
+        )
+        series = metrics.route(*_names(exchange)) if attempt is None else attempt.route
         series.codes[exchange.status] += 1
         series.latency.observe(elapsed * 1000)
         if exchange.proxy_latency is not None:
@@ -91,25 +94,20 @@ class Recorder(ExchangeObserver):
         series.ingress += len(exchange.body)
         series.egress += exchange.bytes_out
         usage = exchange.usage
-        target = exchange.target
-        if usage is not None and target is not None:
+        if usage is not None and attempt is not None:
             model = metrics.model_label(usage.model)
-            per_target = metrics.target(upstream, target.key)
+            per_target = attempt.target
             per_target.llm[model] += 1
-            tokens = per_target.tokens
-            tokens[(model, "prompt")] += usage.prompt
-            tokens[(model, "completion")] += usage.completion
-            tokens[(model, "total")] += usage.total
+            counts = per_target.tokens.get(model)
+            if counts is None:
+                counts = per_target.tokens[model] = [0, 0, 0]
+            counts[0] += usage.prompt
+            counts[1] += usage.completion
+            counts[2] += usage.total
 
-    def _record(
-        self,
-        exchange: Exchange,
-        service: str,
-        route: str,
-        upstream: str,
-        elapsed: float,
-    ) -> Record:
+    def _record(self, exchange: Exchange, elapsed: float) -> Record:
         target = exchange.target
+        service, route = _names(exchange)
         return (
             exchange.started,
             exchange.request_id,
@@ -118,7 +116,7 @@ class Recorder(ExchangeObserver):
             exchange.context.path,
             route,
             service,
-            upstream,
+            _upstream_name(exchange),
             target.key if target is not None else None,
             exchange.status,
             exchange.attempts,

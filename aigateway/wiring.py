@@ -99,7 +99,7 @@ def build(reactor: Any, node: Any) -> Parts:
             "configuration_version": runtime.snapshot.version,
             "database": {"reachable": reachable},
             "connections": connections(),
-            "inflight_requests": sum(metrics.inflight.values()),
+            "inflight_requests": metrics.inflight_total(),
         }
 
     status.register(app, node.node_id, registry, node_status)

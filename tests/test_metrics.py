@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest_twisted
+from twisted.internet.defer import ensureDeferred
 
 from aigateway.proxy.usage import Sniffer, sniffer_for
 
@@ -461,3 +462,57 @@ async def test_route_series_go_with_their_route(gateway, servers):
     await gateway.admin.delete("/routes/renamed")
     samples = await scrape(gateway)
     assert not [key for key in samples if ("route", "renamed") in key[1]]
+
+
+@pytest_twisted.ensureDeferred
+async def test_attempt_in_flight_when_its_target_goes(gateway, servers):
+    """
+    An attempt shows in the in-flight gauge and C{/status} while it runs.
+    When its target is deleted meanwhile, the attempt still ends normally,
+    and its end does not bring back series naming the deleted target; the
+    route's series count the request.
+    """
+    slow = TargetResource("slow")
+    slow.delay = 0.5
+    servers.append(slow_port := listen(slow))
+    servers.append(other_port := listen(TargetResource("other")))
+    slow_key = address(slow_port)
+    await gateway.configure("up", {slow_key: 100})
+    (route,) = (await gateway.admin.get("/routes")).json["data"]
+    pending = ensureDeferred(gateway.proxy.get("/"))
+    await sleep(0.2)
+    samples = await scrape(gateway)
+    gauge = "aigateway_inflight_requests"
+    assert value(samples, gauge, upstream="up", target=slow_key) == 1
+    assert (await gateway.admin.get("/status")).json["inflight_requests"] == 1
+    await gateway.admin.post(
+        "/upstreams/up/targets", form={"target": address(other_port)}
+    )
+    assert (await gateway.admin.delete(f"/upstreams/up/targets/{slow_key}")).code == 204
+    reply = await pending
+    assert reply.code == 200 and reply.body == b"slow"
+    samples = await scrape(gateway)
+    assert not [key for key in samples if ("target", slow_key) in key[1]]
+    assert (await gateway.admin.get("/status")).json["inflight_requests"] == 0
+    assert (await gateway.proxy.get("/")).body == b"other"
+    samples = await scrape(gateway)
+    assert (
+        value(
+            samples,
+            "aigateway_http_requests_total",
+            service="up",
+            route=route["id"],
+            code="200",
+        )
+        == 2
+    )
+    assert (
+        value(
+            samples,
+            "aigateway_upstream_target_requests_total",
+            upstream="up",
+            target=address(other_port),
+            code="200",
+        )
+        == 1
+    )

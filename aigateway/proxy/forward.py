@@ -130,6 +130,7 @@ class Exchange:
         "_last",
         "_sending",
         "_timed_out",
+        "observed",
     )
 
     def __init__(
@@ -183,6 +184,8 @@ class Exchange:
         self._last = 0.0
         self._sending = False
         self._timed_out = False
+        # The observer's own: what it needs again when an attempt ends.
+        self.observed: Any = None
 
     def start(self) -> None:
         """
