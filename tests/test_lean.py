@@ -797,6 +797,24 @@ class ParserTests(SynchronousTestCase):
         assert len(_parser._LINES) <= _parser._MAX_LINES
         assert b"X-N: %d" % (_parser._MAX_LINES + 9) in _parser._LINES
 
+    def test_bare_cr_or_lf_refused_anywhere(self) -> None:
+        """
+        A CR or LF that does not end a line is refused in the status line,
+        in a header line never seen, and in one that differs from a
+        remembered line only by it.
+        """
+        ok = b"HTTP/1.1 204 No Content\r\nX-Seen: v\r\n\r\n"
+        assert self.parse(ok, len(ok))[0]  # now remembered
+        for data in [
+            b"HTTP/1.1 204 No\rContent\r\n\r\n",
+            b"HTTP/1.1 204 No\nContent\r\n\r\n",
+            b"HTTP/1.1 204 No Content\r\nX-Seen: v\r\r\n\r\n",
+            b"HTTP/1.1 204 No Content\r\nX-Seen: v\nX-Other: w\r\n\r\n",
+            b"HTTP/1.1 204 No Content\r\nX-New: \rv\r\n\r\n",
+        ]:
+            with self.assertRaises(BadResponse, msg=repr(data)):
+                self.parse(data, len(data))
+
     def test_head_request(self) -> None:
         heads, body, parser = self.parse(
             b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n", head=True

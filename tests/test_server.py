@@ -337,6 +337,8 @@ async def test_expect_100_continue(served):
             + b"\r\n",
             b"413",
         ),
+        (b"GET /a\rb HTTP/1.1\r\nHost: x\r\n\r\n", b"400"),
+        (b"GET /a HTTP/1.1\r\nX-A: 1\r\nX-A: 1\r\r\n\r\n", b"400"),
     ],
     ids=[
         "garbage",
@@ -355,6 +357,8 @@ async def test_expect_100_continue(served):
         "head-too-large",
         "body-too-large",
         "chunked-too-large",
+        "bare-cr-in-request-line",
+        "bare-cr-after-a-remembered-line",
     ],
 )
 @pytest_twisted.ensureDeferred

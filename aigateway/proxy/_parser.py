@@ -122,6 +122,9 @@ class BadRequest(BadMessage):
         self.status = status
 
 
+_BARE = "bare CR or LF in message head"
+
+
 class _Fields:
     """
     The header fields of a message head, and what they say of its framing.
@@ -146,6 +149,8 @@ class _Fields:
             if known is not None:
                 canonical, value = known
             else:
+                if _bare(line):
+                    raise error(_BARE)
                 name, colon, value = line.partition(b":")
                 if not colon:
                     raise error("header line without a colon")
@@ -203,11 +208,16 @@ def _tokens(values: list[bytes]) -> frozenset[bytes]:
     return tokens
 
 
-def _split_head(head: bytes, error: type[BadMessage]) -> list[bytes]:
-    lines = head.split(b"\r\n")
-    if head.count(b"\n") != len(lines) - 1 or head.count(b"\r") != len(lines) - 1:
-        raise error("bare CR or LF in message head")
-    return lines
+def _bare(line: bytes) -> bool:
+    """
+    Whether a line of a head split at CRLF still holds a CR or an LF: one
+    that did not end a line.
+
+    A header line found in the parser's memory of lines equals one that
+    was checked when first seen, so only the first line of a head and the
+    header lines not remembered are looked at.
+    """
+    return line.find(b"\r") >= 0 or line.find(b"\n") >= 0
 
 
 class ResponseHead:
@@ -460,8 +470,10 @@ class ResponseParser(_MessageParser):
             return b""
         head = data[:end]
         rest = data[end + 4 :]
-        lines = _split_head(head, BadResponse)
+        lines = head.split(b"\r\n")
         status = lines[0]
+        if _bare(status):
+            raise BadResponse(_BARE)
         prefix = status[:9]
         if prefix == b"HTTP/1.1 ":
             version = _HTTP11
@@ -608,7 +620,9 @@ class RequestParser(_MessageParser):
             raise BadRequest("request head too large", 431)
         head = data[:end]
         rest = data[end + 4 :]
-        lines = _split_head(head, BadRequest)
+        lines = head.split(b"\r\n")
+        if _bare(lines[0]):
+            raise BadRequest(_BARE)
         method, uri, version = self._request_line(lines[0])
         del lines[0]
         fields = _Fields(lines, BadRequest)
