@@ -170,9 +170,14 @@ class HealthManager:
         A proxied attempt got a response (C{retry_after}: its raw
         C{Retry-After} header).
         """
+        # (L{report}, looked up in place: this runs for every response.)
+        states = self._states.get(target.upstream_id)
+        state = None if states is None else states.get(target.key)
+        if state is None:
+            return
         if isinstance(retry_after, bytes):
             retry_after = retry_after.decode("latin-1")
-        self.report(target, Outcome.status(status, retry_after))
+        state.record(Outcome.status(status, retry_after), PASSIVE)
 
     def report_failure(self, target: Target, timeout: bool, dns: bool = False) -> None:
         """

@@ -52,6 +52,26 @@ def _model_of(body: bytes) -> Callable[[], str | None]:
     return model
 
 
+def _no_model() -> None:
+    """
+    No route matches on models: the body is never looked at.
+    """
+
+
+# The methods' names as the router takes them, decoded once each (bounded:
+# the parser refuses methods that are not tokens, but any token is one).
+_METHOD_NAMES: dict[bytes, str] = {}
+
+
+def _method_name(method: bytes) -> str:
+    name = _METHOD_NAMES.get(method)
+    if name is None:
+        name = method.decode("latin-1")
+        if len(_METHOD_NAMES) < 64:
+            _METHOD_NAMES[method] = name
+    return name
+
+
 class ProxyResource(Resource):
     """
     Routes every request to a service and forwards it.
@@ -101,9 +121,9 @@ class ProxyResource(Resource):
         router = compiled.router
         match = router.match(
             host,
-            request.method.decode("latin-1"),
+            _method_name(request.method),
             path,
-            _model_of(body) if router.uses_models else lambda: None,
+            _model_of(body) if router.uses_models else _no_model,
         )
         if match is None:
             write_error(request, 404, NO_ROUTE, request_id)
