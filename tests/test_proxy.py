@@ -758,3 +758,47 @@ async def test_a_bug_handling_an_answer_ends_the_exchange(gateway, servers):
     assert len(calls) == 2
     failures = [e["log_failure"] for e in logged if "log_failure" in e]
     assert len(failures) == 1 and failures[0].check(RuntimeError)
+
+
+@pytest_twisted.ensureDeferred
+async def test_read_timeouts_of_requests_sharing_a_connection(gateway, servers):
+    """
+    Requests that follow one another on a client connection share its
+    timer, and each still gets its own service's read_timeout: a longer
+    one is not cut short by the timer a shorter one set before it, and a
+    shorter one is not left waiting for the time a longer one set.
+    """
+
+    async def service(name: str, delay: float, read_timeout: int) -> None:
+        target = TargetResource(name)
+        target.delay = delay
+        servers.append(port := listen(target))
+        reply = await gateway.admin.post(
+            "/services",
+            form={
+                "name": name,
+                "url": f"http://127.0.0.1:{port.getHost().port}",
+                "read_timeout": str(read_timeout),
+                "retries": "0",
+            },
+        )
+        assert reply.code == 201, reply.body
+        reply = await gateway.admin.post(
+            f"/services/{name}/routes", form={"paths[]": f"/{name}"}
+        )
+        assert reply.code == 201, reply.body
+
+    await service("quick", 0, 300)
+    await service("patient", 0.8, 3000)
+    await service("hanging", 5, 300)
+    assert (await gateway.proxy.get("/quick")).body == b"quick"
+    # The connection's timer is set to fire 0.3 s after that request: it
+    # fires while this one waits, which must go on waiting.
+    assert (await gateway.proxy.get("/patient")).body == b"patient"
+    # Now it is set 3 s out; this request's 0.3 s must move it sooner.
+    began = reactor.seconds()
+    reply = await gateway.proxy.get("/hanging")
+    assert reply.code == 504
+    assert reactor.seconds() - began < 2
+    status = (await gateway.admin.get("/status")).json
+    assert status["connections"]["client_open"] == 1  # all on one connection

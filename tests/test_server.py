@@ -22,7 +22,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from aigateway.proxy._parser import BadRequest, RequestParser
 from aigateway.proxy._transport import send
-from aigateway.proxy.server import ProxyFactory, ProxyRequest
+from aigateway.proxy.server import LentTimer, ProxyFactory, ProxyRequest
 
 from .gatewaykit import raw_request, sleep, wait_for
 
@@ -830,3 +830,57 @@ async def test_slow_readers_are_kept_whatever_the_kernel_buffers(clocked, small_
     factory.resource = _Fixed()
     taken, closed = await _read_slowly(clocked, request, 40, small_buffer)
     assert not closed, taken
+
+
+class LentTimerTests(SynchronousTestCase):
+    """
+    L{LentTimer}: one call for a connection's requests in turn.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.timer = LentTimer(self.clock)
+        self.called: list[str] = []
+
+    def lend(self, name: str, delay: float) -> None:
+        self.timer.lend(name, lambda: self.called.append(name), delay)
+
+    def test_fires_for_its_borrower(self) -> None:
+        self.lend("a", 5)
+        self.clock.advance(4.9)
+        assert self.called == []
+        self.clock.advance(0.1)
+        assert self.called == ["a"] and self.clock.getDelayedCalls() == []
+
+    def test_released_fires_for_nobody(self) -> None:
+        self.lend("a", 5)
+        self.timer.release("a")
+        self.clock.advance(5)
+        assert self.called == []
+
+    def test_a_new_borrower_takes_it_over(self) -> None:
+        self.lend("a", 5)
+        self.timer.release("a")
+        self.lend("b", 5)
+        self.timer.release("a")  # (a is done with it already: b keeps it)
+        self.clock.advance(5)
+        assert self.called == ["b"]
+
+    def test_sooner_moves_it_later_does_not(self) -> None:
+        self.lend("a", 5)
+        self.lend("b", 2)
+        self.clock.advance(2)
+        assert self.called == ["b"]
+        self.lend("c", 5)
+        self.lend("d", 30)
+        (call,) = self.clock.getDelayedCalls()
+        assert call.getTime() == 7  # set by c: d is called early, at 7
+        self.clock.advance(5)
+        assert self.called == ["b", "d"]
+
+    def test_stop_cancels(self) -> None:
+        self.lend("a", 5)
+        self.timer.stop()
+        assert self.clock.getDelayedCalls() == []
+        self.clock.advance(5)
+        assert self.called == []

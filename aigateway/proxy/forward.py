@@ -175,11 +175,11 @@ class Exchange:
         self._sent = 0.0
         self._relay: Relay | None = None
         self._finished = False
-        # One timer per exchange for the service's read_timeout: until a
-        # response head arrives, then between body chunks.  One DelayedCall
-        # instead of addTimeout's plus the relay's, and not reset on every
-        # chunk: bytes arriving only note the time (_last), and the timer,
-        # when it fires, sets itself again for what is left of the timeout.
+        # The service's read_timeout: until a response head arrives, then
+        # between body chunks.  The client connection's timer, borrowed (see
+        # LentTimer), instead of addTimeout's plus the relay's, and not reset
+        # on every chunk: bytes arriving only note the time (_last), and the
+        # timer, when it fires, is borrowed again for what is left.
         self._timer: Any = None
         self._last = 0.0
         self._sending = False
@@ -328,9 +328,13 @@ class Exchange:
 
     def _restart_timer(self, now: float) -> None:
         self._last = now
+        self._arm(self.service.read_timeout)
+
+    def _arm(self, delay: float) -> None:
         timer = self._timer
-        if timer is None or not timer.active():
-            self._timer = self.clock.callLater(self.service.read_timeout, self._expired)
+        if timer is None:
+            timer = self._timer = self.request.lent_timer(self.clock)
+        timer.lend(self, self._expired, delay)
 
     def touch(self, now: float | None = None) -> None:
         """
@@ -340,13 +344,12 @@ class Exchange:
         self._last = self.clock.seconds() if now is None else now
 
     def _stop_timer(self) -> None:
-        timer = self._timer
-        if timer is not None and timer.active():
-            timer.cancel()
-        self._timer = None
+        if self._timer is not None:
+            self._timer.release(self)
 
     def _expired(self) -> None:
-        self._timer = None
+        # (The connection's timer may call early, when it was set for an
+        # earlier exchange: what is left is always worked out here.)
         if self._finished:
             return
         timeout = self.service.read_timeout
@@ -357,28 +360,28 @@ class Exchange:
             # business): the target's time to answer starts once it is
             # sent.  Look again in a quarter of the timeout...
             self._sending = True
-            self._timer = self.clock.callLater(timeout / 4, self._expired)
+            self._arm(timeout / 4)
             return
         if self._sending:
             # ...and once it is out, count from that look: never early, at
             # most a quarter of the timeout late.
             self._sending = False
             self._last = self.clock.seconds()
-            self._timer = self.clock.callLater(timeout, self._expired)
+            self._arm(timeout)
             return
         if self._relay is not None:
             if self.request.client_stalled():
                 # The target is paused because the client takes nothing:
                 # not the target's silence.  (The proxy's channel drops a
                 # client that takes nothing for its idle timeout.)
-                self._timer = self.clock.callLater(timeout, self._expired)
+                self._arm(timeout)
                 return
             # The target's silence counts from when it could send again.
             last = max(last, self.request.client_resumed_at())
         left = last + timeout - self.clock.seconds()
         if left > 0:
             # Bytes came since the timer was set: wait for the rest.
-            self._timer = self.clock.callLater(left, self._expired)
+            self._arm(left)
             return
         if self._pending is not None:
             self._timed_out = True

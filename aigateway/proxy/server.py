@@ -309,6 +309,13 @@ class ProxyRequest:
         """
         self._gone_hook = hook
 
+    def lent_timer(self, clock: Any) -> LentTimer:
+        """
+        The connection's timer, for this request's read timeout (see
+        L{LentTimer}).
+        """
+        return self.channel.lent_timer(clock)
+
     def client_stalled(self) -> bool:
         """
         Whether the client is not taking the response (its connection's
@@ -367,6 +374,68 @@ class ProxyRequest:
         self._chunks = []
 
 
+class LentTimer:
+    """
+    One timer for a client connection, lent to the exchange in progress on
+    it: the proxy's read timeout without a timer per request.
+
+    A L{DelayedCall} made and cancelled for every request cost 3.4% of the
+    gateway's instructions per request (callgrind: the call, its entry in
+    the reactor's heap, and the heap's compaction of cancelled calls).  A
+    connection's requests follow one another, so one call serves them in
+    turn: an exchange borrows it (it is moved sooner if it must fire
+    earlier than it is set for), one that ends lets go without cancelling
+    it, and when it fires it calls its current borrower, or nobody.  The
+    borrower must therefore accept being called early: it looks at the
+    time it has left and borrows again for that.
+    """
+
+    __slots__ = ("_clock", "_call", "_owner", "_callback")
+
+    def __init__(self, clock: Any) -> None:
+        self._clock = clock
+        self._call: Any = None
+        self._owner: object = None
+        self._callback: Callable[[], object] | None = None
+
+    def lend(self, owner: object, callback: Callable[[], object], delay: float) -> None:
+        """
+        Call C{callback} in C{delay} seconds or earlier, for C{owner}, who
+        takes the timer over from whoever had it.
+        """
+        self._owner = owner
+        self._callback = callback
+        call = self._call
+        if call is None:
+            self._call = self._clock.callLater(delay, self._fire)
+        elif call.getTime() > self._clock.seconds() + delay:
+            call.reset(delay)
+
+    def release(self, owner: object) -> None:
+        """
+        C{owner} needs the timer no more (if it still has it).
+        """
+        if self._owner is owner:
+            self._owner = self._callback = None
+
+    def stop(self) -> None:
+        """
+        The connection is gone: cancel the call.
+        """
+        self._owner = self._callback = None
+        call = self._call
+        self._call = None
+        if call is not None and call.active():
+            call.cancel()
+
+    def _fire(self) -> None:
+        self._call = None
+        callback = self._callback
+        self._owner = self._callback = None
+        if callback is not None:
+            callback()
+
+
 @implementer(IPushProducer)
 class ProxyChannel(Protocol):
     """
@@ -399,6 +468,17 @@ class ProxyChannel(Protocol):
         self.paused_since = 0.0
         self.resumed_at = 0.0
         self._queued_seen = 0
+        self._timer: LentTimer | None = None
+
+    def lent_timer(self, clock: Any) -> LentTimer:
+        """
+        The connection's timer for its requests' read timeouts (made with
+        C{clock} the first time).
+        """
+        timer = self._timer
+        if timer is None:
+            timer = self._timer = LentTimer(clock)
+        return timer
 
     def connectionMade(self) -> None:
         transport: Any = self.transport
@@ -655,6 +735,8 @@ class ProxyChannel(Protocol):
 
     def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
         self.factory.closed(self)
+        if self._timer is not None:
+            self._timer.stop()
         if self._closing is not None and self._closing.active():
             self._closing.cancel()
         self._closing = None
