@@ -383,7 +383,7 @@ async def test_metrics_off_access_log_on(tmp_path, servers):
         # A path with characters JSON must escape, in a raw request.
         raw = await raw_request(
             node.service.proxy_port.getHost().port,
-            b'GET /q"\\\xe9?x=1 HTTP/1.1\r\nConnection: close\r\n\r\n',
+            b'GET /q"\\\xe9?x=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n',
         )
         # (The twisted.web target may refuse such a path: any answer will do.)
         status = int(raw.split(b" ", 2)[1])

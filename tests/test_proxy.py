@@ -412,7 +412,7 @@ async def test_exchanges_leave_no_cyclic_garbage(gateway, servers):
         assert (await gateway.proxy.get("/nowhere")).code == 404
         raw = await raw_request(
             gateway.service.proxy_port.getHost().port,
-            b"GET /v1/x HTTP/1.1\r\nConnection: close\r\n\r\n",
+            b"GET /v1/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
         )
         assert raw.startswith(b"HTTP/1.1 200 ")
         stream = await gateway.proxy.get("/sse/x")

@@ -312,23 +312,29 @@ async def test_expect_100_continue(served):
         (b"GET /a HTTP/2.0\r\n\r\n", b"505"),
         (b"G(T /a HTTP/1.1\r\n\r\n", b"400"),
         (b"GET a HTTP/1.1\r\n\r\n", b"400"),
-        (b"GET /a HTTP/1.1\r\nNo colon\r\n\r\n", b"400"),
-        (b"GET /a HTTP/1.1\r\nBad Name: x\r\n\r\n", b"400"),
+        (b"GET /a HTTP/1.1\r\nHost: x\r\nNo colon\r\n\r\n", b"400"),
+        (b"GET /a HTTP/1.1\r\nHost: x\r\nBad Name: x\r\n\r\n", b"400"),
         (b"GET /a HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", b"400"),
-        (b"GET /a HTTP/1.1\r\nX: a\nY: b\r\n\r\n", b"400"),
-        (b"POST /a HTTP/1.1\r\nContent-Length: x\r\n\r\n", b"400"),
-        (b"POST /a HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", b"400"),
-        (b"POST /a HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", b"501"),
+        (b"GET /a HTTP/1.1\r\nHost: x\r\nX: a\nY: b\r\n\r\n", b"400"),
+        (b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: x\r\n\r\n", b"400"),
         (
-            b"POST /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n"
+            b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            b"400",
+        ),
+        (b"POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", b"501"),
+        (
+            b"POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
             b"Content-Length: 3\r\n\r\n0\r\n\r\n",
             b"501",
         ),
-        (b"POST /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", b"400"),
-        (b"GET /a HTTP/1.1\r\nX: " + b"a" * 70000 + b"\r\n\r\n", b"431"),
-        (b"POST /a HTTP/1.1\r\nContent-Length: 1025\r\n\r\n", b"413"),
         (
-            b"POST /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+            b"400",
+        ),
+        (b"GET /a HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 70000 + b"\r\n\r\n", b"431"),
+        (b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 1025\r\n\r\n", b"413"),
+        (
+            b"POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
             + b"200\r\n"
             + b"a" * 512
             + b"\r\n"
@@ -338,7 +344,8 @@ async def test_expect_100_continue(served):
             b"413",
         ),
         (b"GET /a\rb HTTP/1.1\r\nHost: x\r\n\r\n", b"400"),
-        (b"GET /a HTTP/1.1\r\nX-A: 1\r\nX-A: 1\r\r\n\r\n", b"400"),
+        (b"GET /a HTTP/1.1\r\nHost: x\r\nX-A: 1\r\nX-A: 1\r\r\n\r\n", b"400"),
+        (b"GET /a HTTP/1.1\r\nX-A: 1\r\n\r\n", b"400"),
     ],
     ids=[
         "garbage",
@@ -359,6 +366,7 @@ async def test_expect_100_continue(served):
         "chunked-too-large",
         "bare-cr-in-request-line",
         "bare-cr-after-a-remembered-line",
+        "http-1.1-without-host",
     ],
 )
 @pytest_twisted.ensureDeferred
@@ -369,7 +377,9 @@ async def test_refusals_answer_json_and_close(served, request_bytes, status):
     resource never sees it.
     """
     resource, port, _ = served
-    raw = await raw_request(port, request_bytes + b"GET /next HTTP/1.1\r\n\r\n")
+    raw = await raw_request(
+        port, request_bytes + b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
     head, body = raw.split(b"\r\n\r\n", 1)
     assert head.startswith(b"HTTP/1.1 " + status), raw[:200]
     assert b"Connection: close" in head
@@ -380,9 +390,11 @@ async def test_refusals_answer_json_and_close(served, request_bytes, status):
 @pytest_twisted.ensureDeferred
 async def test_a_failing_resource_gets_a_500_and_the_server_goes_on(served):
     _, port, _ = served
-    raw = await raw_request(port, b"GET /boom HTTP/1.1\r\n\r\n")
+    raw = await raw_request(port, b"GET /boom HTTP/1.1\r\nHost: x\r\n\r\n")
     assert raw.startswith(b"HTTP/1.1 500 ")
-    raw = await raw_request(port, b"GET /a HTTP/1.1\r\nConnection: close\r\n\r\n")
+    raw = await raw_request(
+        port, b"GET /a HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
     assert raw.startswith(b"HTTP/1.1 200 OK")
 
 
@@ -415,12 +427,12 @@ async def test_idle_and_slow_clients_are_timed_out(clocked):
     """
     clock, factory, number = clocked
     idle = await connect(number)
-    idle.transport.write(b"GET /a HTTP/1.1\r\n\r\n")
+    idle.transport.write(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
     await idle.until(b"200 OK")
     slow = await connect(number)
     slow.transport.write(b"GET /a HTTP/1.1\r\nHost:")
     busy = await connect(number)
-    busy.transport.write(b"GET /hold HTTP/1.1\r\n\r\n")
+    busy.transport.write(b"GET /hold HTTP/1.1\r\nHost: x\r\n\r\n")
     await sleep(0.05)
     clock.advance(5)
     await sleep(0.05)
@@ -526,8 +538,8 @@ class ParserTests(SynchronousTestCase):
 
     def test_versions_and_persistence(self) -> None:
         cases = {
-            b"GET / HTTP/1.1\r\n\r\n": True,
-            b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n": False,
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n": True,
+            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n": False,
             b"GET / HTTP/1.0\r\n\r\n": False,
             b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n": True,
         }
@@ -552,7 +564,7 @@ class ParserTests(SynchronousTestCase):
         )
         heads, body, _ = self.parse(data, len(data))
         assert body == b"ok" and not heads[0].keep_alive
-        data = data.replace(b"HTTP/1.0", b"HTTP/1.1")
+        data = data.replace(b"HTTP/1.0\r\n", b"HTTP/1.1\r\nHost: x\r\n")
         heads, body, _ = self.parse(data, len(data))
         assert body == b"ok" and heads[0].keep_alive
 
@@ -565,7 +577,7 @@ class ParserTests(SynchronousTestCase):
         parser = RequestParser(lambda head: None, lambda body: None, max_head=100)
         parser.expect()
         with self.assertRaises(BadRequest) as raised:
-            parser.feed(b"GET / HTTP/1.1\r\nX: " + b"a" * 200)
+            parser.feed(b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 200)
         assert raised.exception.status == 431
 
 
@@ -617,7 +629,7 @@ async def test_a_dripping_head_and_a_client_that_never_reads_are_cut_off(clocked
     """
     clock, factory, number = clocked
     drip = await connect(number)
-    drip.transport.write(b"GET /a HTTP/1.1\r\n")
+    drip.transport.write(b"GET /a HTTP/1.1\r\nHost: x\r\n")
     for n in range(4):
         await sleep(0.02)
         clock.advance(2)
@@ -640,7 +652,7 @@ async def test_a_dripping_head_and_a_client_that_never_reads_are_cut_off(clocked
     factory.resource = Big()
     stuck = await connect(number)
     stuck.transport.pauseProducing()
-    stuck.transport.write(b"GET /big HTTP/1.1\r\nConnection: close\r\n\r\n")
+    stuck.transport.write(b"GET /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     await sleep(0.2)
     assert factory.open_connections == 1
     clock.advance(factory.close_grace - 1)

@@ -641,7 +641,12 @@ class RequestParser(_MessageParser):
             # (RFC 9112 section 6.1).
             keep_alive = b"keep-alive" in tokens and not fields.coded
         hosts = fields.headers._rawHeaders.get(b"Host")
-        if hosts is not None and len(hosts) > 1:
+        if hosts is None:
+            if version == b"HTTP/1.1" and uri[:1] == b"/":
+                # RFC 9112 section 3.2, as nginx: an HTTP/1.1 client always
+                # names the host, in Host or in an absolute URI.
+                raise BadRequest("HTTP/1.1 request without a Host header")
+        elif len(hosts) > 1:
             # Routing and the target would not agree on which one counts.
             raise BadRequest("more than one Host header")
         expect = fields.headers._rawHeaders.get(b"Expect")
