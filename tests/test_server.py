@@ -624,8 +624,9 @@ async def test_a_dripping_head_and_a_client_that_never_reads_are_cut_off(clocked
     """
     A request head sent a line at a time still gets its 408 once
     C{idle_timeout} has passed since its first byte; a connection closing
-    after its answer, whose client reads none of the rest, is aborted after
-    C{close_grace}.
+    after its answer, whose client reads none of the rest, is aborted once
+    C{close_grace} has passed since it last took any (the connection is
+    looked at every quarter of it).
     """
     clock, factory, number = clocked
     drip = await connect(number)
@@ -650,6 +651,8 @@ async def test_a_dripping_head_and_a_client_that_never_reads_are_cut_off(clocked
             return big
 
     factory.resource = Big()
+    # (Longer than close_grace, so that what aborts it is the closing.)
+    factory.idle_timeout = 100
     stuck = await connect(number)
     stuck.transport.pauseProducing()
     stuck.transport.write(b"GET /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -658,7 +661,13 @@ async def test_a_dripping_head_and_a_client_that_never_reads_are_cut_off(clocked
     clock.advance(factory.close_grace - 1)
     await sleep(0.05)
     assert factory.open_connections == 1
-    clock.advance(1)
+    # That look saw what the kernel took after the close: from it, a whole
+    # grace with nothing taken, looked at every quarter.
+    for _ in range(3):
+        clock.advance(factory.close_grace / 4)
+        await sleep(0.02)
+        assert factory.open_connections == 1
+    clock.advance(factory.close_grace / 4)
     await sleep(0.05)
     assert factory.open_connections == 0
     stuck.transport.resumeProducing()  # now it sees the abort
@@ -896,3 +905,40 @@ class LentTimerTests(SynchronousTestCase):
         assert self.clock.getDelayedCalls() == []
         self.clock.advance(5)
         assert self.called == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_slow_client_draining_a_closing_answer_is_kept(clocked):
+    """
+    A connection closing after its answer is aborted after C{close_grace}
+    only if its client took nothing in that time: one that keeps taking
+    some, however slowly, gets the whole answer.
+    """
+    clock, factory, number = clocked
+    big = b"z" * (8 * 1024 * 1024)
+
+    class Big(Resource):
+        isLeaf = True
+
+        def render(self, request: Any) -> bytes:
+            return big
+
+    factory.resource = Big()
+    slow = await connect(number)
+    # A small receive buffer (no autotuning), so that most of the answer
+    # waits in the gateway for the client to take it.
+    slow.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32768)
+    slow.transport.pauseProducing()
+    slow.transport.write(b"GET /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    await sleep(0.2)
+    for _ in range(4):  # four graces in all, each with some taken
+        slow.transport.resumeProducing()
+        await sleep(0)
+        slow.transport.pauseProducing()
+        await sleep(0.02)
+        clock.advance(factory.close_grace)
+        await sleep(0.02)
+        assert factory.open_connections == 1
+    slow.transport.resumeProducing()
+    await slow.closed
+    assert slow.data.count(b"z") == len(big)

@@ -31,8 +31,8 @@ What it does, per RFC 9112:
   - a malformed request gets a 400 (431, 501, 505 where they apply) and the
     connection is closed; idle connections, and request heads not whole
     within C{idle_timeout} of their first byte, are closed after it; a
-    closing connection whose client does not take the rest of the answer
-    is aborted after C{close_grace}.
+    closing connection whose client takes none of the rest of the answer
+    for C{close_grace} is aborted (looked at every quarter of it).
 """
 
 from __future__ import annotations
@@ -462,6 +462,8 @@ class ProxyChannel(Protocol):
         self._write_paused = False
         self._read_paused = False
         self._closing: Any = None
+        self._closing_left = 0
+        self._closing_since = 0.0
         self.request_began = 0.0
         #: When the client last stopped taking the response (its send
         #: buffer filled up), and when it last started again.
@@ -624,8 +626,8 @@ class ProxyChannel(Protocol):
 
     def close(self) -> None:
         """
-        Close once what was written is sent, and abort if the client has
-        not taken it within the factory's C{close_grace}.
+        Close once what was written is sent, and abort if the client takes
+        none of it for the factory's C{close_grace}.
         """
         transport: Any = self.transport
         if transport is None or self._closing is not None:
@@ -637,13 +639,32 @@ class ProxyChannel(Protocol):
             transport.unregisterProducer()
         transport.loseConnection()
         # A client that never reads the rest would hold the connection.
-        self._closing = self.factory.call_later(self.factory.close_grace, self._abort)
+        self._closing_left = unsent(transport)
+        self._closing_since = self.factory.seconds()
+        self._closing = self.factory.call_later(
+            self.factory.close_grace / 4, self._look
+        )
 
-    def _abort(self) -> None:
+    def _look(self) -> None:
+        """
+        Abort a closing connection whose client has taken none of the rest
+        for C{close_grace}; looked at every quarter of it.
+        """
         self._closing = None
         transport: Any = self.transport
-        if transport is not None:
+        if transport is None:
+            return
+        now = self.factory.seconds()
+        left = unsent(transport)
+        if left < self._closing_left:
+            self._closing_left = left
+            self._closing_since = now
+        if now - self._closing_since >= self.factory.close_grace:
             transport.abortConnection()
+            return
+        self._closing = self.factory.call_later(
+            self.factory.close_grace / 4, self._look
+        )
 
     def register(self, producer: Any) -> None:
         """
@@ -766,8 +787,9 @@ class ProxyFactory(Factory):
     """
 
     noisy = False
-    #: Seconds a closing connection may take to send what is left before
-    #: it is aborted (twisted.web's abortTimeout).
+    #: Seconds a closing connection may go without its client taking any
+    #: of what is left before it is aborted (twisted.web's abortTimeout,
+    #: which aborts after that long whatever the client takes).
     close_grace = 15.0
 
     def __init__(
