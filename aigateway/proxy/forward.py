@@ -412,7 +412,9 @@ class Exchange:
         self._pending = None
         first_byte = self.clock.seconds() - sent
         status = response.code
-        retry_after = response.headers.getRawHeaders(b"retry-after")
+        # (Headers keep names canonical: read them without getRawHeaders'
+        # encoding of the name, on every response.)
+        retry_after = response.headers._rawHeaders.get(b"Retry-After")
         self.hooks.health.report_status(
             target, status, retry_after[0] if retry_after else None
         )

@@ -285,7 +285,7 @@ class LeanAgent:
         """
         lines = [method + b" " + path + b" HTTP/1.1"]
         if headers is not None:
-            for name, values in headers.getAllRawHeaders():
+            for name, values in headers._rawHeaders.items():
                 for value in values:
                     lines.append(name + b": " + value)
         if headers is None or b"Host" not in headers._rawHeaders:

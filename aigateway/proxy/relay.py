@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 _DONE = (ResponseDone, PotentialDataLoss, HTTPPotentialDataLoss, ConnectionDone)
 _CONNECTION_DONE = Failure(ConnectionDone())
+_NO_VALUE = [b""]
 
 
 @implementer(IBodyProducer)
@@ -93,8 +94,8 @@ class Relay(Protocol):
         self.target = target
         self.first_byte = first_byte
         self._stall_cause: str | None = None
-        content_type = exchange.request.responseHeaders.getRawHeaders(
-            b"content-type", [b""]
+        content_type = exchange.request.responseHeaders._rawHeaders.get(
+            b"Content-Type", _NO_VALUE
         )[0]
         self._stream = content_type.startswith(b"text/event-stream")
         self._sniffer = sniffer_for(content_type)
