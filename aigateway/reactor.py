@@ -13,7 +13,9 @@ gateway's CPU per request under load.  The gateway logs with
 L{twisted.logger}, whose events never read that context, so this reactor
 dispatches directly; an exception that escapes the handler is still logged
 (as C{callWithLogger} does, with the selectable's prefix) and never stops
-the loop.
+the loop.  A descriptor that is only readable, nearly every event on a busy
+proxy, goes straight to its C{doRead} (1% of the instructions per request
+went to L{_doReadOrWrite}'s sorting of event flags).
 
 C{twistd aigateway} installs it unless a reactor was chosen with
 C{--reactor} (or was already installed); it is also a twistd reactor
@@ -23,10 +25,14 @@ plugin, C{--reactor aigateway}.
 from __future__ import annotations
 
 import errno
+import select
+import sys
 from typing import Any
 
 from twisted.internet.epollreactor import EPollReactor
 from twisted.python import log
+
+_IN = select.EPOLLIN
 
 
 class LeanEPollReactor(EPollReactor):
@@ -54,9 +60,22 @@ class LeanEPollReactor(EPollReactor):
             if selectable is None:
                 continue
             try:
-                # _doReadOrWrite logs what doRead or doWrite raise, and
-                # disconnects the selectable; this catches the rest.
-                handle(selectable, fd, event)
+                if event == _IN:
+                    # Readable and nothing else, nearly every event on a
+                    # busy proxy: what _doReadOrWrite does for it, less its
+                    # flag tests and its fileno() look for a closed
+                    # descriptor (a closed one is not in the poller).
+                    try:
+                        why = selectable.doRead()
+                    except BaseException:
+                        why = sys.exc_info()[1]
+                        log.err()
+                    if why:
+                        self._disconnectSelectable(selectable, why, True)
+                else:
+                    # _doReadOrWrite logs what doRead or doWrite raise, and
+                    # disconnects the selectable; this catches the rest.
+                    handle(selectable, fd, event)
             except KeyboardInterrupt:
                 raise
             except BaseException:

@@ -109,6 +109,44 @@ class LeanEPollReactorTests(SynchronousTestCase):
         self.assertEqual(failures[0]["system"], "exploding")
 
 
+class _Raising(_Exploding):
+    """
+    A reader whose doRead raises.
+    """
+
+    def doRead(self):
+        os.read(self._fd, 100)
+        raise ValueError("doRead blew up")
+
+    def connectionLost(self, reason):
+        self.lost += 1
+        self.reason = reason
+
+
+class LeanEPollReactorReadTests(SynchronousTestCase):
+    def test_raising_read_logged_and_disconnected(self):
+        """
+        A reader whose C{doRead} raises is logged and disconnected with
+        that exception, as Twisted's reactors do, and the loop goes on.
+        """
+        reactor = LeanEPollReactor()
+        read_end, write_end = os.pipe()
+        self.addCleanup(os.close, write_end)
+        raising = _Raising(reactor, read_end)
+        reactor.addReader(raising)
+        os.write(write_end, b"x")
+        later = []
+        reactor.callLater(0.05, later.append, True)
+        reactor.callLater(0.1, reactor.stop)
+        _run(reactor)
+        os.close(read_end)
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+        self.assertEqual(raising.lost, 1)
+        self.assertTrue(raising.reason.check(ValueError))
+        self.assertNotIn(raising, reactor.getReaders())
+        self.assertEqual(later, [True])
+
+
 def _python(code):
     return subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT
