@@ -49,10 +49,11 @@ _KEYS = (
 )
 _NUMBER = re.compile(rb"\s*:\s*(\d+)")
 # OpenAI's own layout (prompt, completion, total, in that order, first in
-# the object) read in one match; anything else goes the general way.
+# the object) read in the same match as the key; anything else goes the
+# general way.
 _OPENAI = re.compile(
-    rb'\s*"prompt_tokens"\s*:\s*(\d+)\s*,\s*"completion_tokens"\s*:\s*(\d+)'
-    rb'\s*,\s*"total_tokens"\s*:\s*(\d+)'
+    rb'"usage"\s*:\s*\{\s*"prompt_tokens"\s*:\s*(\d+)\s*,\s*"completion_tokens"'
+    rb'\s*:\s*(\d+)\s*,\s*"total_tokens"\s*:\s*(\d+)'
 )
 # A model name without escapes (all of them in practice) is matched by one
 # character-class run, which the regular expression engine does in a tight
@@ -79,23 +80,21 @@ def scan(document: bytes) -> Usage | None:
     C{model} of the same answer (or event).
     """
     position = document.rfind(b'"usage"')
-    last = None
     while position >= 0:
+        openai = _OPENAI.match(document, position)
+        if openai is not None:
+            prompt, completion, total = map(int, openai.groups())
+            break
         last = _USAGE.match(document, position)
         if last is not None:
+            prompt, completion, total = _counts(document, last.end())
             break
         # "usage": null, as every event but the last of a stream has it.
         position = document.rfind(b'"usage"', 0, position)
-    if last is None:
-        return None
-    start = last.end()
-    openai = _OPENAI.match(document, start)
-    if openai is not None:
-        prompt, completion, total = map(int, openai.groups())
     else:
-        prompt, completion, total = _counts(document, start)
+        return None
     # In a stream the model is in the same event; in a document, anywhere.
-    line = document.rfind(b"\n", 0, last.start()) + 1
+    line = document.rfind(b"\n", 0, position) + 1
     model = _MODEL.search(document, line) or _MODEL.search(document)
     return Usage(_string(model.group(1)) if model else None, prompt, completion, total)
 
