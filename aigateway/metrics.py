@@ -38,6 +38,8 @@ from .model import Route, Service, Target
 BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000)
 _LE = [floatToGoString(bound) for bound in BUCKETS] + ["+Inf"]
 MAX_MODELS = 100
+# (Route, target) pairs remembered for the hot path before starting afresh.
+MAX_ATTEMPT_SERIES = 4096
 HEALTH_STATES = ("healthy", "unhealthy", "healthchecks_off", "dns_error")
 # The token_type label values, in the order TargetSeries.tokens keeps them.
 TOKEN_TYPES = ("prompt", "completion", "total")
@@ -111,18 +113,17 @@ class AttemptSeries:
 
     @ivar route: the route's series.
     @ivar target: the target's series.
-    @ivar latency: the target's first-byte latency for the route.
     @ivar upstream: the upstream's label.
     """
 
-    __slots__ = ("_pins", "route", "target", "latency", "upstream")
+    __slots__ = ("_pins", "_latency", "_make_latency", "route", "target", "upstream")
 
     def __init__(
         self,
         pins: tuple[object, object],
         route: RouteSeries,
         target: TargetSeries,
-        latency: Histogram,
+        make_latency: Callable[[], Histogram],
         upstream: str,
     ) -> None:
         # The route and target objects this was made for: they keep the ids
@@ -130,8 +131,11 @@ class AttemptSeries:
         self._pins = pins
         self.route = route
         self.target = target
-        self.latency = latency
         self.upstream = upstream
+        # Made at the first first byte: a target that never answered has no
+        # latency series, not an empty one.
+        self._latency: Histogram | None = None
+        self._make_latency = make_latency
 
     def made_for(self, route: object, target: object) -> bool:
         """
@@ -139,6 +143,15 @@ class AttemptSeries:
         """
         pins = self._pins
         return pins[0] is route and pins[1] is target
+
+    def first_byte(self, ms: float) -> None:
+        """
+        The target's first response byte came C{ms} after the request.
+        """
+        latency = self._latency
+        if latency is None:
+            latency = self._latency = self._make_latency()
+        latency.observe(ms)
 
 
 class Metrics:
@@ -163,6 +176,9 @@ class Metrics:
         # The series each (route, target) pair counts into, by the objects'
         # ids: for the proxy's hot path (L{attempt}); emptied by L{forget}.
         self._attempts: dict[tuple[int, int], AttemptSeries] = {}
+        # The owners the configuration has (see L{live}), from the last
+        # L{forget}: series for anything else are not kept (None: all).
+        self._live: set[Owner] | None = None
         registry.register(_RequestCollector(self))
 
     def attempt(
@@ -181,14 +197,44 @@ class Metrics:
         series = self._attempts.get(key)
         if series is None or not series.made_for(route, target):
             names = labels(service, route)
+            key_of_target = target.key
+            if len(self._attempts) >= MAX_ATTEMPT_SERIES:
+                self._attempts.clear()
             series = self._attempts[key] = AttemptSeries(
                 (route, target),
-                self.route(*names),
-                self.target(upstream, target.key),
-                self.latency_to(*names, upstream, target.key),
+                self.live_route(*names),
+                self._live_target(upstream, key_of_target),
+                lambda: self._live_latency(*names, upstream, key_of_target),
                 upstream,
             )
         return series
+
+    def _is_live(self, owner: Owner) -> bool:
+        return self._live is None or owner in self._live
+
+    def live_route(self, service: str, route: str) -> RouteSeries:
+        """
+        The series of a route (L{route}), or, for a route the configuration
+        no longer has (an exchange that began before it was deleted), series
+        that are not kept: a deleted route's series do not come back.
+        """
+        if self._is_live(("route", service, route)):
+            return self.route(service, route)
+        return RouteSeries()
+
+    def _live_target(self, upstream: str, target: str) -> TargetSeries:
+        if self._is_live(("target", upstream, target)):
+            return self.target(upstream, target)
+        return TargetSeries()
+
+    def _live_latency(
+        self, service: str, route: str, upstream: str, target: str
+    ) -> Histogram:
+        if self._is_live(("route", service, route)) and self._is_live(
+            ("target", upstream, target)
+        ):
+            return self.latency_to(service, route, upstream, target)
+        return Histogram()
 
     def inflight(self, upstream: str, target: str) -> int:
         """
@@ -253,6 +299,7 @@ class Metrics:
         C{keep} (see L{live}).
         """
         self._attempts.clear()
+        self._live = keep
         for key in [k for k in self.routes if ("route", *k) not in keep]:
             del self.routes[key]
         for key in [k for k in self.targets if ("target", *k) not in keep]:

@@ -67,11 +67,13 @@ class LeanEPollReactor(EPollReactor):
                     # descriptor (a closed one is not in the poller).
                     try:
                         why = selectable.doRead()
+                        read = True
                     except BaseException:
                         why = sys.exc_info()[1]
+                        read = False  # (as _doReadOrWrite has it)
                         log.err()
                     if why:
-                        self._disconnectSelectable(selectable, why, True)
+                        self._disconnectSelectable(selectable, why, read)
                 else:
                     # _doReadOrWrite logs what doRead or doWrite raise, and
                     # disconnects the selectable; this catches the rest.

@@ -60,7 +60,7 @@ class Recorder(ExchangeObserver):
         per_target.inflight = max(0, per_target.inflight - 1)
         per_target.codes[code] += 1
         if first_byte is not None:
-            series.latency.observe(first_byte * 1000)
+            series.first_byte(first_byte * 1000)
 
     def _series(self, exchange: Exchange, target: Target) -> AttemptSeries:
         # The attempt that ends is the one that started last.
@@ -86,7 +86,9 @@ class Recorder(ExchangeObserver):
         attempt: AttemptSeries | None = (
             None if target is None else self._series(exchange, target)
         )
-        series = metrics.route(*_names(exchange)) if attempt is None else attempt.route
+        series = (
+            metrics.live_route(*_names(exchange)) if attempt is None else attempt.route
+        )
         series.codes[exchange.status] += 1
         series.latency.observe(elapsed * 1000)
         if exchange.proxy_latency is not None:

@@ -811,6 +811,8 @@ class ParserTests(SynchronousTestCase):
             b"HTTP/1.1 204 No Content\r\nX-Seen: v\r\r\n\r\n",
             b"HTTP/1.1 204 No Content\r\nX-Seen: v\nX-Other: w\r\n\r\n",
             b"HTTP/1.1 204 No Content\r\nX-New: \rv\r\n\r\n",
+            # In an interim head, whose lines are otherwise dropped unread.
+            b"HTTP/1.1 103 Early Hints\r\nLink: </a>\n\nHTTP/1.1 204 OK\r\n\r\n",
         ]:
             with self.assertRaises(BadResponse, msg=repr(data)):
                 self.parse(data, len(data))

@@ -516,3 +516,79 @@ async def test_attempt_in_flight_when_its_target_goes(gateway, servers):
         )
         == 1
     )
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_latency_series_without_a_first_byte(gateway, servers):
+    """
+    A target that never answered (connection refused) has attempt counts
+    but no first-byte latency series; the one that answered has one.
+    """
+    servers.append(port := listen(TargetResource("ok")))
+    closed = listen(TargetResource("closed"))
+    dead = address(closed)
+    await closed.stopListening()
+    await gateway.configure("up", {address(port): 100, dead: 100})
+    for _ in range(4):
+        assert (await gateway.proxy.get("/")).code == 200
+    samples = await scrape(gateway)
+    latency = "aigateway_upstream_latency_ms_count"
+    assert [
+        key for key in samples if key[0] == latency and ("target", dead) in key[1]
+    ] == []
+    assert [
+        key
+        for key in samples
+        if key[0] == latency and ("target", address(port)) in key[1]
+    ]
+    assert (
+        value(
+            samples,
+            "aigateway_upstream_target_requests_total",
+            upstream="up",
+            target=dead,
+            code="error",
+        )
+        >= 1
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_retry_after_its_route_is_deleted_brings_no_series_back(
+    gateway, servers
+):
+    """
+    An exchange whose route is deleted while it waits, and which then
+    retries on another target, counts nothing under the deleted route's
+    labels; its targets, still configured, count both attempts.
+    """
+    keys = []
+    for name in ("a", "b"):
+        busy = TargetResource(name)
+        busy.status = 503
+        busy.delay = 0.5
+        servers.append(port := listen(busy))
+        keys.append(address(port))
+    await gateway.configure("up", dict.fromkeys(keys, 100))
+    reply = await gateway.admin.patch(
+        "/services/up", form={"retries": "1", "retry_on_statuses": "503"}
+    )
+    assert reply.code == 200, reply.body
+    (route,) = (await gateway.admin.get("/routes")).json["data"]
+    pending = ensureDeferred(gateway.proxy.get("/"))
+    await sleep(0.2)
+    assert (await gateway.admin.delete(f"/routes/{route['id']}")).code == 204
+    assert (await pending).code == 503
+    samples = await scrape(gateway)
+    assert not [key for key in samples if ("route", route["id"]) in key[1]]
+    for key in keys:
+        assert (
+            value(
+                samples,
+                "aigateway_upstream_target_requests_total",
+                upstream="up",
+                target=key,
+                code="503",
+            )
+            == 1
+        )

@@ -203,7 +203,8 @@ async def test_pipelined_requests_are_answered_in_order(served):
 async def test_absolute_form_routes_on_its_path(served):
     resource, port, _ = served
     raw = await raw_request(
-        port, b"GET http://example.com/v1/x?y=1 HTTP/1.1\r\nConnection: close\r\n\r\n"
+        port,
+        b"GET http://example.com/v1/x?y=1 HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
     )
     assert raw.startswith(b"HTTP/1.1 200 OK")
     assert resource.seen[0]["path"] == "/v1/x"
@@ -219,7 +220,8 @@ async def test_absolute_form_routes_on_its_path(served):
     )
     # No path before the query: the authority stops at the "?".
     raw = await raw_request(
-        port, b"GET http://api.test?y=1 HTTP/1.1\r\nConnection: close\r\n\r\n"
+        port,
+        b"GET http://api.test?y=1 HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
     )
     assert raw.startswith(b"HTTP/1.1 200 OK")
     assert resource.seen[2]["host"] == "api.test" and resource.seen[2]["path"] == "/"
@@ -346,6 +348,8 @@ async def test_expect_100_continue(served):
         (b"GET /a\rb HTTP/1.1\r\nHost: x\r\n\r\n", b"400"),
         (b"GET /a HTTP/1.1\r\nHost: x\r\nX-A: 1\r\nX-A: 1\r\r\n\r\n", b"400"),
         (b"GET /a HTTP/1.1\r\nX-A: 1\r\n\r\n", b"400"),
+        (b"GET http://example.com/a HTTP/1.1\r\n\r\n", b"400"),
+        (b"OPTIONS * HTTP/1.1\r\n\r\n", b"400"),
     ],
     ids=[
         "garbage",
@@ -367,6 +371,8 @@ async def test_expect_100_continue(served):
         "bare-cr-in-request-line",
         "bare-cr-after-a-remembered-line",
         "http-1.1-without-host",
+        "http-1.1-absolute-form-without-host",
+        "http-1.1-asterisk-without-host",
     ],
 )
 @pytest_twisted.ensureDeferred
@@ -569,7 +575,7 @@ class ParserTests(SynchronousTestCase):
         assert body == b"ok" and heads[0].keep_alive
 
     def test_absolute_form(self) -> None:
-        data = b"GET http://example.com/v1/x?y HTTP/1.1\r\n\r\n"
+        data = b"GET http://example.com/v1/x?y HTTP/1.1\r\nHost: h\r\n\r\n"
         heads, _, _ = self.parse(data, len(data))
         assert heads[0].uri == b"http://example.com/v1/x?y"
 
@@ -901,10 +907,25 @@ class LentTimerTests(SynchronousTestCase):
 
     def test_stop_cancels(self) -> None:
         self.lend("a", 5)
+        self.timer.release("a")
         self.timer.stop()
         assert self.clock.getDelayedCalls() == []
         self.clock.advance(5)
         assert self.called == []
+
+    def test_stopped_while_lent_fires_for_its_borrower(self) -> None:
+        """
+        A connection gone while an exchange still waits on its target (its
+        client was answered already): the exchange keeps its timeout, and
+        the call goes once the exchange lets go.
+        """
+        self.lend("a", 5)
+        self.timer.stop()
+        self.clock.advance(5)
+        assert self.called == ["a"]
+        self.lend("a", 5)  # (called early, it borrows again)
+        self.timer.release("a")
+        assert self.clock.getDelayedCalls() == []
 
 
 @pytest_twisted.ensureDeferred

@@ -491,7 +491,12 @@ class ResponseParser(_MessageParser):
         code = int(digits)
         if 100 <= code < 200 and code != 101:
             # Informational (100 Continue, 103 Early Hints): the real
-            # response follows.
+            # response follows.  Its header lines are dropped unread, but
+            # a bare CR or LF among them could frame what follows
+            # differently elsewhere.
+            for line in lines:
+                if _bare(line):
+                    raise BadResponse(_BARE)
             return rest
         del lines[0]
         fields = _Fields(lines, BadResponse)
@@ -642,9 +647,9 @@ class RequestParser(_MessageParser):
             keep_alive = b"keep-alive" in tokens and not fields.coded
         hosts = fields.headers._rawHeaders.get(b"Host")
         if hosts is None:
-            if version == b"HTTP/1.1" and uri[:1] == b"/":
-                # RFC 9112 section 3.2, as nginx: an HTTP/1.1 client always
-                # names the host, in Host or in an absolute URI.
+            if version == b"HTTP/1.1":
+                # RFC 9112 section 3.2, as nginx: an HTTP/1.1 request
+                # always has a Host header, whatever the form of its target.
                 raise BadRequest("HTTP/1.1 request without a Host header")
         elif len(hosts) > 1:
             # Routing and the target would not agree on which one counts.

@@ -390,13 +390,14 @@ class LentTimer:
     time it has left and borrows again for that.
     """
 
-    __slots__ = ("_clock", "_call", "_owner", "_callback")
+    __slots__ = ("_clock", "_call", "_owner", "_callback", "_stopped")
 
     def __init__(self, clock: Any) -> None:
         self._clock = clock
         self._call: Any = None
         self._owner: object = None
         self._callback: Callable[[], object] | None = None
+        self._stopped = False
 
     def lend(self, owner: object, callback: Callable[[], object], delay: float) -> None:
         """
@@ -417,12 +418,19 @@ class LentTimer:
         """
         if self._owner is owner:
             self._owner = self._callback = None
+            if self._stopped:
+                self._cancel()
 
     def stop(self) -> None:
         """
-        The connection is gone: cancel the call.
+        The connection is gone: cancel the call, once its borrower (an
+        exchange still waiting on its target, if any) lets go of it.
         """
-        self._owner = self._callback = None
+        self._stopped = True
+        if self._owner is None:
+            self._cancel()
+
+    def _cancel(self) -> None:
         call = self._call
         self._call = None
         if call is not None and call.active():
