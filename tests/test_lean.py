@@ -744,6 +744,10 @@ class ParserTests(SynchronousTestCase):
             parser.feed(data[i : i + step])
         return heads, b"".join(body), parser
 
+    def assert_refused(self, data: bytes) -> None:
+        with self.assertRaises(BadResponse, msg=repr(data)):
+            self.parse(data, len(data))
+
     def test_chunked_byte_by_byte(self) -> None:
         data = (
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n"
@@ -814,8 +818,7 @@ class ParserTests(SynchronousTestCase):
             # In an interim head, whose lines are otherwise dropped unread.
             b"HTTP/1.1 103 Early Hints\r\nLink: </a>\n\nHTTP/1.1 204 OK\r\n\r\n",
         ]:
-            with self.assertRaises(BadResponse, msg=repr(data)):
-                self.parse(data, len(data))
+            self.assert_refused(data)
 
     def test_head_request(self) -> None:
         heads, body, parser = self.parse(
@@ -837,8 +840,7 @@ class ParserTests(SynchronousTestCase):
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1_0\r\n",
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nokXX",
         ]:
-            with self.assertRaises(BadResponse, msg=repr(data)):
-                self.parse(data, len(data))
+            self.assert_refused(data)
 
     def test_framing(self) -> None:
         heads, body, parser = self.parse(

@@ -30,6 +30,19 @@ COMPLETION = {
 }
 
 
+def answered(samples, service: str, route: str, code: str) -> float:
+    """
+    How many requests of a route were answered with C{code}.
+    """
+    return value(
+        samples,
+        "aigateway_http_requests_total",
+        service=service,
+        route=route,
+        code=code,
+    )
+
+
 def health(samples, upstream: str, target: str, state: str) -> float:
     """
     The value of one target's health series for C{state}.
@@ -434,31 +447,13 @@ async def test_route_series_go_with_their_route(gateway, servers):
     (route,) = (await gateway.admin.get("/routes")).json["data"]
     assert (await gateway.proxy.get("/")).code == 200
     samples = await scrape(gateway)
-    assert (
-        value(
-            samples,
-            "aigateway_http_requests_total",
-            service="up",
-            route=route["id"],
-            code="200",
-        )
-        == 1
-    )
+    assert answered(samples, "up", route["id"], "200") == 1
     await gateway.admin.patch(f"/routes/{route['id']}", form={"name": "renamed"})
     samples = await scrape(gateway)
     assert not [key for key in samples if ("route", route["id"]) in key[1]]
     assert (await gateway.proxy.get("/")).code == 200
     samples = await scrape(gateway)
-    assert (
-        value(
-            samples,
-            "aigateway_http_requests_total",
-            service="up",
-            route="renamed",
-            code="200",
-        )
-        == 1
-    )
+    assert answered(samples, "up", "renamed", "200") == 1
     await gateway.admin.delete("/routes/renamed")
     samples = await scrape(gateway)
     assert not [key for key in samples if ("route", "renamed") in key[1]]
@@ -496,16 +491,7 @@ async def test_attempt_in_flight_when_its_target_goes(gateway, servers):
     assert (await gateway.admin.get("/status")).json["inflight_requests"] == 0
     assert (await gateway.proxy.get("/")).body == b"other"
     samples = await scrape(gateway)
-    assert (
-        value(
-            samples,
-            "aigateway_http_requests_total",
-            service="up",
-            route=route["id"],
-            code="200",
-        )
-        == 2
-    )
+    assert answered(samples, "up", route["id"], "200") == 2
     assert (
         value(
             samples,

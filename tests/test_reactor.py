@@ -63,6 +63,33 @@ class _Exploding(FileDescriptor):
         raise RuntimeError("connectionLost blew up")
 
 
+def _readable(case, kind):
+    """
+    A lean reactor with a reader of C{kind} on a pipe that has a byte to
+    read: C{(reactor, the read end, the reader)}.
+    """
+    reactor = LeanEPollReactor()
+    read_end, write_end = os.pipe()
+    case.addCleanup(os.close, write_end)
+    reader = kind(reactor, read_end)
+    reactor.addReader(reader)
+    os.write(write_end, b"x")
+    return reactor, read_end, reader
+
+
+def _later_events_handled(reactor, read_end):
+    """
+    Run C{reactor} for 0.1 s, then close C{read_end}: what a call made
+    after the reader's event saw (C{[True]} when it ran).
+    """
+    later = []
+    reactor.callLater(0.05, later.append, True)
+    reactor.callLater(0.1, reactor.stop)
+    _run(reactor)
+    os.close(read_end)
+    return later
+
+
 def _run(reactor, timeout=5.0):
     reactor.callLater(timeout, reactor.stop)
     reactor.run(installSignalHandlers=False)
@@ -86,23 +113,13 @@ class LeanEPollReactorTests(SynchronousTestCase):
         An exception that escapes the event's handling is logged with the
         selectable's prefix, and later events are still handled.
         """
-        reactor = LeanEPollReactor()
-        read_end, write_end = os.pipe()
-        self.addCleanup(os.close, write_end)
-        exploding = _Exploding(reactor, read_end)
-        reactor.addReader(exploding)
-        os.write(write_end, b"x")
+        reactor, read_end, exploding = _readable(self, _Exploding)
         events = []
         log.addObserver(events.append)
         self.addCleanup(log.removeObserver, events.append)
-        later = []
-        reactor.callLater(0.05, later.append, True)
-        reactor.callLater(0.1, reactor.stop)
-        _run(reactor)
-        os.close(read_end)
+        self.assertEqual(_later_events_handled(reactor, read_end), [True])
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         self.assertEqual(exploding.lost, 1)
-        self.assertEqual(later, [True])
         failures = [e for e in events if e.get("isError") and e.get("failure")]
         self.assertEqual(len(failures), 1)
         self.assertTrue(failures[0]["failure"].check(RuntimeError))
@@ -129,22 +146,12 @@ class LeanEPollReactorReadTests(SynchronousTestCase):
         A reader whose C{doRead} raises is logged and disconnected with
         that exception, as Twisted's reactors do, and the loop goes on.
         """
-        reactor = LeanEPollReactor()
-        read_end, write_end = os.pipe()
-        self.addCleanup(os.close, write_end)
-        raising = _Raising(reactor, read_end)
-        reactor.addReader(raising)
-        os.write(write_end, b"x")
-        later = []
-        reactor.callLater(0.05, later.append, True)
-        reactor.callLater(0.1, reactor.stop)
-        _run(reactor)
-        os.close(read_end)
+        reactor, read_end, raising = _readable(self, _Raising)
+        self.assertEqual(_later_events_handled(reactor, read_end), [True])
         self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
         self.assertEqual(raising.lost, 1)
         self.assertTrue(raising.reason.check(ValueError))
         self.assertNotIn(raising, reactor.getReaders())
-        self.assertEqual(later, [True])
 
 
 def _python(code):

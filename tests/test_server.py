@@ -647,16 +647,9 @@ async def test_a_dripping_head_and_a_client_that_never_reads_are_cut_off(clocked
     await drip.closed
     assert drip.data.startswith(b"HTTP/1.1 408 ")
 
-    # A 4 MB answer and a close, to a client that stops reading.
-    big = b"z" * (4 * 1024 * 1024)
-
-    class Big(Resource):
-        isLeaf = True
-
-        def render(self, request: Any) -> bytes:
-            return big
-
-    factory.resource = Big()
+    # An 8 MB answer and a close, to a client that stops reading.
+    big = _Fixed.body
+    factory.resource = _Fixed()
     # (Longer than close_grace, so that what aborts it is the closing.)
     factory.idle_timeout = 100
     stuck = await connect(number)
@@ -936,15 +929,8 @@ async def test_a_slow_client_draining_a_closing_answer_is_kept(clocked):
     some, however slowly, gets the whole answer.
     """
     clock, factory, number = clocked
-    big = b"z" * (8 * 1024 * 1024)
-
-    class Big(Resource):
-        isLeaf = True
-
-        def render(self, request: Any) -> bytes:
-            return big
-
-    factory.resource = Big()
+    big = _Fixed.body
+    factory.resource = _Fixed()
     slow = await connect(number)
     # A small receive buffer (no autotuning), so that most of the answer
     # waits in the gateway for the client to take it.
