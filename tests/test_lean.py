@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.internet import reactor, ssl
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
@@ -714,6 +714,45 @@ async def test_https() -> None:
         untrusted = LeanAgent(reactor, pool, TargetEndpoints(reactor, 5))
         await pool.closeCachedConnections()
         assert await _failure(untrusted.request(b"GET", url))
+    finally:
+        await pool.closeCachedConnections()
+        await port.stopListening()
+
+
+class _Mute(Protocol):
+    """
+    Accepts a connection and never says anything: no TLS handshake.
+    """
+
+    def connectionMade(self) -> None:
+        self.factory.opened.append(self)  # type: ignore[attr-defined]
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.factory.closed.append(self)  # type: ignore[attr-defined]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tls_handshake_never_answered_times_out() -> None:
+    """
+    An https target that accepts the connection but never answers the
+    handshake fails the request within the connect timeout, with a
+    timeout (as nginx's proxy_connect_timeout), and the connection is
+    dropped; nothing waits for a read timeout.
+    """
+    factory = Factory.forProtocol(_Mute)
+    factory.opened, factory.closed = [], []  # type: ignore[attr-defined]
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    url = f"https://127.0.0.1:{port.getHost().port}/".encode()
+    pool = LeanPool(reactor)
+    agent = LeanAgent(reactor, pool, TargetEndpoints(reactor, 0.3))
+    try:
+        began = reactor.seconds()
+        failure = await _failure(agent.request(b"GET", url))
+        assert failure.check(TimeoutError), failure
+        assert reactor.seconds() - began < 2
+        await sleep(0.1)
+        assert len(factory.opened) == 1  # type: ignore[attr-defined]
+        assert len(factory.closed) == 1  # type: ignore[attr-defined]
     finally:
         await pool.closeCachedConnections()
         await port.stopListening()

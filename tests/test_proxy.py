@@ -11,7 +11,7 @@ from typing import Any
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
@@ -802,3 +802,30 @@ async def test_read_timeouts_of_requests_sharing_a_connection(gateway, servers):
     assert reactor.seconds() - began < 2
     status = (await gateway.admin.get("/status")).json
     assert status["connections"]["client_open"] == 1  # all on one connection
+
+
+@pytest_twisted.ensureDeferred
+async def test_https_target_that_never_handshakes_is_a_timeout(gateway, servers):
+    """
+    A service on https whose target accepts TCP and never answers the TLS
+    handshake gets a 504 within its connect_timeout, not its read_timeout.
+    """
+    silent = Factory.forProtocol(Protocol)  # accepts, then says nothing
+    servers.append(mute := reactor.listenTCP(0, silent, interface="127.0.0.1"))
+    reply = await gateway.admin.post(
+        "/services",
+        form={
+            "name": "tls",
+            "url": f"https://127.0.0.1:{mute.getHost().port}",
+            "connect_timeout": "300",
+            "read_timeout": "30000",
+            "retries": "0",
+        },
+    )
+    assert reply.code == 201, reply.body
+    await gateway.admin.post("/services/tls/routes", form={"paths[]": "/tls"})
+    began = reactor.seconds()
+    reply = await gateway.proxy.get("/tls")
+    assert reply.code == 504
+    assert reply.json["message"] == "The upstream server is timing out"
+    assert reactor.seconds() - began < 5

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import Deferred, DeferredList, TimeoutError
+from twisted.internet.defer import Deferred, DeferredList, TimeoutError, succeed
 from twisted.internet.error import ConnectionAborted
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import PotentialDataLoss, ResponseDone, ResponseFailed
@@ -46,6 +46,7 @@ _DELIVERED = object()
 _DATA_LOSS = Failure(PotentialDataLoss())
 
 
+@implementer(IHandshakeListener)
 class _Connection(Protocol):
     """
     One connection to a target: carries one request at a time, and goes
@@ -65,6 +66,34 @@ class _Connection(Protocol):
         self.idle_since = 0.0
         self._lost: list[Deferred[None]] = []
         self._write_timer: Any = None
+        self._handshaken = False
+        self._handshake: Deferred[None] | None = None
+
+    def handshakeCompleted(self) -> None:
+        """
+        The TLS handshake is done (L{IHandshakeListener}).
+        """
+        self._handshaken = True
+        waiting, self._handshake = self._handshake, None
+        if waiting is not None:
+            waiting.callback(None)
+
+    def handshake_done(self) -> Deferred[None]:
+        """
+        A L{Deferred} that fires once the TLS handshake is done (at once if
+        it is), fails if the connection is lost first, and drops the
+        connection when cancelled.
+        """
+        if self._handshaken:
+            return succeed(None)
+
+        def give_up(_: Deferred[None]) -> None:
+            self._handshake = None
+            self.abort()
+
+        waiting: Deferred[None] = Deferred(give_up)
+        self._handshake = waiting
+        return waiting
 
     def send(self, request: LeanRequest, data: bytes) -> None:
         """
@@ -212,6 +241,9 @@ class _Connection(Protocol):
                     response.end(_DATA_LOSS)
                 else:
                     response.end(Failure(ResponseFailed([reason])))
+        waiting, self._handshake = self._handshake, None
+        if waiting is not None:
+            waiting.errback(reason)
         lost, self._lost = self._lost, []
         for d in lost:
             d.callback(None)

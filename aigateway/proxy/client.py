@@ -56,6 +56,38 @@ class _NoDelay:
         return self._endpoint.connect(factory).addCallback(_nodelay)
 
 
+@implementer(IStreamClientEndpoint)
+class _Handshaken:
+    """
+    A TLS endpoint whose connection counts as made once its handshake is
+    done, within the connect timeout, as nginx's C{proxy_connect_timeout}
+    bounds the SSL handshake: a target that accepts TCP connections and
+    never answers the handshake fails the attempt (a timeout, retried like
+    one) instead of holding it until the service's C{read_timeout}.
+
+    Only the lean client's connections say when their handshake is done;
+    other protocols are handed on as soon as TCP connects, as before.
+    """
+
+    def __init__(
+        self, endpoint: IStreamClientEndpoint, reactor: Any, timeout: float
+    ) -> None:
+        self._endpoint = endpoint
+        self._reactor = reactor
+        self._timeout = timeout
+
+    def connect(self, factory: Any) -> Any:
+        return self._endpoint.connect(factory).addCallback(self._handshaken)
+
+    def _handshaken(self, protocol: Any) -> Any:
+        done = getattr(protocol, "handshake_done", None)
+        if done is None:
+            return protocol
+        waiting = done()
+        waiting.addTimeout(self._timeout, self._reactor)
+        return waiting.addCallback(lambda _: protocol)
+
+
 @implementer(IAgentEndpointFactory)
 class TargetEndpoints:
     """
@@ -96,7 +128,9 @@ class TargetEndpoints:
                 options: Any = optionsForClientTLS(host, trustRoot=self._trust_root)
             else:
                 options = CertificateOptions(verify=False)
-            endpoint = wrapClientTLS(options, endpoint)
+            return _Handshaken(
+                _NoDelay(wrapClientTLS(options, endpoint)), self._reactor, self._timeout
+            )
         return _NoDelay(endpoint)
 
 
