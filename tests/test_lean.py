@@ -749,9 +749,36 @@ async def test_a_tls_handshake_never_answered_times_out() -> None:
         began = reactor.seconds()
         failure = await _failure(agent.request(b"GET", url))
         assert failure.check(TimeoutError), failure
+        assert "TLS handshake" in failure.getErrorMessage()
         assert reactor.seconds() - began < 2
         await sleep(0.1)
         assert len(factory.opened) == 1  # type: ignore[attr-defined]
+        assert len(factory.closed) == 1  # type: ignore[attr-defined]
+    finally:
+        await pool.closeCachedConnections()
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancelled_during_the_tls_handshake() -> None:
+    """
+    A request given up while its connection's handshake is pending fails
+    with a cancellation, and the connection is dropped.
+    """
+    factory = Factory.forProtocol(_Mute)
+    factory.opened, factory.closed = [], []  # type: ignore[attr-defined]
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    url = f"https://127.0.0.1:{port.getHost().port}/".encode()
+    pool = LeanPool(reactor)
+    agent = LeanAgent(reactor, pool, TargetEndpoints(reactor, 30))
+    try:
+        pending = agent.request(b"GET", url)
+        await sleep(0.2)
+        assert len(factory.opened) == 1  # type: ignore[attr-defined]
+        pending.cancel()
+        failure = await _failure(pending)
+        assert failure.check(CancelledError), failure
+        await sleep(0.1)
         assert len(factory.closed) == 1  # type: ignore[attr-defined]
     finally:
         await pool.closeCachedConnections()

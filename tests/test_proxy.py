@@ -5,6 +5,7 @@ The proxy end to end: real gateway, real target servers, real sockets.
 from __future__ import annotations
 
 import json
+import socket
 from collections import Counter
 from typing import Any
 
@@ -23,6 +24,8 @@ from .gatewaykit import (
     address,
     listen,
     raw_request,
+    sample,
+    scrape,
     sleep,
 )
 
@@ -829,3 +832,51 @@ async def test_https_target_that_never_handshakes_is_a_timeout(gateway, servers)
     assert reply.code == 504
     assert reply.json["message"] == "The upstream server is timing out"
     assert reactor.seconds() - began < 5
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_connect_timeout_is_a_timeout(gateway):
+    """
+    A target whose listen queue is full (connections are never accepted)
+    times out the connect: a 504, counted as a timeout, like nginx.
+    """
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    filling = []
+    try:
+        for _ in range(4):  # fill the queue: later connects are not answered
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+            filling.append(filler)
+        reply = await gateway.admin.post(
+            "/services",
+            form={
+                "name": "full",
+                "url": f"http://127.0.0.1:{port}",
+                "connect_timeout": "300",
+                "retries": "0",
+            },
+        )
+        assert reply.code == 201, reply.body
+        await gateway.admin.post("/services/full/routes", form={"paths[]": "/full"})
+        reply = await gateway.proxy.get("/full")
+        assert reply.code == 504
+        assert reply.json["message"] == "The upstream server is timing out"
+        samples = await scrape(gateway)
+        assert (
+            sample(
+                samples,
+                "aigateway_upstream_target_requests_total",
+                upstream="",
+                target=f"127.0.0.1:{port}",
+                code="timeout",
+            )
+            == 1
+        )
+    finally:
+        for filler in filling:
+            filler.close()
+        listener.close()

@@ -75,3 +75,16 @@ def test_agrees_with_json(model, prompt, completion, total, content, indent, ord
     }
     found = scan(json.dumps(document, indent=indent).encode())
     assert found == Usage(model, prompt, completion, total)
+
+
+def test_model_name_long_once_escaped():
+    """
+    A model name of control and astral characters, which JSON escapes to
+    several times its length (found by the property above), is read.
+    """
+    model = "0" * 11 + "\x1f" * 13 + "\x07" * 3 + "\U00010000" * 11
+    document = json.dumps(
+        {"model": model, "usage": {"prompt_tokens": 1, "completion_tokens": 2}}
+    ).encode()
+    assert len(document) > 300
+    assert scan(document) == Usage(model, 1, 2, 3)

@@ -32,9 +32,9 @@ DNS_FAILURE = "dns_failure"
 #: seconds: a misbehaving upstream must not take a target out for hours.
 RETRY_AFTER_CAP = 300.0
 
-# Exceptions meaning the attempt ran out of time.  twisted.internet.error's
-# TimeoutError is a connect timeout; defer.TimeoutError is addTimeout's.
-_TIMEOUTS = (defer.TimeoutError, error.TimeoutError, error.TCPTimedOutError)
+#: Exceptions meaning the attempt ran out of time.  twisted.internet.error's
+#: TimeoutError is a connect timeout; defer.TimeoutError is addTimeout's.
+TIMEOUTS = (defer.TimeoutError, error.TimeoutError, error.TCPTimedOutError)
 # Exceptions meaning the target could not be reached or dropped us: refused,
 # reset, DNS, TLS, a response that never came or broke off.  (The
 # _WrapperException subclasses, ResponseNeverReceived and friends, are looked
@@ -163,7 +163,7 @@ def outcome_of_failure(reason: Failure) -> Outcome | None:
         if all(isinstance(inner.value, _CANCELS) for inner in exc.reasons):
             return None
         return _TCP
-    if isinstance(exc, _TIMEOUTS):
+    if isinstance(exc, TIMEOUTS):
         return _TIMEOUT
     if isinstance(exc, _CANCELS):
         return None

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
+from twisted.internet.defer import CancelledError, TimeoutError
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
@@ -27,6 +28,7 @@ from twisted.internet.endpoints import (
 )
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.ssl import CertificateOptions, optionsForClientTLS
+from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IAgent, IAgentEndpointFactory
 from zope.interface import implementer
@@ -60,8 +62,8 @@ class _NoDelay:
 class _Handshaken:
     """
     A TLS endpoint whose connection counts as made once its handshake is
-    done, within the connect timeout, as nginx's C{proxy_connect_timeout}
-    bounds the SSL handshake: a target that accepts TCP connections and
+    done, connecting and handshake within one connect timeout, as nginx's
+    C{proxy_connect_timeout} bounds both: a target that accepts TCP connections and
     never answers the handshake fails the attempt (a timeout, retried like
     one) instead of holding it until the service's C{read_timeout}.
 
@@ -77,15 +79,28 @@ class _Handshaken:
         self._timeout = timeout
 
     def connect(self, factory: Any) -> Any:
-        return self._endpoint.connect(factory).addCallback(self._handshaken)
+        began = self._reactor.seconds()
+        return self._endpoint.connect(factory).addCallback(self._handshaken, began)
 
-    def _handshaken(self, protocol: Any) -> Any:
+    def _handshaken(self, protocol: Any, began: float) -> Any:
         done = getattr(protocol, "handshake_done", None)
         if done is None:
             return protocol
+        # One connect_timeout for connecting and the handshake together.
+        left = max(0.0, self._timeout - (self._reactor.seconds() - began))
         waiting = done()
-        waiting.addTimeout(self._timeout, self._reactor)
+        waiting.addTimeout(left, self._reactor, onTimeoutCancel=self._timed_out)
         return waiting.addCallback(lambda _: protocol)
+
+    def _timed_out(self, result: Any, timeout: float) -> Any:
+        if isinstance(result, Failure) and result.check(CancelledError):
+            return Failure(
+                TimeoutError(
+                    f"TLS handshake not done within the connect timeout "
+                    f"({self._timeout:g} s)"
+                )
+            )
+        return result
 
 
 @implementer(IAgentEndpointFactory)

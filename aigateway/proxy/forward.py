@@ -17,13 +17,13 @@ from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
 import attrs
-from twisted.internet.defer import TimeoutError
 from twisted.internet.error import DNSLookupError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
 from ..addresses import format_target, host_header
+from ..health.passive import TIMEOUTS
 from ..model import Target
 from .headers import client_response_headers, upstream_headers
 from .lean import LeanAgent, LeanRequest
@@ -391,7 +391,9 @@ class Exchange:
 
     def _failed(self, failure: Failure, target: Target) -> None:
         self._pending = None
-        timeout = self._timed_out or failure.check(TimeoutError) is not None
+        # (A connect timeout is twisted.internet.error's TimeoutError, not
+        # the read timeout's defer.TimeoutError: both are timeouts, 504.)
+        timeout = self._timed_out or failure.check(*TIMEOUTS) is not None
         self.end(target, "timeout" if timeout else "error", None)
         if self.gone:
             # The client cancelled: not the target's fault.
@@ -476,8 +478,8 @@ class Exchange:
         """
         if not self._finished:
             self._finished = True
-            self.hooks.observer.done(self)
             self._stop_timer()
+            self.hooks.observer.done(self)
             # The relay and the exchange point at each other: break the
             # cycle so both go with reference counting, not a GC pass.
             self._relay = None

@@ -59,7 +59,8 @@ _OPENAI = re.compile(
 # character-class run, which the regular expression engine does in a tight
 # loop; the alternation that allows escapes, tried only when that fails,
 # steps through the name one character at a time (twice the cost).
-_MODEL = re.compile(rb'"model"\s*:\s*("[^"\\]{1,200}"|"(?:[^"\\]|\\.){1,200}")')
+# (Escaped, a name takes up to 12 bytes a character: room for 80.)
+_MODEL = re.compile(rb'"model"\s*:\s*("[^"\\]{1,200}"|"(?:[^"\\]|\\.){1,1000}")')
 _WINDOW = 1024
 
 
