@@ -5,6 +5,7 @@ and raw TCP servers that send crafted (sometimes broken) answers.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import re
@@ -731,6 +732,25 @@ class _Mute(Protocol):
         self.factory.closed.append(self)  # type: ignore[attr-defined]
 
 
+@contextlib.asynccontextmanager
+async def _silent_https(connect_timeout: float) -> AsyncIterator[Any]:
+    """
+    A lean agent with C{connect_timeout} and the https URL of a server
+    that never answers a handshake: C{(its factory, with the connections
+    C{opened} and C{closed}, the agent, the URL)}.
+    """
+    factory: Any = Factory.forProtocol(_Mute)
+    factory.opened, factory.closed = [], []
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    pool = LeanPool(reactor)
+    agent = LeanAgent(reactor, pool, TargetEndpoints(reactor, connect_timeout))
+    try:
+        yield factory, agent, f"https://127.0.0.1:{port.getHost().port}/".encode()
+    finally:
+        await pool.closeCachedConnections()
+        await port.stopListening()
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_tls_handshake_never_answered_times_out() -> None:
     """
@@ -739,24 +759,15 @@ async def test_a_tls_handshake_never_answered_times_out() -> None:
     timeout (as nginx's proxy_connect_timeout), and the connection is
     dropped; nothing waits for a read timeout.
     """
-    factory = Factory.forProtocol(_Mute)
-    factory.opened, factory.closed = [], []  # type: ignore[attr-defined]
-    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-    url = f"https://127.0.0.1:{port.getHost().port}/".encode()
-    pool = LeanPool(reactor)
-    agent = LeanAgent(reactor, pool, TargetEndpoints(reactor, 0.3))
-    try:
+    async with _silent_https(0.3) as (factory, agent, url):
         began = reactor.seconds()
         failure = await _failure(agent.request(b"GET", url))
         assert failure.check(TimeoutError), failure
         assert "TLS handshake" in failure.getErrorMessage()
         assert reactor.seconds() - began < 2
         await sleep(0.1)
-        assert len(factory.opened) == 1  # type: ignore[attr-defined]
-        assert len(factory.closed) == 1  # type: ignore[attr-defined]
-    finally:
-        await pool.closeCachedConnections()
-        await port.stopListening()
+        assert len(factory.opened) == 1
+        assert len(factory.closed) == 1
 
 
 @pytest_twisted.ensureDeferred
@@ -765,24 +776,15 @@ async def test_cancelled_during_the_tls_handshake() -> None:
     A request given up while its connection's handshake is pending fails
     with a cancellation, and the connection is dropped.
     """
-    factory = Factory.forProtocol(_Mute)
-    factory.opened, factory.closed = [], []  # type: ignore[attr-defined]
-    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-    url = f"https://127.0.0.1:{port.getHost().port}/".encode()
-    pool = LeanPool(reactor)
-    agent = LeanAgent(reactor, pool, TargetEndpoints(reactor, 30))
-    try:
+    async with _silent_https(30) as (factory, agent, url):
         pending = agent.request(b"GET", url)
         await sleep(0.2)
-        assert len(factory.opened) == 1  # type: ignore[attr-defined]
+        assert len(factory.opened) == 1
         pending.cancel()
         failure = await _failure(pending)
         assert failure.check(CancelledError), failure
         await sleep(0.1)
-        assert len(factory.closed) == 1  # type: ignore[attr-defined]
-    finally:
-        await pool.closeCachedConnections()
-        await port.stopListening()
+        assert len(factory.closed) == 1
 
 
 def test_agents_lean_by_default() -> None:

@@ -30,6 +30,20 @@ from .gatewaykit import (
 )
 
 
+async def add_service(gateway, name: str, url: str, **fields: str) -> None:
+    """
+    A service for C{url} with C{fields}, and a route to it on C{/name}.
+    """
+    reply = await gateway.admin.post(
+        "/services", form={"name": name, "url": url, **fields}
+    )
+    assert reply.code == 201, reply.body
+    reply = await gateway.admin.post(
+        f"/services/{name}/routes", form={"paths[]": f"/{name}"}
+    )
+    assert reply.code == 201, reply.body
+
+
 async def spread(gateway, count: int, concurrency: int = 20) -> Counter[bytes]:
     """
     Send C{count} requests through the proxy, C{concurrency} at a time,
@@ -776,20 +790,13 @@ async def test_read_timeouts_of_requests_sharing_a_connection(gateway, servers):
         target = TargetResource(name)
         target.delay = delay
         servers.append(port := listen(target))
-        reply = await gateway.admin.post(
-            "/services",
-            form={
-                "name": name,
-                "url": f"http://127.0.0.1:{port.getHost().port}",
-                "read_timeout": str(read_timeout),
-                "retries": "0",
-            },
+        await add_service(
+            gateway,
+            name,
+            f"http://127.0.0.1:{port.getHost().port}",
+            read_timeout=str(read_timeout),
+            retries="0",
         )
-        assert reply.code == 201, reply.body
-        reply = await gateway.admin.post(
-            f"/services/{name}/routes", form={"paths[]": f"/{name}"}
-        )
-        assert reply.code == 201, reply.body
 
     await service("quick", 0, 300)
     await service("patient", 0.8, 3000)
@@ -815,18 +822,14 @@ async def test_https_target_that_never_handshakes_is_a_timeout(gateway, servers)
     """
     silent = Factory.forProtocol(Protocol)  # accepts, then says nothing
     servers.append(mute := reactor.listenTCP(0, silent, interface="127.0.0.1"))
-    reply = await gateway.admin.post(
-        "/services",
-        form={
-            "name": "tls",
-            "url": f"https://127.0.0.1:{mute.getHost().port}",
-            "connect_timeout": "300",
-            "read_timeout": "30000",
-            "retries": "0",
-        },
+    await add_service(
+        gateway,
+        "tls",
+        f"https://127.0.0.1:{mute.getHost().port}",
+        connect_timeout="300",
+        read_timeout="30000",
+        retries="0",
     )
-    assert reply.code == 201, reply.body
-    await gateway.admin.post("/services/tls/routes", form={"paths[]": "/tls"})
     began = reactor.seconds()
     reply = await gateway.proxy.get("/tls")
     assert reply.code == 504
@@ -851,17 +854,13 @@ async def test_a_connect_timeout_is_a_timeout(gateway):
             filler.setblocking(False)
             filler.connect_ex(("127.0.0.1", port))
             filling.append(filler)
-        reply = await gateway.admin.post(
-            "/services",
-            form={
-                "name": "full",
-                "url": f"http://127.0.0.1:{port}",
-                "connect_timeout": "300",
-                "retries": "0",
-            },
+        await add_service(
+            gateway,
+            "full",
+            f"http://127.0.0.1:{port}",
+            connect_timeout="300",
+            retries="0",
         )
-        assert reply.code == 201, reply.body
-        await gateway.admin.post("/services/full/routes", form={"paths[]": "/full"})
         reply = await gateway.proxy.get("/full")
         assert reply.code == 504
         assert reply.json["message"] == "The upstream server is timing out"
