@@ -43,9 +43,7 @@ class Recorder(ExchangeObserver):
         metrics = self._metrics
         if metrics is None:
             return
-        series = exchange.observed = metrics.attempt(
-            exchange.service, exchange.route, _upstream_name(exchange), target
-        )
+        series = exchange.observed = self._series(exchange, target)
         series.target.inflight += 1
         if exchange.attempts > 1:
             metrics.retries[series.upstream] += 1
@@ -63,7 +61,7 @@ class Recorder(ExchangeObserver):
             series.first_byte(first_byte * 1000)
 
     def _series(self, exchange: Exchange, target: Target) -> AttemptSeries:
-        # The attempt that ends is the one that started last.
+        # Those of the attempt that started last, if it was on this target.
         series: AttemptSeries | None = exchange.observed
         if series is None or not series.made_for(exchange.route, target):
             assert self._metrics is not None

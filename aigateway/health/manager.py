@@ -170,9 +170,7 @@ class HealthManager:
         A proxied attempt got a response (C{retry_after}: its raw
         C{Retry-After} header).
         """
-        # (L{report}, looked up in place: this runs for every response.)
-        states = self._states.get(target.upstream_id)
-        state = None if states is None else states.get(target.key)
+        state = self._state(target)
         if state is None:
             return
         if isinstance(retry_after, bytes):

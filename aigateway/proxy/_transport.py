@@ -86,6 +86,38 @@ def unsent(transport: Any) -> int:
     return waiting + struct.unpack("i", outq)[0]
 
 
+class SendProgress:
+    """
+    When the peer of a connection last took any of what was written to it
+    (L{unsent} going down): the clock of a send timeout, which, as nginx's
+    C{send_timeout}, counts the time between two bytes taken, not the whole
+    answer's.
+    """
+
+    __slots__ = ("_left", "_since")
+
+    def __init__(self) -> None:
+        self._left = 0
+        self._since = 0.0
+
+    def start(self, transport: Any, now: float) -> None:
+        """
+        Count from C{now}, with what is unsent now.
+        """
+        self._left = unsent(transport)
+        self._since = now
+
+    def stalled_for(self, transport: Any, now: float) -> float:
+        """
+        How long, looking at C{now}, the peer has taken none of it.
+        """
+        left = unsent(transport)
+        if left < self._left:
+            self._since = now
+        self._left = left
+        return now - self._since
+
+
 def _through(transport: Any, data: bytes) -> bool:
     if (
         not transport.TLS

@@ -53,7 +53,7 @@ from zope.interface import implementer
 
 from .._version import __version__
 from ._parser import BadRequest, RequestHead, RequestParser
-from ._transport import send, unsent
+from ._transport import SendProgress, send
 
 _log = Logger()
 
@@ -470,14 +470,14 @@ class ProxyChannel(Protocol):
         self._write_paused = False
         self._read_paused = False
         self._closing: Any = None
-        self._closing_left = 0
-        self._closing_since = 0.0
+        # What the client takes of a closing connection's rest, and of a
+        # response while its send buffer is full.
+        self._draining = SendProgress()
+        self._stalled = SendProgress()
         self.request_began = 0.0
-        #: When the client last stopped taking the response (its send
-        #: buffer filled up), and when it last started again.
-        self.paused_since = 0.0
+        #: When the client last started taking the response again after its
+        #: send buffer filled up.
         self.resumed_at = 0.0
-        self._queued_seen = 0
         self._timer: LentTimer | None = None
 
     def lent_timer(self, clock: Any) -> LentTimer:
@@ -647,8 +647,7 @@ class ProxyChannel(Protocol):
             transport.unregisterProducer()
         transport.loseConnection()
         # A client that never reads the rest would hold the connection.
-        self._closing_left = unsent(transport)
-        self._closing_since = self.factory.seconds()
+        self._draining.start(transport, self.factory.seconds())
         self._closing = self.factory.call_later(
             self.factory.close_grace / 4, self._look
         )
@@ -663,11 +662,7 @@ class ProxyChannel(Protocol):
         if transport is None:
             return
         now = self.factory.seconds()
-        left = unsent(transport)
-        if left < self._closing_left:
-            self._closing_left = left
-            self._closing_since = now
-        if now - self._closing_since >= self.factory.close_grace:
+        if self._draining.stalled_for(transport, now) >= self.factory.close_grace:
             transport.abortConnection()
             return
         self._closing = self.factory.call_later(
@@ -686,8 +681,7 @@ class ProxyChannel(Protocol):
     def pauseProducing(self) -> None:
         if not self._write_paused:
             self._write_paused = True
-            self.paused_since = self.factory.seconds()
-            self._queued_seen = unsent(self.transport)
+            self._stalled.start(self.transport, self.factory.seconds())
         if self._producer is not None:
             self._producer.pauseProducing()
 
@@ -727,11 +721,7 @@ class ProxyChannel(Protocol):
             # by bit stays paused: progress, not the pause, is what counts
             # (nginx's send_timeout is the time between two successive
             # writes).
-            left = unsent(self.transport)
-            if left < self._queued_seen:
-                self.paused_since = now
-            self._queued_seen = left
-            return now - self.paused_since
+            return self._stalled.stalled_for(self.transport, now)
         if self.responding:
             return 0.0
         if self.parser.in_head():
