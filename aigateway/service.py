@@ -21,6 +21,7 @@ from twisted.logger import Logger
 
 from .admin.site import AdminSite
 from .config import ConfigSnapshot
+from .feed import ConfigFeed
 from .proxy.client import Agents
 from .proxy.server import ProxyFactory
 from .runtime import Runtime
@@ -62,6 +63,9 @@ class Settings:
     latency_headers: bool = True
     metrics: bool = True
     trust_forwarded_for: bool = False
+    #: Seconds between looks for configuration written by other processes
+    #: sharing the store (0: never look).
+    db_update_frequency: float = 1.0
 
 
 class GatewayService(MultiService):
@@ -97,6 +101,11 @@ class GatewayService(MultiService):
         self.ready: Deferred[None] = Deferred()
         self.proxy_port: IListeningPort | None = None
         self.admin_port: IListeningPort | None = None
+        self.feed: ConfigFeed | None = None
+        if settings.db_update_frequency > 0:
+            self.feed = ConfigFeed(
+                reactor, self.parts.entities.refresh, settings.db_update_frequency
+            )
 
     def startService(self) -> None:
         super().startService()
@@ -123,6 +132,8 @@ class GatewayService(MultiService):
         self.admin_port = await serverFromString(
             self.reactor, self.settings.admin
         ).listen(admin)
+        if self.feed is not None:
+            self.feed.start()
         _log.info(
             "aigateway {node} ready: proxy on {proxy}, Admin API on {admin}, "
             "configuration version {version}",
@@ -154,6 +165,8 @@ class GatewayService(MultiService):
                 result = port.stopListening()
                 if isinstance(result, Deferred):
                     stops.append(result)
+        if self.feed is not None:
+            self.feed.stop()
         self.parts.stop()
         stops.append(self.agents.close())
         stops.append(self.store.close())

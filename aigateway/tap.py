@@ -26,6 +26,13 @@ def _size(value: str) -> int:
     return size
 
 
+def _seconds(value: str) -> float:
+    seconds = float(value)
+    if not 0 <= seconds <= 86400:
+        raise ValueError("must be between 0 and 86400")
+    return seconds
+
+
 class Options(usage.Options):
     """
     Options of C{twistd aigateway}.
@@ -73,6 +80,14 @@ class Options(usage.Options):
             16 * 1024 * 1024,
             "Largest request body the proxy accepts, in bytes.",
             _size,
+        ],
+        [
+            "db-update-frequency",
+            None,
+            1.0,
+            "Seconds between looks for configuration changed by other gateway "
+            "processes sharing the database (0: never look).",
+            _seconds,
         ],
     ]
     optFlags = [
@@ -180,6 +195,7 @@ def makeService(options: Options) -> IService:
         latency_headers=not options["no-latency-headers"],
         metrics=not options["no-metrics"],
         trust_forwarded_for=bool(options["trust-forwarded-for"]),
+        db_update_frequency=options["db-update-frequency"],
     )
     service: Any = GatewayService(reactor, settings, exit_on_failure=True)
     _tune_gc(service)

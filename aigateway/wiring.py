@@ -22,6 +22,7 @@ from .admin import services, status, upstreams
 from .admin.app import handle_routing_errors
 from .admin.declarative import apply_document
 from .admin.entities import Entities
+from .admin.site import FreshResource
 from .balancer.backup import build_balancer
 from .health.hook import build_health
 from .health.manager import Probed
@@ -120,7 +121,7 @@ def build(reactor: Any, node: Any) -> Parts:
         runtime=runtime,
         entities=entities,
         proxy_resource=proxy,
-        admin_resource=app.resource(),
+        admin_resource=FreshResource(app.resource(), entities.refresh),
         metrics=metrics,
         load_declarative=load_declarative,
         stop=stop,

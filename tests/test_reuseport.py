@@ -21,7 +21,14 @@ from zope.interface.verify import verifyObject
 from aigateway.reuseport import ReusePortEndpoint, ReusePortParser
 from aigateway.tap import Options
 
-from .gatewaykit import Gateway, TargetResource, address, listen, raw_request
+from .gatewaykit import (
+    Gateway,
+    TargetResource,
+    address,
+    listen,
+    raw_request,
+    wait_for,
+)
 
 
 class _Counting(Factory):
@@ -105,22 +112,30 @@ def test_bad_endpoint_strings_refused_up_front(spec):
 @pytest_twisted.ensureDeferred
 async def test_two_gateways_serve_one_port(tmp_path, servers):
     """
-    Two gateway nodes started on the same C{reuseport:} endpoint, each
-    configured alike, both answer proxied requests arriving on it.
+    Two gateway nodes started on the same C{reuseport:} endpoint and the
+    same database, configured once through the first one's Admin API,
+    both answer proxied requests arriving on it.
     """
     target = TargetResource("t")
     servers.append(port := listen(target))
+    database = str(tmp_path / "shared.db")
     first = await Gateway(
-        str(tmp_path / "one.db"), proxy_spec="reuseport:0:interface=127.0.0.1"
+        database, proxy_spec="reuseport:0:interface=127.0.0.1"
     ).start()
     number = first.service.proxy_port.getHost().port
     second = await Gateway(
-        str(tmp_path / "two.db"),
+        database,
         proxy_spec=f"reuseport:{number}:interface=127.0.0.1",
+        db_update_frequency=0.1,
     ).start()
     try:
-        for node in (first, second):
-            await node.configure("up", {address(port): 100})
+        await first.configure("up", {address(port): 100})
+        version = first.service.runtime.snapshot.version
+
+        async def second_has_it() -> bool:
+            return second.service.runtime.snapshot.version == version
+
+        await wait_for(second_has_it, 5.0, 0.05)
         prefixes = set()
         for _ in range(40):
             raw = await raw_request(

@@ -29,6 +29,16 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(options["admin"], "tcp:8001:interface=127.0.0.1")
         self.assertEqual(options["database"], "aigateway.db")
 
+    def test_db_update_frequency(self):
+        options = Options()
+        options.parseOptions([])
+        self.assertEqual(options["db-update-frequency"], 1.0)
+        options.parseOptions(["--db-update-frequency", "0.25"])
+        self.assertEqual(options["db-update-frequency"], 0.25)
+        for bad in ("-1", "soon", "100000"):
+            with self.assertRaises(UsageError):
+                Options().parseOptions(["--db-update-frequency", bad])
+
     def test_bad_endpoint(self):
         with self.assertRaises(UsageError):
             Options().parseOptions(["--proxy", "carrier-pigeon:1"])

@@ -6,6 +6,12 @@ Writes are serialised by one L{DeferredLock}: each validates against the
 configuration in force, commits one store transaction, and only then puts
 a new snapshot in force, so a failed write leaves both the store and the
 running gateway as they were.
+
+Other gateway processes may share the store.  A write commits only if the
+stored configuration is still the version it was validated against; when
+it is not, the stored configuration is loaded and put in force, and the
+write is validated and tried again, so a name taken on another node is
+refused here too and no change made there is overwritten.
 """
 
 from __future__ import annotations
@@ -16,13 +22,14 @@ from contextlib import suppress
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredLock
+from twisted.logger import Logger
 
 from ..addresses import format_target, parse_target
 from ..config import ConfigSnapshot
 from ..records import PARENT, SERVER_FIELDS, UNIQUE, build_record, parent_id
 from ..runtime import Runtime
 from ..schema import merge
-from ..store.interfaces import IStore
+from ..store.interfaces import IStore, StaleConfiguration
 from .errors import (
     AdminError,
     foreign_key_violation,
@@ -32,6 +39,12 @@ from .errors import (
 )
 
 Record = dict[str, Any]
+
+_log = Logger()
+
+# Writes tried against a configuration that other processes keep changing
+# before one is let fail.
+_ATTEMPTS = 10
 
 
 def is_uuid(value: str) -> bool:
@@ -224,7 +237,49 @@ class Entities:
     def _locked(
         self, function: Callable[..., Deferred[Any]], *args: Any
     ) -> Deferred[Any]:
-        return self._lock.run(function, *args)
+        """
+        Run C{function} (which validates and commits) alone, again after
+        loading the stored configuration when another process wrote first.
+        """
+
+        async def run() -> Any:
+            for _ in range(_ATTEMPTS - 1):
+                try:
+                    return await function(*args)
+                except StaleConfiguration:
+                    await self._reload()
+            return await function(*args)
+
+        return self._lock.run(lambda: Deferred.fromCoroutine(run()))
+
+    def refresh(self) -> Deferred[bool]:
+        """
+        Put the stored configuration in force if another process changed
+        it (the change feed calls this).
+
+        @return: a L{Deferred} firing with whether it changed.
+        """
+
+        async def run() -> bool:
+            if await self._store.version() == self.snapshot.version:
+                return False
+            return await self._reload()
+
+        return self._lock.run(lambda: Deferred.fromCoroutine(run()))
+
+    async def _reload(self) -> bool:
+        old = self.snapshot.version
+        version, records = await self._store.load()
+        if version == old:
+            return False
+        self._runtime.apply(ConfigSnapshot.build(version, records))
+        _log.info(
+            "configuration version {version} loaded from the store "
+            "(was {old}: changed by another node)",
+            version=version,
+            old=old,
+        )
+        return True
 
     def _create(
         self, kind: str, data: Record, coerce: bool, parent: str | None
@@ -323,7 +378,8 @@ class Entities:
         def apply(version: int) -> None:
             self._runtime.apply(ConfigSnapshot.build(version, records))
 
-        return self._store.write(puts, deletes).addCallback(apply)
+        expected = self.snapshot.version
+        return self._store.write(puts, deletes, expected).addCallback(apply)
 
     def replace(self, records: Mapping[str, Mapping[str, Record]]) -> Deferred[None]:
         """
@@ -335,7 +391,8 @@ class Entities:
             self._runtime.apply(ConfigSnapshot.build(version, records))
 
         def swap() -> Deferred[None]:
-            return self._store.replace(records).addCallback(apply)
+            expected = self.snapshot.version
+            return self._store.replace(records, expected).addCallback(apply)
 
         return self._locked(swap)
 

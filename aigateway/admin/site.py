@@ -1,13 +1,20 @@
+# -*- test-case-name: tests.test_feed -*-
 """
 The Admin API's twisted.web site.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from twisted.web.server import Site
+from twisted.web.server import NOT_DONE_YET, Site
+
+_log = Logger()
 
 
 class AdminSite(Site):
@@ -25,3 +32,46 @@ class AdminSite(Site):
 
     def log(self, request: Any) -> None:
         pass
+
+
+class FreshResource(Resource):
+    """
+    Answers every admin call from the stored configuration: if another
+    process sharing the store changed it, it is loaded (and put in force)
+    before the call is handled.
+
+    The proxy learns of other processes' changes within the change feed's
+    interval, but an operator who created an upstream through one node and
+    adds a target to it through another must not be told it does not
+    exist: as with Kong, the Admin API reads what the database holds.  It
+    costs one small query per admin call, never a proxied request.  If the
+    store does not answer, the call is handled from the configuration in
+    force (a write will then fail with the store's error).
+    """
+
+    isLeaf = True
+
+    def __init__(self, inner: Resource, refresh: Callable[[], Deferred[bool]]) -> None:
+        super().__init__()
+        self._inner = inner
+        self._refresh = refresh
+
+    def render(self, request: Any) -> Any:
+        def handle(_: object) -> None:
+            result = self._inner.render(request)
+            if result is not NOT_DONE_YET:
+                request.write(result)
+                request.finish()
+
+        d = self._refresh()
+        d.addErrback(self._unreadable)
+        d.addCallback(handle)
+        d.addErrback(lambda failure: _log.failure("admin call failed", failure))
+        return NOT_DONE_YET
+
+    def _unreadable(self, failure: Failure) -> None:
+        _log.failure(
+            "could not read the configuration store; answering from the "
+            "configuration in force",
+            failure,
+        )

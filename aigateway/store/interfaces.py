@@ -2,10 +2,17 @@
 """
 The store interface.
 
-The store is the durable copy of the configuration.  Only the Admin API
-(and start-up) touch it; the proxy reads the in-memory snapshot.  Every
-method returns a L{Deferred} so that an implementation can run its blocking
-database calls off the reactor thread.
+The store is the durable copy of the configuration.  Only the Admin API,
+start-up and the change feed touch it; the proxy reads the in-memory
+snapshot.  Every method returns a L{Deferred} so that an implementation can
+run its blocking database calls off the reactor thread.
+
+Several gateway processes (one per core, or one per machine) may share one
+store.  Each keeps its own snapshot, so a write says which configuration
+version it was validated against, and the store refuses it with
+L{StaleConfiguration} when another process wrote in between: the writer
+then reloads, validates again and retries, and no change made elsewhere is
+lost or bypasses a uniqueness check.
 """
 
 from __future__ import annotations
@@ -17,6 +24,14 @@ from twisted.internet.defer import Deferred
 from zope.interface import Interface
 
 Record = Mapping[str, Any]
+
+
+class StaleConfiguration(Exception):
+    """
+    A write was validated against a configuration version that is no
+    longer the stored one: another process changed the configuration.
+    Nothing was written.
+    """
 
 
 class IStore(Interface):
@@ -32,20 +47,36 @@ class IStore(Interface):
             records by kind and id.
         """
 
+    def version() -> Deferred[int]:
+        """
+        The stored configuration version, read cheaply: the change feed
+        asks for it every few seconds and loads everything only when it
+        moved.
+        """
+
     def write(
-        puts: Sequence[tuple[str, Record]], deletes: Sequence[tuple[str, str]]
+        puts: Sequence[tuple[str, Record]],
+        deletes: Sequence[tuple[str, str]],
+        expected: int | None = None,
     ) -> Deferred[int]:
         """
         Insert or replace C{puts} (kind, record) and delete C{deletes}
         (kind, id) in one transaction, durable when the L{Deferred} fires.
 
-        @return: a L{Deferred} firing with the new configuration version.
+        @param expected: the configuration version the change was validated
+            against, or L{None} to write whatever is stored.
+        @return: a L{Deferred} firing with the new configuration version,
+            or failing with L{StaleConfiguration} (nothing written) when
+            the stored version is not C{expected}.
         """
 
-    def replace(records: Mapping[str, Mapping[str, Record]]) -> Deferred[int]:
+    def replace(
+        records: Mapping[str, Mapping[str, Record]], expected: int | None = None
+    ) -> Deferred[int]:
         """
         Replace the whole configuration in one transaction.
 
+        @param expected: as for L{write}.
         @return: a L{Deferred} firing with the new configuration version.
         """
 

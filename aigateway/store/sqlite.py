@@ -6,6 +6,13 @@ Calls run on one dedicated database thread through L{adbapi.ConnectionPool}
 (SQLite has one writer anyway), so the reactor never waits on disk; each
 write is one transaction committed with C{synchronous=FULL}, so a change is
 on disk when the Admin API answers.
+
+Several gateway processes on one machine may open the same file (WAL mode
+lets them read while one writes): every write transaction starts by moving
+the configuration version on only if it is still the one the writer
+validated against, so the compare and the write are one atomic step, and a
+writer that finds the file locked waits for it (C{timeout}) rather than
+failing.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from twisted.internet.interfaces import IReactorThreads
 from zope.interface import implementer
 
 from ..config import empty_records
-from .interfaces import IStore, Record
+from .interfaces import IStore, Record, StaleConfiguration
 
 # Forward migrations, applied in order; the index + 1 is the schema version.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -41,8 +48,13 @@ def migrate(cursor: Any) -> int:
     """
     Bring the schema up to date.
 
+    The whole check-and-migrate is one immediate transaction: two
+    processes started together on a new file would otherwise both see
+    version 0 and both create the tables.
+
     @return: the schema version.
     """
+    cursor.execute("BEGIN IMMEDIATE")
     cursor.execute(
         "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
     )
@@ -63,10 +75,29 @@ def migrate(cursor: Any) -> int:
     return len(MIGRATIONS)
 
 
-def _bump(cursor: Any) -> int:
-    cursor.execute("UPDATE meta SET value = value + 1 WHERE key = 'config_version'")
+def _version(cursor: Any) -> int:
     cursor.execute("SELECT value FROM meta WHERE key = 'config_version'")
     return int(cursor.fetchone()[0])
+
+
+def _bump(cursor: Any, expected: int | None) -> int:
+    """
+    Move the configuration version on, first thing in a write transaction
+    (it takes SQLite's write lock, so nobody else writes until commit).
+
+    @raise StaleConfiguration: the stored version is not C{expected}.
+    """
+    if expected is None:
+        cursor.execute("UPDATE meta SET value = value + 1 WHERE key = 'config_version'")
+    else:
+        cursor.execute(
+            "UPDATE meta SET value = value + 1"
+            " WHERE key = 'config_version' AND value = ?",
+            (expected,),
+        )
+        if cursor.rowcount != 1:
+            raise StaleConfiguration(expected)
+    return _version(cursor)
 
 
 def _put(cursor: Any, kind: str, record: Record) -> None:
@@ -109,34 +140,47 @@ class SQLiteStore:
         def read(cursor: Any) -> tuple[int, dict[str, dict[str, dict[str, Any]]]]:
             records = empty_records()
             cursor.execute("SELECT kind, id, data FROM entities")
+            # One read transaction, so the version is that of the records
+            # even while another process writes.
+            cursor.execute("BEGIN")
+            cursor.execute("SELECT kind, id, data FROM entities")
             for kind, id, data in cursor.fetchall():
                 records.setdefault(kind, {})[id] = json.loads(data)
-            cursor.execute("SELECT value FROM meta WHERE key = 'config_version'")
-            return int(cursor.fetchone()[0]), records
+            return _version(cursor), records
 
         return self._pool.runInteraction(read)
 
+    def version(self) -> Deferred[int]:
+        return self._pool.runInteraction(_version)
+
     def write(
-        self, puts: Sequence[tuple[str, Record]], deletes: Sequence[tuple[str, str]]
+        self,
+        puts: Sequence[tuple[str, Record]],
+        deletes: Sequence[tuple[str, str]],
+        expected: int | None = None,
     ) -> Deferred[int]:
         def transaction(cursor: Any) -> int:
+            version = _bump(cursor, expected)
             for kind, record in puts:
                 _put(cursor, kind, record)
             for kind, id in deletes:
                 cursor.execute(
                     "DELETE FROM entities WHERE kind = ? AND id = ?", (kind, id)
                 )
-            return _bump(cursor)
+            return version
 
         return self._pool.runInteraction(transaction)
 
-    def replace(self, records: Mapping[str, Mapping[str, Record]]) -> Deferred[int]:
+    def replace(
+        self, records: Mapping[str, Mapping[str, Record]], expected: int | None = None
+    ) -> Deferred[int]:
         def transaction(cursor: Any) -> int:
+            version = _bump(cursor, expected)
             cursor.execute("DELETE FROM entities")
             for kind, by_id in records.items():
                 for record in by_id.values():
                     _put(cursor, kind, record)
-            return _bump(cursor)
+            return version
 
         return self._pool.runInteraction(transaction)
 

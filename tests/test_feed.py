@@ -1,0 +1,277 @@
+"""
+Several gateway processes sharing one configuration store: the change
+feed that brings other processes' writes in force, writes validated
+against a stale snapshot refused by the store and retried, and start-up of
+several processes on one new database file.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
+from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
+
+from aigateway.admin.errors import AdminError
+from aigateway.feed import ConfigFeed
+from aigateway.store.interfaces import StaleConfiguration
+from aigateway.store.sqlite import SQLiteStore
+
+from .gatewaykit import Gateway, TargetResource, address, listen, wait_for
+
+# -- the feed, on a clock -------------------------------------------------
+
+
+class _Refresh:
+    """
+    A stand-in for L{Entities.refresh} that records its calls and answers
+    with what the test queues.
+    """
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.answers: list[Deferred[bool]] = []
+
+    def __call__(self) -> Deferred[bool]:
+        self.calls += 1
+        return self.answers.pop(0) if self.answers else succeed(False)
+
+
+def test_feed_looks_every_interval_from_one_interval_after_start():
+    clock, refresh = Clock(), _Refresh()
+    feed = ConfigFeed(clock, refresh, 2.0)
+    feed.start()
+    assert refresh.calls == 0
+    clock.advance(1.9)
+    assert refresh.calls == 0
+    clock.advance(0.1)
+    assert refresh.calls == 1
+    clock.pump([2.0] * 4)
+    assert refresh.calls == 5
+    feed.stop()
+    clock.advance(10)
+    assert refresh.calls == 5
+    assert clock.getDelayedCalls() == []
+
+
+def test_feed_looks_one_at_a_time():
+    """
+    A look that has not answered yet (a slow database) is not overlapped
+    by the next: the next comes an interval after it answers.
+    """
+    clock, refresh = Clock(), _Refresh()
+    slow: Deferred[bool] = Deferred()
+    refresh.answers.append(slow)
+    feed = ConfigFeed(clock, refresh, 1.0)
+    feed.start()
+    clock.advance(1.0)
+    assert refresh.calls == 1
+    clock.pump([1.0] * 5)
+    assert refresh.calls == 1
+    slow.callback(True)
+    clock.advance(1.0)
+    assert refresh.calls == 2
+    feed.stop()
+
+
+def test_feed_survives_a_failing_store_and_logs_once():
+    clock, refresh = Clock(), _Refresh()
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        for _ in range(3):
+            refresh.answers.append(fail(OSError("disk gone")))
+        feed = ConfigFeed(clock, refresh, 1.0)
+        feed.start()
+        clock.pump([1.0] * 3)
+        assert refresh.calls == 3 and feed.failing
+        clock.advance(1.0)
+        assert refresh.calls == 4 and not feed.failing
+        feed.stop()
+    finally:
+        globalLogPublisher.removeObserver(events)
+    logged = [e for e in events if e.get("log_namespace") == "aigateway.feed"]
+    assert len(logged) == 2
+    assert "log_failure" in logged[0]
+    assert "answers again" in logged[1]["log_format"]
+
+
+@pytest.mark.parametrize("interval", [0, -1])
+def test_feed_needs_a_positive_interval(interval):
+    with pytest.raises(ValueError):
+        ConfigFeed(Clock(), _Refresh(), interval)
+
+
+# -- the store: compare and write in one step ---------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_write_validated_against_a_stale_version_is_refused(tmp_path):
+    path = str(tmp_path / "shared.db")
+    one, two = SQLiteStore(reactor, path), SQLiteStore(reactor, path)
+    try:
+        await one.start()
+        await two.start()
+        assert await one.write([("upstreams", {"id": "u1", "name": "a"})], [], 0) == 1
+        assert await two.version() == 1
+        with pytest.raises(StaleConfiguration):
+            await two.write([("upstreams", {"id": "u2", "name": "a"})], [], 0)
+        with pytest.raises(StaleConfiguration):
+            await two.replace({"upstreams": {}}, 0)
+        version, records = await two.load()
+        assert version == 1 and list(records["upstreams"]) == ["u1"]
+        assert await two.write([("upstreams", {"id": "u2", "name": "b"})], [], 1) == 2
+        assert await one.version() == 2
+    finally:
+        await one.close()
+        await two.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_stores_started_together_on_a_new_file_migrate_once(tmp_path):
+    path = str(tmp_path / "new.db")
+    stores = [SQLiteStore(reactor, path) for _ in range(4)]
+    try:
+        results = await DeferredList([s.start() for s in stores], consumeErrors=True)
+        assert [ok for ok, _ in results] == [True] * 4, results
+        assert {await s.version() for s in stores} == {0}
+    finally:
+        for store in stores:
+            await store.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT COUNT(*) FROM schema_version").fetchone() == (1,)
+        assert db.execute("SELECT COUNT(*) FROM meta").fetchone() == (1,)
+
+
+# -- two nodes on one file ----------------------------------------------------
+
+
+@pytest_twisted.async_yield_fixture
+async def pair(tmp_path):
+    """
+    Two nodes sharing one SQLite file: C{first} looks for changes every
+    0.1 s, C{second} never (so it stays stale until it writes).
+    """
+    path = str(tmp_path / "shared.db")
+    first = await Gateway(path, db_update_frequency=0.1).start()
+    second = await Gateway(path, db_update_frequency=0).start()
+    yield first, second
+    await first.stop()
+    await second.stop()
+
+
+async def _version(node: Gateway) -> int:
+    return (await node.admin.get("/status")).json["configuration_version"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_change_on_one_node_is_served_by_the_other(pair, servers):
+    first, second = pair
+    servers.append(port := listen(TargetResource("t")))
+    await second.configure("up", {address(port): 100})
+
+    async def served() -> bool:
+        return (await first.proxy.get("/v1/models")).code == 200
+
+    took = await wait_for(served, 5.0, 0.05)
+    assert took < 1.0
+    assert await _version(first) == await _version(second)
+    listed = (await first.admin.get("/upstreams/up/targets")).json["data"]
+    assert [t["target"] for t in listed] == [address(port)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_admin_api_answers_from_the_store(pair):
+    """
+    The second node's change feed is off, yet its Admin API sees what the
+    first one wrote, at once.
+    """
+    first, second = pair
+    assert (await first.admin.post("/upstreams", form={"name": "a"})).code == 201
+    assert (await second.admin.get("/upstreams/a")).code == 200
+    reply = await second.admin.post("/upstreams", form={"name": "a"})
+    assert reply.code == 409, reply.body
+    reply = await second.admin.post(
+        "/upstreams/a/targets", form={"target": "127.0.0.1:9"}
+    )
+    assert reply.code == 201, reply.body
+    listed = (await first.admin.get("/upstreams/a/targets")).json["data"]
+    assert [t["target"] for t in listed] == ["127.0.0.1:9"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_write_validated_on_a_stale_view_is_validated_again(pair):
+    """
+    A write that was validated against a configuration another node has
+    since changed (the race the Admin API's look at the store cannot
+    close) is refused by the store, then validated again on the stored
+    configuration: a name taken there is a 409, and nothing the other node
+    wrote is overwritten.
+    """
+    first, second = pair
+    stale = second.service.parts.entities
+    assert (await first.admin.post("/upstreams", form={"name": "a"})).code == 201
+    assert stale.snapshot.upstreams == {}  # not looked at the store yet
+    with pytest.raises(AdminError) as caught:
+        await stale.create("upstreams", {"name": "a"}, coerce=True)
+    assert caught.value.status == 409
+    assert [u.name for u in stale.snapshot.upstreams.values()] == ["a"]
+
+    upstream = (await first.admin.get("/upstreams/a")).json["id"]
+    assert (await first.admin.post("/upstreams", form={"name": "b"})).code == 201
+    created = await stale.create(
+        "targets", {"target": "127.0.0.1:9"}, coerce=True, parent=upstream
+    )
+    assert created["upstream"]["id"] == upstream
+    names = sorted(
+        u["name"] for u in (await first.admin.get("/upstreams")).json["data"]
+    )
+    assert names == ["a", "b"]
+    listed = (await first.admin.get("/upstreams/a/targets")).json["data"]
+    assert [t["target"] for t in listed] == ["127.0.0.1:9"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_writes_on_both_nodes_all_land(pair):
+    first, second = pair
+    assert (await first.admin.post("/upstreams", form={"name": "a"})).code == 201
+    writes = [
+        (first if n % 2 else second).admin.post(
+            "/upstreams/a/targets", form={"target": f"127.0.0.1:{1000 + n}"}
+        )
+        for n in range(20)
+    ]
+    replies = await DeferredList(
+        [Deferred.fromCoroutine(w) for w in writes], consumeErrors=True
+    )
+    assert [(ok, r.code) for ok, r in replies] == [(True, 201)] * 20
+    await second.admin.post("/upstreams", form={"name": "b"})  # brings it up to date
+
+    async def converged() -> bool:
+        return await _version(first) == await _version(second)
+
+    await wait_for(converged, 5.0, 0.05)
+    for node in (first, second):
+        listed = (await node.admin.get("/upstreams/a/targets")).json["data"]
+        assert sorted(t["target"] for t in listed) == sorted(
+            f"127.0.0.1:{1000 + n}" for n in range(20)
+        )
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_declarative_import_elsewhere_replaces_this_nodes_view(pair):
+    first, second = pair
+    assert (await first.admin.post("/upstreams", form={"name": "old"})).code == 201
+    document = {"_format_version": "3.0", "upstreams": [{"name": "new"}]}
+    reply = await second.admin.post("/config", json_body=document)
+    assert reply.code in (200, 201), reply.body
+
+    async def replaced() -> bool:
+        names = [u["name"] for u in (await first.admin.get("/upstreams")).json["data"]]
+        return names == ["new"]
+
+    await wait_for(replaced, 5.0, 0.05)
