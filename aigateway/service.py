@@ -25,6 +25,8 @@ from .feed import ConfigFeed
 from .proxy.client import Agents
 from .proxy.server import ProxyFactory
 from .runtime import Runtime
+from .store.postgres import PostgresStore, is_postgres
+from .store.sql import SQLStore
 from .store.sqlite import SQLiteStore
 
 _log = Logger()
@@ -94,7 +96,11 @@ class GatewayService(MultiService):
         self.settings = settings
         self.node_id = str(uuid.uuid4())
         self.started_at = reactor.seconds()
-        self.store = SQLiteStore(reactor, settings.database)
+        self.store: SQLStore = (
+            PostgresStore(reactor, settings.database)
+            if is_postgres(settings.database)
+            else SQLiteStore(reactor, settings.database)
+        )
         self.agents = Agents(reactor)
         self.parts = build(reactor, self)
         self.runtime: Runtime = self.parts.runtime

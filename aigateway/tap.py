@@ -60,7 +60,9 @@ class Options(usage.Options):
             "database",
             "d",
             DEFAULT_DATABASE,
-            "Configuration store: an SQLite file path (created if missing).",
+            "Configuration store: an SQLite file path (created if missing), or "
+            "postgresql://user:password@host:5432/dbname for nodes sharing one "
+            "configuration.",
         ],
         [
             "config",
@@ -115,12 +117,7 @@ class Options(usage.Options):
 
         _default_reactor()
 
-        database = self["database"]
-        if "://" in database:
-            raise usage.UsageError(
-                f"--database {database!r}: only an SQLite file path is supported "
-                "by this version (PostgreSQL for clusters is not available yet)"
-            )
+        self._check_database(self["database"])
         if self["config"]:
             self._check_config(self["config"])
         for name in ("proxy", "admin"):
@@ -134,6 +131,27 @@ class Options(usage.Options):
                 raise usage.UsageError(
                     f"--{name}: invalid endpoint {self[name]!r}: {e}"
                 ) from None
+
+    def _check_database(self, database: str) -> None:
+        """
+        Refuse a database this gateway cannot open, before anything starts:
+        a URL that is not PostgreSQL's, or PostgreSQL without its driver.
+        """
+        from .store.postgres import is_postgres, redacted
+
+        if is_postgres(database):
+            try:
+                import psycopg  # noqa: F401
+            except ImportError:
+                raise usage.UsageError(
+                    f"--database {redacted(database)}: PostgreSQL needs the "
+                    "psycopg driver: pip install 'aigateway[postgres]'"
+                ) from None
+        elif "://" in database:
+            raise usage.UsageError(
+                f"--database {redacted(database)}: not an SQLite file path nor "
+                "a postgresql:// URL"
+            )
 
     def _check_config(self, path: str) -> None:
         """

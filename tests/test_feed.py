@@ -7,8 +7,6 @@ several processes on one new database file.
 
 from __future__ import annotations
 
-import sqlite3
-
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
@@ -19,6 +17,8 @@ from twisted.logger import globalLogPublisher
 from aigateway.admin.errors import AdminError
 from aigateway.feed import ConfigFeed
 from aigateway.store.interfaces import StaleConfiguration
+from aigateway.store.postgres import PostgresStore, is_postgres
+from aigateway.store.sql import SQLStore
 from aigateway.store.sqlite import SQLiteStore
 
 from .gatewaykit import Gateway, TargetResource, address, listen, wait_for
@@ -109,10 +109,15 @@ def test_feed_needs_a_positive_interval(interval):
 # -- the store: compare and write in one step ---------------------------------
 
 
+def _store(database: str) -> SQLStore:
+    if is_postgres(database):
+        return PostgresStore(reactor, database)
+    return SQLiteStore(reactor, database)
+
+
 @pytest_twisted.ensureDeferred
-async def test_a_write_validated_against_a_stale_version_is_refused(tmp_path):
-    path = str(tmp_path / "shared.db")
-    one, two = SQLiteStore(reactor, path), SQLiteStore(reactor, path)
+async def test_a_write_validated_against_a_stale_version_is_refused(database):
+    one, two = _store(database), _store(database)
     try:
         await one.start()
         await two.start()
@@ -126,39 +131,42 @@ async def test_a_write_validated_against_a_stale_version_is_refused(tmp_path):
         assert version == 1 and list(records["upstreams"]) == ["u1"]
         assert await two.write([("upstreams", {"id": "u2", "name": "b"})], [], 1) == 2
         assert await one.version() == 2
+        # Without an expected version, a write applies whatever is stored.
+        assert await one.write([], [("upstreams", "u1")]) == 3
+        version, records = await two.load()
+        assert version == 3 and list(records["upstreams"]) == ["u2"]
     finally:
         await one.close()
         await two.close()
 
 
 @pytest_twisted.ensureDeferred
-async def test_stores_started_together_on_a_new_file_migrate_once(tmp_path):
-    path = str(tmp_path / "new.db")
-    stores = [SQLiteStore(reactor, path) for _ in range(4)]
+async def test_stores_started_together_on_a_new_database_migrate_once(database):
+    stores = [_store(database) for _ in range(4)]
     try:
         results = await DeferredList([s.start() for s in stores], consumeErrors=True)
         assert [ok for ok, _ in results] == [True] * 4, results
         assert {await s.version() for s in stores} == {0}
+        pool = stores[0]._pool
+        assert await pool.runQuery("SELECT COUNT(*) FROM schema_version") == [(1,)]
+        assert await pool.runQuery("SELECT COUNT(*) FROM meta") == [(1,)]
     finally:
         for store in stores:
             await store.close()
-    with sqlite3.connect(path) as db:
-        assert db.execute("SELECT COUNT(*) FROM schema_version").fetchone() == (1,)
-        assert db.execute("SELECT COUNT(*) FROM meta").fetchone() == (1,)
 
 
-# -- two nodes on one file ----------------------------------------------------
+# -- two nodes on one database -------------------------------------------------
 
 
 @pytest_twisted.async_yield_fixture
-async def pair(tmp_path):
+async def pair(database):
     """
-    Two nodes sharing one SQLite file: C{first} looks for changes every
-    0.1 s, C{second} never (so it stays stale until it writes).
+    Two nodes sharing one database (an SQLite file, then PostgreSQL):
+    C{first} looks for changes every 0.1 s, C{second} never (so its proxy
+    stays stale until its Admin API is called).
     """
-    path = str(tmp_path / "shared.db")
-    first = await Gateway(path, db_update_frequency=0.1).start()
-    second = await Gateway(path, db_update_frequency=0).start()
+    first = await Gateway(database, db_update_frequency=0.1).start()
+    second = await Gateway(database, db_update_frequency=0).start()
     yield first, second
     await first.stop()
     await second.stop()
@@ -275,3 +283,20 @@ async def test_a_declarative_import_elsewhere_replaces_this_nodes_view(pair):
         return names == ["new"]
 
     await wait_for(replaced, 5.0, 0.05)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_node_started_later_serves_the_stored_configuration(database, servers):
+    servers.append(port := listen(TargetResource("t")))
+    first = await Gateway(database).start()
+    try:
+        await first.configure("up", {address(port): 100})
+    finally:
+        await first.stop()
+    later = await Gateway(database).start()
+    try:
+        reply = await later.proxy.get("/v1/models")
+        assert reply.code == 200, reply.body
+        assert reply.body == b"t"
+    finally:
+        await later.stop()

@@ -15,6 +15,7 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
 import aigateway
+from aigateway.store.postgres import redacted
 from aigateway.tap import Options
 
 ROOT = Path(__file__).parent.parent
@@ -43,10 +44,21 @@ class OptionsTests(SynchronousTestCase):
         with self.assertRaises(UsageError):
             Options().parseOptions(["--proxy", "carrier-pigeon:1"])
 
-    def test_database_url_refused(self):
+    def test_database_url(self):
+        options = Options()
+        options.parseOptions(["--database", "postgresql://gw:secret@db:5432/gw"])
+        self.assertEqual(options["database"], "postgresql://gw:secret@db:5432/gw")
         with self.assertRaises(UsageError) as caught:
-            Options().parseOptions(["--database", "postgresql://db/gw"])
-        self.assertIn("SQLite", str(caught.exception))
+            Options().parseOptions(["--database", "mysql://gw:secret@db/gw"])
+        self.assertIn("postgresql://", str(caught.exception))
+        self.assertNotIn("secret", str(caught.exception))
+
+    def test_database_url_redacted(self):
+        self.assertEqual(
+            redacted("postgresql://gw:s3cret@[::1]:5433/gw?sslmode=require"),
+            "postgresql://gw:***@[::1]:5433/gw?sslmode=require",
+        )
+        self.assertEqual(redacted("postgresql://db/gw"), "postgresql://db/gw")
 
     def test_invalid_config_refused_with_every_error(self):
         path = os.path.join(tempfile.mkdtemp(), "gateway.yaml")
