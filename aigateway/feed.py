@@ -27,31 +27,77 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from .store.interfaces import StoreUnavailable
+
 _log = Logger()
+
+
+class Outage:
+    """
+    The store's being out of reach, logged once per outage (its first
+    failure, then its recovery) however many looks and admin calls fail
+    meanwhile.
+
+    @ivar failing: the last look at the store failed.
+    """
+
+    def __init__(self) -> None:
+        self.failing = False
+
+    def answered(self) -> None:
+        """
+        A look at the store succeeded.
+        """
+        if self.failing:
+            self.failing = False
+            _log.info("the configuration store answers again")
+
+    def failed(self, failure: Failure) -> None:
+        """
+        A look at the store failed with C{failure}.
+        """
+        if self.failing:
+            return
+        self.failing = True
+        if failure.check(StoreUnavailable):
+            _log.warn(
+                "the configuration store is unavailable ({error}); serving the "
+                "configuration in force until it answers",
+                error=failure.value,
+            )
+        else:
+            _log.failure(
+                "could not read the configuration store; serving the "
+                "configuration in force until it answers",
+                failure,
+            )
 
 
 class ConfigFeed:
     """
     Calls C{refresh} every C{interval} seconds, one call at a time.
-
-    @ivar failing: the last look at the store failed.
     """
 
     def __init__(
-        self, clock: Any, refresh: Callable[[], Deferred[bool]], interval: float
+        self,
+        clock: Any,
+        refresh: Callable[[], Deferred[bool]],
+        interval: float,
+        outage: Outage,
     ) -> None:
         """
         @param refresh: loads and puts in force the stored configuration if
             its version moved; fires with whether it did.
         @param interval: seconds between looks (more than 0).
+        @param outage: where failed looks are reported.
         """
         if interval <= 0:
             raise ValueError("the feed's interval must be more than 0")
         self._refresh = refresh
         self._interval = interval
+        self._outage = outage
         self._loop = LoopingCall(self._look)
         self._loop.clock = clock
-        self.failing = False
 
     def start(self) -> None:
         """
@@ -70,18 +116,5 @@ class ConfigFeed:
     def _look(self) -> Deferred[None]:
         # LoopingCall waits for this Deferred before scheduling the next
         # look, so looks never overlap; it must not fail, or the loop ends.
-        return self._refresh().addCallbacks(self._looked, self._failed)
-
-    def _looked(self, changed: bool) -> None:
-        if self.failing:
-            self.failing = False
-            _log.info("the configuration store answers again")
-
-    def _failed(self, failure: Failure) -> None:
-        if not self.failing:
-            self.failing = True
-            _log.failure(
-                "could not read the configuration store; serving the "
-                "configuration in force until it answers",
-                failure,
-            )
+        outage = self._outage
+        return self._refresh().addCallbacks(lambda _: outage.answered(), outage.failed)

@@ -110,7 +110,10 @@ class GatewayService(MultiService):
         self.feed: ConfigFeed | None = None
         if settings.db_update_frequency > 0:
             self.feed = ConfigFeed(
-                reactor, self.parts.entities.refresh, settings.db_update_frequency
+                reactor,
+                self.parts.entities.refresh,
+                settings.db_update_frequency,
+                self.parts.outage,
             )
 
     def startService(self) -> None:

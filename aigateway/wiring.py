@@ -24,6 +24,7 @@ from .admin.declarative import apply_document
 from .admin.entities import Entities
 from .admin.site import FreshResource
 from .balancer.backup import build_balancer
+from .feed import Outage
 from .health.hook import build_health
 from .health.manager import Probed
 from .metrics import Metrics, StateCollector, live
@@ -43,6 +44,7 @@ class Parts:
     proxy_resource: Any
     admin_resource: Any
     metrics: Metrics
+    outage: Outage
     load_declarative: Callable[[str], Coroutine[Any, Any, None]]
     stop: Callable[[], None]
 
@@ -57,6 +59,9 @@ def build(reactor: Any, node: Any) -> Parts:
     health = build_health(reactor)
     runtime = Runtime(health, build_balancer)
     entities = Entities(node.store, runtime, reactor)
+    # The store's outages, logged once whether the change feed or an admin
+    # call meets them.
+    outage = Outage()
     access_log = (
         AccessLog(reactor, settings.access_log) if settings.access_log else None
     )
@@ -121,8 +126,9 @@ def build(reactor: Any, node: Any) -> Parts:
         runtime=runtime,
         entities=entities,
         proxy_resource=proxy,
-        admin_resource=FreshResource(app.resource(), entities.refresh),
+        admin_resource=FreshResource(app.resource(), entities.refresh, outage),
         metrics=metrics,
+        outage=outage,
         load_declarative=load_declarative,
         stop=stop,
     )

@@ -7,6 +7,9 @@ several processes on one new database file.
 
 from __future__ import annotations
 
+import sqlite3
+from urllib.parse import urlsplit
+
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
@@ -15,8 +18,8 @@ from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 
 from aigateway.admin.errors import AdminError
-from aigateway.feed import ConfigFeed
-from aigateway.store.interfaces import StaleConfiguration
+from aigateway.feed import ConfigFeed, Outage
+from aigateway.store.interfaces import StaleConfiguration, StoreUnavailable
 from aigateway.store.postgres import PostgresStore, is_postgres
 from aigateway.store.sql import SQLStore
 from aigateway.store.sqlite import SQLiteStore
@@ -43,7 +46,7 @@ class _Refresh:
 
 def test_feed_looks_every_interval_from_one_interval_after_start():
     clock, refresh = Clock(), _Refresh()
-    feed = ConfigFeed(clock, refresh, 2.0)
+    feed = ConfigFeed(clock, refresh, 2.0, Outage())
     feed.start()
     assert refresh.calls == 0
     clock.advance(1.9)
@@ -66,7 +69,7 @@ def test_feed_looks_one_at_a_time():
     clock, refresh = Clock(), _Refresh()
     slow: Deferred[bool] = Deferred()
     refresh.answers.append(slow)
-    feed = ConfigFeed(clock, refresh, 1.0)
+    feed = ConfigFeed(clock, refresh, 1.0, Outage())
     feed.start()
     clock.advance(1.0)
     assert refresh.calls == 1
@@ -85,15 +88,16 @@ def test_feed_survives_a_failing_store_and_logs_once():
     try:
         for _ in range(3):
             refresh.answers.append(fail(OSError("disk gone")))
-        feed = ConfigFeed(clock, refresh, 1.0)
+        outage = Outage()
+        feed = ConfigFeed(clock, refresh, 1.0, outage)
         feed.start()
         clock.pump([1.0] * 3)
-        assert refresh.calls == 3 and feed.failing
+        assert refresh.calls == 3 and outage.failing
         clock.advance(1.0)
-        assert refresh.calls == 4 and not feed.failing
+        assert refresh.calls == 4 and not outage.failing
         feed.stop()
     finally:
-        globalLogPublisher.removeObserver(events)
+        globalLogPublisher.removeObserver(events.append)
     logged = [e for e in events if e.get("log_namespace") == "aigateway.feed"]
     assert len(logged) == 2
     assert "log_failure" in logged[0]
@@ -103,7 +107,7 @@ def test_feed_survives_a_failing_store_and_logs_once():
 @pytest.mark.parametrize("interval", [0, -1])
 def test_feed_needs_a_positive_interval(interval):
     with pytest.raises(ValueError):
-        ConfigFeed(Clock(), _Refresh(), interval)
+        ConfigFeed(Clock(), _Refresh(), interval, Outage())
 
 
 # -- the store: compare and write in one step ---------------------------------
@@ -300,3 +304,97 @@ async def test_a_node_started_later_serves_the_stored_configuration(database, se
         assert reply.body == b"t"
     finally:
         await later.stop()
+
+
+# -- the store out of reach -----------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_locked_sqlite_file_is_unavailable_then_usable(tmp_path):
+    """
+    Another process holding the file's lock past the wait: the write is
+    refused as unavailable, nothing is written, and the next write after
+    the lock is released goes through.
+    """
+    path = str(tmp_path / "locked.db")
+    store = SQLiteStore(reactor, path, timeout=0.1)
+    try:
+        await store.start()
+        await store.write([("upstreams", {"id": "u1", "name": "a"})], [], 0)
+        holder = sqlite3.connect(path, isolation_level=None)
+        holder.execute("BEGIN EXCLUSIVE")
+        try:
+            with pytest.raises(StoreUnavailable, match="locked"):
+                await store.write([("upstreams", {"id": "u2", "name": "b"})], [], 1)
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        version, records = await store.load()
+        assert version == 1 and list(records["upstreams"]) == ["u1"]
+        assert await store.write([("upstreams", {"id": "u2", "name": "b"})], [], 1) == 2
+    finally:
+        await store.close()
+
+
+def _admit(url: str, allowed: bool) -> None:
+    """
+    Let connections to the database of C{url} in, or cut the ones open and
+    keep new ones out (as a server that went away would).
+    """
+    import psycopg
+
+    name = urlsplit(url).path.lstrip("/")
+    server = urlsplit(url)._replace(path="/postgres").geturl()
+    with psycopg.connect(server, autocommit=True) as db:
+        db.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(allowed).lower()}')
+        if not allowed:
+            db.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = %s AND pid <> pg_backend_pid()",
+                (name,),
+            )
+
+
+@pytest_twisted.ensureDeferred
+async def test_postgres_out_of_reach_admin_503_proxy_serves_then_recovers(
+    postgres_url, servers
+):
+    servers.append(port := listen(TargetResource("t")))
+    node = await Gateway(postgres_url, db_update_frequency=0.1).start()
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        await node.configure("up", {address(port): 100})
+        _admit(postgres_url, False)
+        reply = await node.admin.post("/upstreams", form={"name": "b"})
+        assert reply.code == 503, reply.body
+        assert "configuration store is unavailable" in reply.json["message"]
+        assert (await node.admin.get("/upstreams/up")).code == 200  # in force
+        for _ in range(3):
+            assert (await node.proxy.get("/v1/models")).code == 200
+        await wait_for(lambda: succeed(node.service.parts.outage.failing), 5.0, 0.05)
+
+        _admit(postgres_url, True)
+
+        async def recovered() -> bool:
+            reply = await node.admin.post("/upstreams", form={"name": "b"})
+            assert reply.code in (201, 503), reply.body
+            return reply.code == 201
+
+        await wait_for(recovered, 10.0, 0.1)
+        names = sorted(
+            u["name"] for u in (await node.admin.get("/upstreams")).json["data"]
+        )
+        assert names == ["b", "up"]
+        assert not node.service.parts.outage.failing
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        _admit(postgres_url, True)
+        await node.stop()
+    outages = [
+        e
+        for e in events
+        if e.get("log_namespace") == "aigateway.feed"
+        and "unavailable" in e.get("log_format", "")
+    ]
+    assert len(outages) == 1

@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
+from ..store.interfaces import StoreUnavailable
 from .entities import Entities, Record
 from .errors import AdminError, bad_request
 from .forms import parse_body
@@ -53,6 +54,15 @@ def endpoint(handler: Handler) -> Callable[..., Any]:
             result = await handler(request, **kwargs)
         except AdminError as error:
             return answer(request, error.status, error.body)
+        except StoreUnavailable as error:
+            _log.warn(
+                "Admin API: the configuration store is unavailable: {error}",
+                error=error,
+            )
+            message = (
+                f"the configuration store is unavailable ({error}); nothing was changed"
+            )
+            return answer(request, 503, {"message": message})
         except Exception:
             _log.failure(
                 "Admin API request failed: {method} {uri}",

@@ -10,9 +10,10 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
+
+from ..feed import Outage
 
 _log = Logger()
 
@@ -51,10 +52,16 @@ class FreshResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, inner: Resource, refresh: Callable[[], Deferred[bool]]) -> None:
+    def __init__(
+        self,
+        inner: Resource,
+        refresh: Callable[[], Deferred[bool]],
+        outage: Outage,
+    ) -> None:
         super().__init__()
         self._inner = inner
         self._refresh = refresh
+        self._outage = outage
 
     def render(self, request: Any) -> Any:
         def handle(_: object) -> None:
@@ -63,15 +70,9 @@ class FreshResource(Resource):
                 request.write(result)
                 request.finish()
 
+        outage = self._outage
         d = self._refresh()
-        d.addErrback(self._unreadable)
+        d.addCallbacks(lambda _: outage.answered(), outage.failed)
         d.addCallback(handle)
         d.addErrback(lambda failure: _log.failure("admin call failed", failure))
         return NOT_DONE_YET
-
-    def _unreadable(self, failure: Failure) -> None:
-        _log.failure(
-            "could not read the configuration store; answering from the "
-            "configuration in force",
-            failure,
-        )

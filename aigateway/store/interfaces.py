@@ -26,6 +26,14 @@ from zope.interface import Interface
 Record = Mapping[str, Any]
 
 
+class StoreUnavailable(Exception):
+    """
+    The database could not be reached or could not take the call (a
+    server that is down, a file locked past the wait): nothing was
+    written.  The Admin API answers 503; the proxy is not affected.
+    """
+
+
 class StaleConfiguration(Exception):
     """
     A write was validated against a configuration version that is no

@@ -69,8 +69,10 @@ class PostgresStore(SQLStore):
             adbapi.ConnectionPool(
                 "psycopg",
                 url,
+                # One connection a node: its writes are serialised anyway,
+                # and a cluster of many nodes stays light on the server.
                 cp_min=1,
-                cp_max=3,
+                cp_max=1,
                 # A connection the server dropped (a restart, a failover) is
                 # replaced on the next call instead of failing every call.
                 cp_reconnect=True,

@@ -21,16 +21,17 @@ finds the version moved and writes nothing (L{StaleConfiguration}).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
 from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..config import empty_records
-from .interfaces import IStore, Record, StaleConfiguration
+from .interfaces import IStore, Record, StaleConfiguration, StoreUnavailable
 
 # Forward migrations, applied in order; the index + 1 is the schema version.
 # Written with "?" placeholders and types both databases read alike.
@@ -86,6 +87,28 @@ class SQLStore:
     def __init__(self, pool: adbapi.ConnectionPool, dialect: Dialect) -> None:
         self._pool = pool
         self._dialect = dialect
+        dbapi = pool.dbapi
+        # What the driver raises when the database is out of reach or busy,
+        # as opposed to a bug in a statement.
+        self._unavailable = (
+            dbapi.OperationalError,
+            dbapi.InterfaceError,
+            adbapi.ConnectionLost,
+        )
+
+    def _run(self, interaction: Callable[..., Any]) -> Deferred[Any]:
+        """
+        Run C{interaction} in one transaction on the pool's thread, with
+        the database's being out of reach reported as L{StoreUnavailable}.
+        """
+        return self._pool.runInteraction(interaction).addErrback(self._failed)
+
+    def _failed(self, failure: Failure) -> Failure:
+        if failure.check(*self._unavailable):
+            raise StoreUnavailable(
+                f"{type(failure.value).__name__}: {failure.getErrorMessage()}"
+            ) from failure.value
+        return failure
 
     def start(self) -> Deferred[int]:
         """
@@ -93,7 +116,7 @@ class SQLStore:
 
         @return: a L{Deferred} firing with the schema version.
         """
-        return self._pool.runInteraction(self._migrate)
+        return self._run(self._migrate)
 
     def _migrate(self, cursor: Any) -> int:
         sql = self._dialect.sql
@@ -130,10 +153,10 @@ class SQLStore:
                 records.setdefault(kind, {})[id] = json.loads(data)
             return _version(cursor), records
 
-        return self._pool.runInteraction(read)
+        return self._run(read)
 
     def version(self) -> Deferred[int]:
-        return self._pool.runInteraction(_version)
+        return self._run(_version)
 
     def write(
         self,
@@ -153,7 +176,7 @@ class SQLStore:
                 )
             return version
 
-        return self._pool.runInteraction(transaction)
+        return self._run(transaction)
 
     def replace(
         self, records: Mapping[str, Mapping[str, Record]], expected: int | None = None
@@ -166,7 +189,7 @@ class SQLStore:
                     self._put(cursor, kind, record)
             return version
 
-        return self._pool.runInteraction(transaction)
+        return self._run(transaction)
 
     def _bump(self, cursor: Any, expected: int | None) -> int:
         """
@@ -204,6 +227,6 @@ class SQLStore:
         return d
 
     def close(self) -> Deferred[None]:
-        d: Deferred[None] = self._pool.runInteraction(lambda cursor: None)
+        d: Deferred[None] = self._run(lambda cursor: None)
         d.addBoth(lambda _: self._pool.close())
         return d

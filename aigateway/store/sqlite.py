@@ -9,7 +9,7 @@ on disk when the Admin API answers.
 
 Several gateway processes on one machine may open the same file: WAL mode
 lets them read while one writes, and a writer that finds the file locked
-waits for it (the driver's C{timeout}, 5 s) rather than failing.
+waits for it (C{timeout}, 5 s) rather than failing.
 """
 
 from __future__ import annotations
@@ -41,12 +41,19 @@ class SQLiteStore(SQLStore):
     Configuration in one SQLite file.
     """
 
-    def __init__(self, reactor: IReactorThreads, path: str) -> None:
+    def __init__(
+        self, reactor: IReactorThreads, path: str, timeout: float = 5.0
+    ) -> None:
+        """
+        @param timeout: seconds a write waits for another process's lock on
+            the file before the store is reported unavailable.
+        """
         self.path = path
         super().__init__(
             adbapi.ConnectionPool(
                 "sqlite3",
                 path,
+                timeout=timeout,
                 check_same_thread=False,
                 cp_min=1,
                 cp_max=1,
