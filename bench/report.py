@@ -540,7 +540,8 @@ def build(options: Any) -> str:
             f"### Concurrency, one process per core: {fmt(two['requests'])} slow streams through two "
             "aigateway processes on one `reuseport:` port (the same load)",
             "",
-            "Each process pinned to its own core, configured alike through its own Admin API; the kernel "
+            "Each process pinned to its own core, both on one SQLite file configured once through the first "
+            "one's Admin API (the second loads it through its change feed); the kernel "
             "spreads the connections (`SO_REUSEPORT`), so each holds about half of the descriptors.",
             "",
             "| streams | completed | errors | peak open at once (client) | peak streaming at once | "

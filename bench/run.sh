@@ -404,7 +404,8 @@ metric many_rss_kb "$(cat "$OUT/rss-many.kb" 2>/dev/null || echo 0)"
 # --- 8b. the same slow streams through two gateway processes on one port --------
 # One process per core on a reuseport: endpoint (README): the kernel spreads
 # the connections, so each process holds about half of the descriptors.
-# Each is configured alike through its own Admin API.
+# Both share one database, configured once through the first's Admin API;
+# the second serves once its change feed has loaded that configuration.
 if [ "${BENCH_TWO_PROCESSES:-1}" = 1 ]; then
     TWO=${BENCH_STREAMS:-$([ "$QUICK" = 1 ] && echo 2000 || echo 10000)}
     log "slow streams: $TWO through two gateway processes on one reuseport port"
@@ -414,14 +415,17 @@ if [ "${BENCH_TWO_PROCESSES:-1}" = 1 ]; then
         start "gw-rp$n" taskset -c $((2 - n)) "$TWISTD" -n --pidfile "$OUT/twistd-rp$n.pid" \
             --logfile "$OUT/gateway-rp$n.log" aigateway \
             --proxy "reuseport:$RP_GW:interface=127.0.0.1:backlog=$GW_BACKLOG" \
-            --admin "tcp:$admin_port:interface=127.0.0.1" --database "$OUT/gateway-rp$n.db"
+            --admin "tcp:$admin_port:interface=127.0.0.1" --database "$OUT/gateway-rp.db"
         eval "RP_PIDS+=(\$PID_gw_rp$n)"
         wait_http "http://127.0.0.1:$admin_port/status" "aigateway (reuseport $n) Admin API" 30
-        admin "$admin_port" /upstreams name=sse
-        admin "$admin_port" /upstreams/sse/targets "target=127.0.0.1:$SSE" weight=100
-        admin "$admin_port" /services name=sse host=sse
-        admin "$admin_port" /services/sse/routes 'paths[]=/sse' strip_path=false
     done
+    admin "$RP_ADMIN" /upstreams name=sse
+    admin "$RP_ADMIN" /upstreams/sse/targets "target=127.0.0.1:$SSE" weight=100
+    admin "$RP_ADMIN" /services name=sse host=sse
+    admin "$RP_ADMIN" /services/sse/routes 'paths[]=/sse' strip_path=false
+    # The second process's proxy serves the route after its change feed's
+    # next look (--db-update-frequency, 1 s).
+    sleep 1.5
     wait_http "http://127.0.0.1:$RP_GW/sse/x?chunks=1&delay=0" "aigateway (reuseport) SSE route" 20
     HOLD=$(( TWO / MANY_RAMP + MANY_CHUNKS + 20 ))
     before=$(( $(cpu_ticks "${RP_PIDS[0]}") + $(cpu_ticks "${RP_PIDS[1]}") ))
