@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -35,16 +35,24 @@ _log = Logger()
 class Outage:
     """
     The store's being out of reach, logged once per outage (its first
-    failure, then its recovery) however many looks and admin calls fail
-    meanwhile.
+    failure, then its recovery) however many looks and admin calls meet it
+    meanwhile.  A failure that is not an outage (a record this node cannot
+    read, say) is logged every time: it will not go away by waiting.
 
-    @ivar failing: the last look at the store failed.
+    @ivar failing: the store is out of reach: the last look at it failed.
     """
 
     def __init__(self) -> None:
         self.failing = False
 
-    def answered(self) -> None:
+    def watch(self, d: Deferred[bool]) -> Deferred[None]:
+        """
+        Report the outcome of a look at the store, C{d}; the result fires
+        with L{None} either way.
+        """
+        return d.addCallbacks(self.answered, self.failed)
+
+    def answered(self, _: object = None) -> None:
         """
         A look at the store succeeded.
         """
@@ -56,21 +64,17 @@ class Outage:
         """
         A look at the store failed with C{failure}.
         """
+        if not failure.check(StoreUnavailable, TimeoutError):
+            _log.failure("could not load the stored configuration", failure)
+            return
         if self.failing:
             return
         self.failing = True
-        if failure.check(StoreUnavailable):
-            _log.warn(
-                "the configuration store is unavailable ({error}); serving the "
-                "configuration in force until it answers",
-                error=failure.value,
-            )
-        else:
-            _log.failure(
-                "could not read the configuration store; serving the "
-                "configuration in force until it answers",
-                failure,
-            )
+        _log.warn(
+            "the configuration store is unavailable ({error}); serving the "
+            "configuration in force until it answers",
+            error=failure.value,
+        )
 
 
 class ConfigFeed:
@@ -116,5 +120,4 @@ class ConfigFeed:
     def _look(self) -> Deferred[None]:
         # LoopingCall waits for this Deferred before scheduling the next
         # look, so looks never overlap; it must not fail, or the loop ends.
-        outage = self._outage
-        return self._refresh().addCallbacks(lambda _: outage.answered(), outage.failed)
+        return self._outage.watch(self._refresh())

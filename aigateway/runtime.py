@@ -62,6 +62,15 @@ class Runtime:
         """
         return self.current.snapshot
 
+    def apply_stored(
+        self, version: int, records: Mapping[str, Mapping[str, Mapping[str, Any]]]
+    ) -> None:
+        """
+        Put in force the configuration read from (or just written to) the
+        store at C{version}.
+        """
+        self.apply(ConfigSnapshot.build(version, records))
+
     def apply(self, snapshot: ConfigSnapshot) -> None:
         """
         Put C{snapshot} in force.

@@ -20,14 +20,11 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
 from .admin.site import AdminSite
-from .config import ConfigSnapshot
 from .feed import ConfigFeed
 from .proxy.client import Agents
 from .proxy.server import ProxyFactory
 from .runtime import Runtime
-from .store.postgres import PostgresStore, is_postgres
-from .store.sql import SQLStore
-from .store.sqlite import SQLiteStore
+from .store import open_store
 
 _log = Logger()
 
@@ -96,11 +93,7 @@ class GatewayService(MultiService):
         self.settings = settings
         self.node_id = str(uuid.uuid4())
         self.started_at = reactor.seconds()
-        self.store: SQLStore = (
-            PostgresStore(reactor, settings.database)
-            if is_postgres(settings.database)
-            else SQLiteStore(reactor, settings.database)
-        )
+        self.store = open_store(reactor, settings.database)
         self.agents = Agents(reactor)
         self.parts = build(reactor, self)
         self.runtime: Runtime = self.parts.runtime
@@ -125,7 +118,7 @@ class GatewayService(MultiService):
     async def _start(self) -> None:
         await self.store.start()
         version, records = await self.store.load()
-        self.runtime.apply(ConfigSnapshot.build(version, records))
+        self.runtime.apply_stored(version, records)
         if self.settings.config:
             await self.parts.load_declarative(self.settings.config)
             _log.info(
@@ -176,7 +169,14 @@ class GatewayService(MultiService):
                     stops.append(result)
         if self.feed is not None:
             self.feed.stop()
-        self.parts.stop()
         stops.append(self.agents.close())
-        stops.append(self.store.close())
+
+        def configuration_settled(_: object) -> Deferred[None]:
+            # Nothing puts a configuration in force from here on (that
+            # would start health checks again), and the store is closed
+            # only once no call on it is in progress.
+            self.parts.stop()
+            return self.store.close()
+
+        stops.append(self.parts.entities.close().addCallback(configuration_settled))
         return DeferredList(stops, consumeErrors=True)

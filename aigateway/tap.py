@@ -9,6 +9,7 @@ C{prometheus_client.twisted}) at module level.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from twisted.application.service import IService
@@ -17,6 +18,13 @@ from twisted.python import usage
 DEFAULT_PROXY = "tcp:8000"
 DEFAULT_ADMIN = "tcp:8001:interface=127.0.0.1"
 DEFAULT_DATABASE = "aigateway.db"
+
+
+# A libpq "key=value ..." connection string, which would otherwise be taken
+# for an SQLite file name and start a node on a configuration of its own.
+_KEYWORDS = re.compile(
+    r"(?:^|\s)(?:host|hostaddr|port|dbname|user|password|sslmode)\s*=", re.IGNORECASE
+)
 
 
 def _size(value: str) -> int:
@@ -137,7 +145,7 @@ class Options(usage.Options):
         Refuse a database this gateway cannot open, before anything starts:
         a URL that is not PostgreSQL's, or PostgreSQL without its driver.
         """
-        from .store.postgres import is_postgres, redacted
+        from .store.postgres import connection_settings, is_postgres, redacted
 
         if is_postgres(database):
             try:
@@ -147,6 +155,16 @@ class Options(usage.Options):
                     f"--database {redacted(database)}: PostgreSQL needs the "
                     "psycopg driver: pip install 'aigateway[postgres]'"
                 ) from None
+            try:
+                connection_settings(database)
+            except ValueError as e:
+                raise usage.UsageError(f"--database {e}") from None
+        elif _KEYWORDS.search(database):
+            # (Not echoed: it may hold a password.)
+            raise usage.UsageError(
+                "--database: a key=value connection string is not supported: "
+                "give PostgreSQL as postgresql://user:password@host:5432/dbname"
+            )
         elif "://" in database:
             raise usage.UsageError(
                 f"--database {redacted(database)}: not an SQLite file path nor "

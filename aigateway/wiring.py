@@ -126,7 +126,7 @@ def build(reactor: Any, node: Any) -> Parts:
         runtime=runtime,
         entities=entities,
         proxy_resource=proxy,
-        admin_resource=FreshResource(app.resource(), entities.refresh, outage),
+        admin_resource=FreshResource(app.resource(), entities.refresh, outage, reactor),
         metrics=metrics,
         outage=outage,
         load_declarative=load_declarative,

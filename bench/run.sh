@@ -424,8 +424,12 @@ if [ "${BENCH_TWO_PROCESSES:-1}" = 1 ]; then
     admin "$RP_ADMIN" /services name=sse host=sse
     admin "$RP_ADMIN" /services/sse/routes 'paths[]=/sse' strip_path=false
     # The second process's proxy serves the route after its change feed's
-    # next look (--db-update-frequency, 1 s).
-    sleep 1.5
+    # next look (--db-update-frequency, 1 s): wait until it has.
+    deadline=$((SECONDS + 10))
+    until grep -q "configuration version 4 loaded from the store" "$OUT/gateway-rp2.log" 2>/dev/null; do
+        [ $SECONDS -lt $deadline ] || die "the second reuseport process did not load the shared configuration"
+        sleep 0.1
+    done
     wait_http "http://127.0.0.1:$RP_GW/sse/x?chunks=1&delay=0" "aigateway (reuseport) SSE route" 20
     HOLD=$(( TWO / MANY_RAMP + MANY_CHUNKS + 20 ))
     before=$(( $(cpu_ticks "${RP_PIDS[0]}") + $(cpu_ticks "${RP_PIDS[1]}") ))

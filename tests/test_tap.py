@@ -48,10 +48,15 @@ class OptionsTests(SynchronousTestCase):
         options = Options()
         options.parseOptions(["--database", "postgresql://gw:secret@db:5432/gw"])
         self.assertEqual(options["database"], "postgresql://gw:secret@db:5432/gw")
-        with self.assertRaises(UsageError) as caught:
-            Options().parseOptions(["--database", "mysql://gw:secret@db/gw"])
-        self.assertIn("postgresql://", str(caught.exception))
-        self.assertNotIn("secret", str(caught.exception))
+        for refused in (
+            "mysql://gw:secret@db/gw",
+            "host=db dbname=gw password=secret",  # libpq's other form
+            "postgresql://gw:sec%zzret@db/gw",  # not a valid URL
+        ):
+            with self.assertRaises(UsageError) as caught:
+                Options().parseOptions(["--database", refused])
+            self.assertNotIn("secret", str(caught.exception))
+            self.assertNotIn("sec%zzret", str(caught.exception))
 
     def test_database_url_redacted(self):
         self.assertEqual(
@@ -59,6 +64,10 @@ class OptionsTests(SynchronousTestCase):
             "postgresql://gw:***@[::1]:5433/gw?sslmode=require",
         )
         self.assertEqual(redacted("postgresql://db/gw"), "postgresql://db/gw")
+        self.assertEqual(
+            redacted("postgresql://db/gw?user=gw&password=s3cret"),
+            "postgresql://db/gw?user=gw&password=***",
+        )
 
     def test_invalid_config_refused_with_every_error(self):
         path = os.path.join(tempfile.mkdtemp(), "gateway.yaml")

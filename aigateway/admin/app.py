@@ -60,7 +60,8 @@ def endpoint(handler: Handler) -> Callable[..., Any]:
                 error=error,
             )
             message = (
-                f"the configuration store is unavailable ({error}); nothing was changed"
+                f"the configuration store is unavailable ({error}); the change "
+                "may not have been saved: read it back before trying again"
             )
             return answer(request, 503, {"message": message})
         except Exception:

@@ -39,8 +39,12 @@ async def apply_document(entities: Entities, clock: Any, document: Any) -> None:
 
     @raise declarative.InvalidDocument: with every error found.
     """
-    records = declarative.load(document, clock.seconds(), entities.snapshot.records)
-    await entities.replace(records)
+    # Validated now, so an invalid document is refused before the store is
+    # touched, and again on the records in force at each attempt.
+    declarative.load(document, clock.seconds(), entities.snapshot.records)
+    await entities.replace(
+        lambda current: declarative.load(document, clock.seconds(), current)
+    )
 
 
 def register(app: Klein, entities: Entities, clock: Any) -> None:

@@ -16,20 +16,23 @@ refused here too and no change made there is overwritten.
 
 from __future__ import annotations
 
+import copy
+import random
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
 from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.defer import Deferred, DeferredLock, succeed
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from ..addresses import format_target, parse_target
-from ..config import ConfigSnapshot
+from ..config import ConfigSnapshot, Records
 from ..records import PARENT, SERVER_FIELDS, UNIQUE, build_record, parent_id
 from ..runtime import Runtime
 from ..schema import merge
-from ..store.interfaces import IStore, StaleConfiguration
+from ..store.interfaces import IStore, StaleConfiguration, StoreUnavailable
 from .errors import (
     AdminError,
     foreign_key_violation,
@@ -68,6 +71,7 @@ class Entities:
         self._runtime = runtime
         self._clock = clock
         self._lock = DeferredLock()
+        self._closed = False
 
     @property
     def snapshot(self) -> ConfigSnapshot:
@@ -240,15 +244,29 @@ class Entities:
         """
         Run C{function} (which validates and commits) alone, again after
         loading the stored configuration when another process wrote first.
+
+        Each attempt gets its own copy of C{args}: an attempt may change
+        what it was given (a create takes the C{id} out of its data), and
+        the next must start from what the client sent.
         """
 
         async def run() -> Any:
-            for _ in range(_ATTEMPTS - 1):
+            for attempt in range(_ATTEMPTS):
+                if self._closed:
+                    raise StoreUnavailable("this node is shutting down")
                 try:
-                    return await function(*args)
+                    return await function(*copy.deepcopy(args))
                 except StaleConfiguration:
                     await self._reload()
-            return await function(*args)
+                # Another node won the race: let the nodes drift apart
+                # before trying again, so two of them do not keep meeting.
+                await deferLater(
+                    self._clock, random.uniform(0, 0.01 * (attempt + 1)), lambda: None
+                )
+            raise StoreUnavailable(
+                f"the configuration kept changing on other nodes "
+                f"({_ATTEMPTS} attempts); try again"
+            )
 
         return self._lock.run(lambda: Deferred.fromCoroutine(run()))
 
@@ -261,18 +279,29 @@ class Entities:
         """
 
         async def run() -> bool:
+            if self._closed:
+                return False
             if await self._store.version() == self.snapshot.version:
                 return False
             return await self._reload()
 
         return self._lock.run(lambda: Deferred.fromCoroutine(run()))
 
+    def close(self) -> Deferred[None]:
+        """
+        Take no more calls, and fire once the one in progress (a write, a
+        look at the store) is over: after that nothing puts a configuration
+        in force, so a stopped node's health checks stay stopped.
+        """
+        self._closed = True
+        return self._lock.run(lambda: succeed(None))
+
     async def _reload(self) -> bool:
         old = self.snapshot.version
         version, records = await self._store.load()
-        if version == old:
+        if version == old or self._closed:
             return False
-        self._runtime.apply(ConfigSnapshot.build(version, records))
+        self._runtime.apply_stored(version, records)
         _log.info(
             "configuration version {version} loaded from the store "
             "(was {old}: changed by another node)",
@@ -375,24 +404,28 @@ class Entities:
         for kind, id in deletes:
             records[kind].pop(id, None)
 
-        def apply(version: int) -> None:
-            self._runtime.apply(ConfigSnapshot.build(version, records))
-
         expected = self.snapshot.version
-        return self._store.write(puts, deletes, expected).addCallback(apply)
+        d = self._store.write(puts, deletes, expected)
+        return d.addCallback(self._runtime.apply_stored, records)
 
-    def replace(self, records: Mapping[str, Mapping[str, Record]]) -> Deferred[None]:
+    def replace(
+        self,
+        build: Callable[[Records], Mapping[str, Mapping[str, Record]]],
+    ) -> Deferred[None]:
         """
         Replace the whole configuration (declarative import) in one
         transaction.
+
+        @param build: makes the new records from the ones in force (a
+            masked credential keeps its stored secret); called again when
+            another node changed the configuration first.
         """
 
-        def apply(version: int) -> None:
-            self._runtime.apply(ConfigSnapshot.build(version, records))
-
         def swap() -> Deferred[None]:
+            records = build(self.snapshot.records)
             expected = self.snapshot.version
-            return self._store.replace(records, expected).addCallback(apply)
+            d = self._store.replace(records, expected)
+            return d.addCallback(self._runtime.apply_stored, records)
 
         return self._locked(swap)
 

@@ -5,15 +5,18 @@ The Admin API's twisted.web site.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, TimeoutError
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from ..feed import Outage
+from ..store.interfaces import StoreUnavailable
 
 _log = Logger()
 
@@ -45,9 +48,14 @@ class FreshResource(Resource):
     interval, but an operator who created an upstream through one node and
     adds a target to it through another must not be told it does not
     exist: as with Kong, the Admin API reads what the database holds.  It
-    costs one small query per admin call, never a proxied request.  If the
-    store does not answer, the call is handled from the configuration in
-    force (a write will then fail with the store's error).
+    costs one small query per admin call, never a proxied request.
+
+    The store may be out of reach.  A look that has not answered within
+    C{timeout} seconds is given up: a read is then answered from the
+    configuration in force, and a write is refused with 503 at once rather
+    than left to wait on the store a second time.  The node's own status
+    and metrics never wait on the store (they are what a liveness probe
+    and a scraper ask for during an outage).
     """
 
     isLeaf = True
@@ -57,22 +65,67 @@ class FreshResource(Resource):
         inner: Resource,
         refresh: Callable[[], Deferred[bool]],
         outage: Outage,
+        clock: Any,
+        timeout: float = 2.0,
     ) -> None:
         super().__init__()
         self._inner = inner
         self._refresh = refresh
         self._outage = outage
+        self._clock = clock
+        self._timeout = timeout
 
     def render(self, request: Any) -> Any:
+        if request.path in _NODE_ONLY:
+            return self._inner.render(request)
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+        looked = self._refresh().addTimeout(self._timeout, self._clock)
+        looked.addErrback(self._unreachable, request)
+
         def handle(_: object) -> None:
-            result = self._inner.render(request)
+            if gone or request.finished:
+                return
+            try:
+                result = self._inner.render(request)
+            except Exception:
+                _log.failure("admin call failed: {uri}", uri=request.uri)
+                answer(request, 500, {"message": "An unexpected error occurred"})
+                return
             if result is not NOT_DONE_YET:
                 request.write(result)
                 request.finish()
 
-        outage = self._outage
-        d = self._refresh()
-        d.addCallbacks(lambda _: outage.answered(), outage.failed)
-        d.addCallback(handle)
-        d.addErrback(lambda failure: _log.failure("admin call failed", failure))
+        self._outage.watch(looked).addCallback(handle)
         return NOT_DONE_YET
+
+    def _unreachable(self, failure: Failure, request: Any) -> Failure:
+        """
+        Refuse a write while the store is out of reach; a read goes on.
+        """
+        if failure.check(StoreUnavailable, TimeoutError) and request.method not in (
+            b"GET",
+            b"HEAD",
+        ):
+            message = (
+                f"the configuration store is unavailable "
+                f"({failure.getErrorMessage() or 'no answer'}); nothing was changed"
+            )
+            answer(request, 503, {"message": message})
+        return failure
+
+
+def answer(request: Any, status: int, body: dict[str, Any]) -> None:
+    """
+    Write and finish a JSON answer, unless the request is finished.
+    """
+    if request.finished:
+        return
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json; charset=utf-8")
+    request.write(json.dumps(body).encode("utf-8"))
+    request.finish()
+
+
+# Node-local answers that never read the configuration: status and metrics.
+_NODE_ONLY = frozenset([b"/", b"/status", b"/metrics"])

@@ -21,6 +21,22 @@ from .sql import Dialect, SQLStore
 
 SCHEMES = ("postgresql", "postgres")
 
+
+def _unavailable(error: BaseException) -> bool:
+    """
+    A connection that failed or was lost (no SQLSTATE, or class 08), a
+    server short of resources (53) or shutting down (57, which also holds
+    a statement cancelled by C{statement_timeout}), or a lock not had in
+    time (55P03).
+    """
+    import psycopg
+
+    if not isinstance(error, (psycopg.OperationalError, psycopg.InterfaceError)):
+        return False
+    state = getattr(error, "sqlstate", None)
+    return state is None or state[:2] in ("08", "53", "57") or state == "55P03"
+
+
 POSTGRES = Dialect(
     placeholder="%s",
     upsert=(
@@ -31,6 +47,7 @@ POSTGRES = Dialect(
     # started together migrate one after another.
     migration_lock=("SELECT pg_advisory_xact_lock(1634297719)",),
     consistent_read=("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ",),
+    unavailable=_unavailable,
 )
 
 
@@ -43,18 +60,53 @@ def is_postgres(database: str) -> bool:
 
 def redacted(url: str) -> str:
     """
-    C{url} without its password, for logs and status answers.
+    C{url} without its password (in the authority or as a C{password=}
+    parameter), for logs, errors and status answers.
     """
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{parts.username or ''}:***@{host}"
-    if parts.port is not None:
-        netloc += f":{parts.port}"
-    return urlunsplit(parts._replace(netloc=netloc))
+    netloc = parts.netloc
+    if parts.password is not None:
+        host = netloc.rpartition("@")[2]
+        netloc = f"{parts.username or ''}:***@{host}"
+    query = "&".join(
+        "password=***" if item.lower().startswith("password=") else item
+        for item in parts.query.split("&")
+    )
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+# Connection settings a gateway node wants unless the URL says otherwise:
+# a server that stops answering is found out in seconds (the change feed
+# and Admin API wait on it, never the proxy), and a node that vanished
+# while holding the version row's lock does not block the others for long.
+_DEFAULTS = {
+    "connect_timeout": "10",
+    "keepalives": "1",
+    "keepalives_idle": "30",
+    "keepalives_interval": "10",
+    "keepalives_count": "3",
+    "options": (
+        "-c lock_timeout=5000 -c statement_timeout=30000"
+        " -c idle_in_transaction_session_timeout=60000"
+    ),
+}
+
+
+def connection_settings(url: str) -> dict[str, str]:
+    """
+    What to add to C{url} when connecting: L{_DEFAULTS} it does not set.
+
+    @raise ValueError: C{url} is not a valid PostgreSQL URL (the message
+        names it without its password).
+    """
+    from psycopg import ProgrammingError
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        given = conninfo_to_dict(url)
+    except ProgrammingError:
+        raise ValueError(f"{redacted(url)} is not a valid PostgreSQL URL") from None
+    return {k: v for k, v in _DEFAULTS.items() if k not in given}
 
 
 class PostgresStore(SQLStore):
@@ -64,7 +116,7 @@ class PostgresStore(SQLStore):
 
     def __init__(self, reactor: IReactorThreads, url: str) -> None:
         self.url = redacted(url)
-        options = {} if "connect_timeout" in url else {"connect_timeout": 10}
+        options = connection_settings(url)
         super().__init__(
             adbapi.ConnectionPool(
                 "psycopg",

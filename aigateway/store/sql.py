@@ -59,12 +59,17 @@ class Dialect:
         so that only one process migrates at a time.
     @ivar consistent_read: statements that open a transaction whose reads
         all see one committed state.
+    @ivar unavailable: whether an error the driver raised means the
+        database is out of reach or busy (a server down, a lock held past
+        the wait), as opposed to a bug in a statement, which must not be
+        taken for an outage.
     """
 
     placeholder: str
     upsert: str
     migration_lock: tuple[str, ...]
     consistent_read: tuple[str, ...]
+    unavailable: Callable[[BaseException], bool]
 
     def sql(self, statement: str) -> str:
         """
@@ -87,14 +92,6 @@ class SQLStore:
     def __init__(self, pool: adbapi.ConnectionPool, dialect: Dialect) -> None:
         self._pool = pool
         self._dialect = dialect
-        dbapi = pool.dbapi
-        # What the driver raises when the database is out of reach or busy,
-        # as opposed to a bug in a statement.
-        self._unavailable = (
-            dbapi.OperationalError,
-            dbapi.InterfaceError,
-            adbapi.ConnectionLost,
-        )
 
     def _run(self, interaction: Callable[..., Any]) -> Deferred[Any]:
         """
@@ -104,10 +101,11 @@ class SQLStore:
         return self._pool.runInteraction(interaction).addErrback(self._failed)
 
     def _failed(self, failure: Failure) -> Failure:
-        if failure.check(*self._unavailable):
+        error = failure.value
+        if error is not None and self._dialect.unavailable(error):
             raise StoreUnavailable(
-                f"{type(failure.value).__name__}: {failure.getErrorMessage()}"
-            ) from failure.value
+                f"{type(error).__name__}: {failure.getErrorMessage()}"
+            ) from error
         return failure
 
     def start(self) -> Deferred[int]:

@@ -15,11 +15,35 @@ waits for it (C{timeout}, 5 s) rather than failing.
 from __future__ import annotations
 
 import sqlite3
+import time
 
 from twisted.enterprise import adbapi
 from twisted.internet.interfaces import IReactorThreads
 
 from .sql import MIGRATIONS, Dialect, SQLStore
+
+# Result codes that mean the file is busy or cannot be read or written now
+# (another process's lock held past the wait, a full or read-only disk).
+_UNAVAILABLE = (
+    "SQLITE_BUSY",
+    "SQLITE_LOCKED",
+    "SQLITE_IOERR",
+    "SQLITE_CANTOPEN",
+    "SQLITE_FULL",
+    "SQLITE_READONLY",
+    "SQLITE_PROTOCOL",
+)
+
+
+def _unavailable(error: BaseException) -> bool:
+    if not isinstance(error, sqlite3.OperationalError):
+        return False
+    name = getattr(error, "sqlite_errorname", None)  # Python 3.11+
+    if name is None:
+        message = str(error)
+        return "locked" in message or "disk" in message or "unable to open" in message
+    return str(name).startswith(_UNAVAILABLE)
+
 
 SQLITE = Dialect(
     placeholder="?",
@@ -28,12 +52,32 @@ SQLITE = Dialect(
     # see schema version 0 and both create the tables.
     migration_lock=("BEGIN IMMEDIATE",),
     consistent_read=("BEGIN",),
+    unavailable=_unavailable,
 )
 
 
 def _open(connection: sqlite3.Connection) -> None:
-    connection.execute("PRAGMA journal_mode=WAL")
+    """
+    Set up a new connection (on the database thread).
+
+    Turning a new file to WAL takes its lock, and SQLite answers "locked"
+    at once rather than waiting when another process is doing the same, so
+    processes started together on a new file try again for a few seconds.
+    """
+    for _ in range(_WAL_TRIES - 1):
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError as e:
+            if not _unavailable(e):
+                raise
+            time.sleep(0.02)
+    else:
+        connection.execute("PRAGMA journal_mode=WAL")
     connection.execute("PRAGMA synchronous=FULL")
+
+
+_WAL_TRIES = 250
 
 
 class SQLiteStore(SQLStore):
