@@ -469,7 +469,7 @@ def labels(service: Service, route: Route) -> tuple[str, str]:
 class StateCollector(Collector):
     """
     Gauges read from live state at scrape time: target health, in-flight
-    attempts and open connections.
+    attempts, open connections, and the configuration this node serves.
     """
 
     def __init__(
@@ -478,11 +478,17 @@ class StateCollector(Collector):
         snapshot: Callable[[], ConfigSnapshot],
         health: Any,
         connections: Callable[[], dict[str, int]],
+        store_reachable: Callable[[], bool] = lambda: True,
     ) -> None:
+        """
+        @param store_reachable: whether the last look at the configuration
+            store succeeded.
+        """
         self._metrics = metrics
         self._snapshot = snapshot
         self._health = health
         self._connections = connections
+        self._store_reachable = store_reachable
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         snapshot = self._snapshot()
@@ -520,6 +526,19 @@ class StateCollector(Collector):
         for state, value in self._connections().items():
             connections.add_metric([state], value)
         yield connections
+        # Nodes sharing a database serve the same configuration when their
+        # versions agree; Kong names its reachability gauge alike.
+        yield GaugeMetricFamily(
+            "aigateway_configuration_version",
+            "Version of the configuration this node serves (the database's "
+            "counter of changes).",
+            value=snapshot.version,
+        )
+        yield GaugeMetricFamily(
+            "aigateway_datastore_reachable",
+            "1 while the configuration store answers this node, 0 during an outage.",
+            value=1.0 if self._store_reachable() else 0.0,
+        )
 
     def _state(self, target: Target) -> str:
         return str(self._health.describe(target)["health"]).lower()

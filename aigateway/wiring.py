@@ -82,7 +82,13 @@ def build(reactor: Any, node: Any) -> Parts:
         }
 
     registry.register(
-        StateCollector(metrics, lambda: runtime.snapshot, health, connections)
+        StateCollector(
+            metrics,
+            lambda: runtime.snapshot,
+            health,
+            connections,
+            lambda: not outage.failing,
+        )
     )
     runtime.observe(lambda snapshot: metrics.forget(live(snapshot)))
 

@@ -31,7 +31,15 @@ from aigateway.store import open_store
 from aigateway.store.interfaces import StaleConfiguration, StoreUnavailable
 from aigateway.store.sqlite import SQLiteStore
 
-from .gatewaykit import Gateway, TargetResource, address, listen, wait_for
+from .gatewaykit import (
+    Gateway,
+    TargetResource,
+    address,
+    listen,
+    sample,
+    scrape,
+    wait_for,
+)
 
 # -- the feed, on a clock -------------------------------------------------
 
@@ -191,6 +199,12 @@ async def test_a_change_on_one_node_is_served_by_the_other(pair, servers):
         return (await first.proxy.get("/v1/models")).code == 200
 
     await wait_for(served, 5.0, 0.05)
+    # /metrics never reads the store: its version is what the feed brought.
+    versions = [
+        sample(await scrape(node), "aigateway_configuration_version")
+        for node in (first, second)
+    ]
+    assert versions == [second.service.runtime.snapshot.version] * 2 == [4.0] * 2
     assert await _version(first) == await _version(second)
     listed = (await first.admin.get("/upstreams/up/targets")).json["data"]
     assert [t["target"] for t in listed] == [address(port)]
@@ -377,9 +391,10 @@ async def test_postgres_out_of_reach_admin_503_proxy_serves_then_recovers(
         reply = await node.admin.post("/upstreams", form={"name": "b"})
         assert reply.code == 503, reply.body
         assert "configuration store is unavailable" in reply.json["message"]
-        # ...and the status is answered without waiting on the store.
+        # ...and the status and metrics are answered without waiting on it.
         status = await node.admin.get("/status")
         assert status.code == 200 and status.json["database"]["reachable"] is False
+        assert sample(await scrape(node), "aigateway_datastore_reachable") == 0
 
         _admit(postgres_url, True)
 
@@ -394,6 +409,7 @@ async def test_postgres_out_of_reach_admin_503_proxy_serves_then_recovers(
         )
         assert names == ["b", "up"]
         assert not node.service.parts.outage.failing
+        assert sample(await scrape(node), "aigateway_datastore_reachable") == 1
     finally:
         globalLogPublisher.removeObserver(events.append)
         _admit(postgres_url, True)
