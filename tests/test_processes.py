@@ -1,0 +1,165 @@
+"""
+The README's 'Several processes, one configuration', as a user runs it:
+two C{twistd -n aigateway} processes on one C{reuseport:} port and one
+SQLite file, a real model server (examples/mock_llm.py) behind them,
+configured once through one process's Admin API.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+BIN = Path(sys.executable).parent
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _call(
+    url: str, data: dict[str, str] | None = None, method: str | None = None
+) -> Any:
+    body = None if data is None else urllib.parse.urlencode(data).encode()
+    request = urllib.request.Request(url, data=body, method=method)
+    with urllib.request.urlopen(request, timeout=5) as reply:
+        return reply.status, reply.read()
+
+
+def _until(check: Any, bound: float, what: str) -> Any:
+    deadline = time.monotonic() + bound
+    while True:
+        try:
+            result = check()
+            if result:
+                return result
+        except (OSError, urllib.error.URLError):
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {bound} s")
+        time.sleep(0.1)
+
+
+def _metric(admin: str, name: str) -> float:
+    status, body = _call(f"{admin}/metrics")
+    total = 0.0
+    for line in body.decode().splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_two_processes_one_port_one_database(tmp_path):
+    proxy, target = _free_port(), _free_port()
+    admins = [_free_port(), _free_port()]
+    started: list[subprocess.Popen[bytes]] = []
+    try:
+        started.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    str(ROOT / "examples" / "mock_llm.py"),
+                    "--port",
+                    str(target),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+        for n, admin in enumerate(admins):
+            started.append(
+                subprocess.Popen(
+                    [
+                        str(BIN / "twistd"),
+                        "-n",
+                        "--pidfile",
+                        str(tmp_path / f"gw{n}.pid"),
+                        "--logfile",
+                        str(tmp_path / f"gw{n}.log"),
+                        "aigateway",
+                        "--proxy",
+                        f"reuseport:{proxy}:interface=127.0.0.1",
+                        "--admin",
+                        f"tcp:{admin}:interface=127.0.0.1",
+                        "--database",
+                        str(tmp_path / "aigateway.db"),
+                        "--db-update-frequency",
+                        "0.2",
+                    ],
+                    cwd=tmp_path,
+                )
+            )
+        first, second = (f"http://127.0.0.1:{a}" for a in admins)
+        for admin in (first, second):
+            _until(lambda a=admin: _call(f"{a}/status")[0] == 200, 30, "Admin API")
+        _until(
+            lambda: _call(f"http://127.0.0.1:{target}/v1/models")[0] == 200, 30, "model"
+        )
+
+        # Configured once, through the first process only.
+        assert _call(f"{first}/upstreams", {"name": "ai"})[0] == 201
+        assert (
+            _call(f"{first}/upstreams/ai/targets", {"target": f"127.0.0.1:{target}"})[0]
+            == 201
+        )
+        assert _call(f"{first}/services", {"name": "ai", "host": "ai"})[0] == 201
+        assert _call(f"{first}/services/ai/routes", {"paths[]": "/v1"})[0] == 201
+        # The second process's change feed brings it in force (/metrics does
+        # not itself read the store).
+        _until(
+            lambda: _metric(second, "aigateway_configuration_version") == 4,
+            10,
+            "the second process loading the configuration",
+        )
+
+        chat = json.dumps(
+            {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        )
+        for n in range(60):
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{proxy}/v1/chat/completions",
+                data=chat.encode(),
+                headers={"Content-Type": "application/json", "Connection": "close"},
+            )
+            with urllib.request.urlopen(request, timeout=5) as reply:
+                assert reply.status == 200
+                assert json.loads(reply.read())["choices"][0]["message"]["content"]
+            if n == 30:
+                # A change through the second process, mid-traffic.
+                status, _ = _call(
+                    f"{second}/upstreams/ai/targets/127.0.0.1:{target}",
+                    {"weight": "50"},
+                    method="PATCH",
+                )
+                assert status == 200
+        # The kernel spread the connections over both processes.
+        served = [_metric(a, "aigateway_http_requests_total") for a in (first, second)]
+        assert sum(served) == 60 and min(served) > 0, served
+        _until(
+            lambda: _metric(first, "aigateway_configuration_version") == 5,
+            10,
+            "the first process loading the second one's change",
+        )
+    finally:
+        for process in started:
+            process.terminate()
+        for process in started:
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
