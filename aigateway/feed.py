@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -45,13 +45,6 @@ class Outage:
     def __init__(self) -> None:
         self.failing = False
 
-    def watch(self, d: Deferred[bool]) -> Deferred[None]:
-        """
-        Report the outcome of a look at the store, C{d}; the result fires
-        with L{None} either way.
-        """
-        return d.addCallbacks(self.answered, self.failed)
-
     def answered(self, _: object = None) -> None:
         """
         A look at the store succeeded.
@@ -64,7 +57,7 @@ class Outage:
         """
         A look at the store failed with C{failure}.
         """
-        if not failure.check(StoreUnavailable, TimeoutError):
+        if not failure.check(StoreUnavailable):
             _log.failure("could not load the stored configuration", failure)
             return
         if self.failing:
@@ -87,19 +80,17 @@ class ConfigFeed:
         clock: Any,
         refresh: Callable[[], Deferred[bool]],
         interval: float,
-        outage: Outage,
     ) -> None:
         """
         @param refresh: loads and puts in force the stored configuration if
-            its version moved; fires with whether it did.
+            its version moved; fires with whether it did (and reports a
+            failed look itself, to the node's L{Outage}).
         @param interval: seconds between looks (more than 0).
-        @param outage: where failed looks are reported.
         """
         if interval <= 0:
             raise ValueError("the feed's interval must be more than 0")
         self._refresh = refresh
         self._interval = interval
-        self._outage = outage
         self._loop = LoopingCall(self._look)
         self._loop.clock = clock
 
@@ -120,4 +111,8 @@ class ConfigFeed:
     def _look(self) -> Deferred[None]:
         # LoopingCall waits for this Deferred before scheduling the next
         # look, so looks never overlap; it must not fail, or the loop ends.
-        return self._outage.watch(self._refresh())
+        return self._refresh().addCallbacks(_ignore, _ignore)
+
+
+def _ignore(_: object) -> None:
+    pass

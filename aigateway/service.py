@@ -103,10 +103,7 @@ class GatewayService(MultiService):
         self.feed: ConfigFeed | None = None
         if settings.db_update_frequency > 0:
             self.feed = ConfigFeed(
-                reactor,
-                self.parts.entities.refresh,
-                settings.db_update_frequency,
-                self.parts.outage,
+                reactor, self.parts.entities.refresh, settings.db_update_frequency
             )
 
     def startService(self) -> None:
@@ -178,5 +175,9 @@ class GatewayService(MultiService):
             self.parts.stop()
             return self.store.close()
 
-        stops.append(self.parts.entities.close().addCallback(configuration_settled))
+        # (A database that does not answer is not waited on for more than a
+        # few seconds: the node is closed, so a late answer is not put in
+        # force anyway.)
+        settled = self.parts.entities.close().addTimeout(5, self.reactor)
+        stops.append(settled.addBoth(configuration_settled))
         return DeferredList(stops, consumeErrors=True)

@@ -14,6 +14,7 @@ from typing import Any
 import attrs
 from klein import Klein
 from prometheus_client import CollectorRegistry
+from twisted.internet.defer import TimeoutError
 
 from . import declarative
 from .accesslog import AccessLog
@@ -27,6 +28,7 @@ from .balancer.backup import build_balancer
 from .feed import Outage
 from .health.hook import build_health
 from .health.manager import Probed
+from .inflight import InFlight
 from .metrics import Metrics, StateCollector, live
 from .proxy.resource import ProxyResource
 from .recorder import Recorder
@@ -58,10 +60,10 @@ def build(reactor: Any, node: Any) -> Parts:
     metrics = Metrics(registry)
     health = build_health(reactor)
     runtime = Runtime(health, build_balancer)
-    entities = Entities(node.store, runtime, reactor)
     # The store's outages, logged once whether the change feed or an admin
     # call meets them.
     outage = Outage()
+    entities = Entities(node.store, runtime, reactor, outage)
     access_log = (
         AccessLog(reactor, settings.access_log) if settings.access_log else None
     )
@@ -103,8 +105,15 @@ def build(reactor: Any, node: Any) -> Parts:
     upstreams.register(app, entities, health, node.node_id)
     services.register(app, entities)
 
+    # A status probe waits at most a second on the database, and probes
+    # that come while one ping is out share it.
+    ping = InFlight(node.store.ping)
+
     async def node_status() -> Any:
-        reachable = await node.store.ping()
+        try:
+            reachable = await ping().addTimeout(1.0, reactor)
+        except TimeoutError:
+            reachable = False
         return {
             "node_id": node.node_id,
             "uptime": round(reactor.seconds() - node.started_at, 3),
@@ -132,7 +141,7 @@ def build(reactor: Any, node: Any) -> Parts:
         runtime=runtime,
         entities=entities,
         proxy_resource=proxy,
-        admin_resource=FreshResource(app.resource(), entities.refresh, outage, reactor),
+        admin_resource=FreshResource(app.resource(), entities.refresh, reactor),
         metrics=metrics,
         outage=outage,
         load_declarative=load_declarative,

@@ -16,6 +16,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
@@ -61,7 +62,7 @@ class _Refresh:
 
 def test_feed_looks_every_interval_from_one_interval_after_start():
     clock, refresh = Clock(), _Refresh()
-    feed = ConfigFeed(clock, refresh, 2.0, Outage())
+    feed = ConfigFeed(clock, refresh, 2.0)
     feed.start()
     assert refresh.calls == 0
     clock.advance(1.9)
@@ -84,7 +85,7 @@ def test_feed_looks_one_at_a_time():
     clock, refresh = Clock(), _Refresh()
     slow: Deferred[bool] = Deferred()
     refresh.answers.append(slow)
-    feed = ConfigFeed(clock, refresh, 1.0, Outage())
+    feed = ConfigFeed(clock, refresh, 1.0)
     feed.start()
     clock.advance(1.0)
     assert refresh.calls == 1
@@ -96,21 +97,32 @@ def test_feed_looks_one_at_a_time():
     feed.stop()
 
 
-def test_feed_survives_a_failing_store_and_logs_once():
+def test_feed_survives_a_failing_store():
+    """
+    A look that fails (the node's L{Outage} has been told, by the look
+    itself) does not end the loop.
+    """
     clock, refresh = Clock(), _Refresh()
+    for _ in range(3):
+        refresh.answers.append(fail(StoreUnavailable("server gone")))
+    feed = ConfigFeed(clock, refresh, 1.0)
+    feed.start()
+    clock.pump([1.0] * 5)
+    assert refresh.calls == 5
+    feed.stop()
+
+
+def test_an_outage_is_logged_once_and_its_end_once():
     events: list[dict] = []
     globalLogPublisher.addObserver(events.append)
     try:
-        for _ in range(3):
-            refresh.answers.append(fail(StoreUnavailable("server gone")))
         outage = Outage()
-        feed = ConfigFeed(clock, refresh, 1.0, outage)
-        feed.start()
-        clock.pump([1.0] * 3)
-        assert refresh.calls == 3 and outage.failing
-        clock.advance(1.0)
-        assert refresh.calls == 4 and not outage.failing
-        feed.stop()
+        for _ in range(3):
+            outage.failed(Failure(StoreUnavailable("server gone")))
+        assert outage.failing
+        outage.answered()
+        outage.answered()
+        assert not outage.failing
     finally:
         globalLogPublisher.removeObserver(events.append)
     logged = [e for e in events if e.get("log_namespace") == "aigateway.feed"]
@@ -122,7 +134,7 @@ def test_feed_survives_a_failing_store_and_logs_once():
 @pytest.mark.parametrize("interval", [0, -1])
 def test_feed_needs_a_positive_interval(interval):
     with pytest.raises(ValueError):
-        ConfigFeed(Clock(), _Refresh(), interval, Outage())
+        ConfigFeed(Clock(), _Refresh(), interval)
 
 
 # -- the store: compare and write in one step ---------------------------------
@@ -497,36 +509,68 @@ def _admin_call(method: bytes, path: bytes) -> DummyRequest:
     return request
 
 
-def test_admin_calls_while_the_store_does_not_answer():
+class _Silent(SQLiteStore):
     """
-    A look at the store that never answers is given up after the timeout:
-    a read is answered from the configuration in force, a write is refused
-    with 503, and status and metrics never wait.
+    A store whose version look never answers (a database server gone
+    silent), until the test answers it.
     """
-    clock, inner, outage = Clock(), _Inner(), Outage()
-    never: list[Deferred[bool]] = []
 
-    def refresh() -> Deferred[bool]:
-        never.append(Deferred())
-        return never[-1]
+    def __init__(self, path: str) -> None:
+        super().__init__(reactor, path)
+        self.looks: list[Deferred[int]] = []
 
-    resource = FreshResource(inner, refresh, outage, clock, timeout=2.0)
-    read, write = (
-        _admin_call(b"GET", b"/upstreams"),
-        _admin_call(b"POST", b"/upstreams"),
-    )
-    status = _admin_call(b"GET", b"/status")
-    assert resource.render(read) is NOT_DONE_YET
-    resource.render(write)
-    assert resource.render(status) == b"inner"  # at once, no look
-    assert len(never) == 2 and inner.rendered == 1
-    clock.advance(1.9)
-    assert not read.finished and not write.finished
-    clock.advance(0.1)
-    assert read.written == [b"inner"] and read.finished
-    assert write.responseCode == 503 and write.finished
-    assert b"nothing was changed" in b"".join(write.written)
-    assert inner.rendered == 2 and outage.failing
+    def version(self):
+        self.looks.append(Deferred())
+        return self.looks[-1]
+
+
+@pytest_twisted.ensureDeferred
+async def test_admin_calls_while_the_store_does_not_answer(tmp_path):
+    """
+    Admin calls that wait on a look at the store stop waiting after the
+    timeout: a read is answered from the configuration in force, a write is
+    refused with 503.  They share the one look in flight (no look queued
+    per call), status and metrics do not wait, and when the store answers
+    at last the look's result is put in force and the lock let go.
+    """
+    store = _Silent(str(tmp_path / "silent.db"))
+    await store.start()
+    clock, inner = Clock(), _Inner()
+    entities = Entities(store, Runtime(build_health(reactor), build_balancer), clock)
+    resource = FreshResource(inner, entities.refresh, clock, timeout=2.0)
+    try:
+        read = _admin_call(b"GET", b"/upstreams")
+        write = _admin_call(b"POST", b"/upstreams")
+        status = _admin_call(b"GET", b"/status")
+        assert resource.render(read) is NOT_DONE_YET
+        resource.render(write)
+        assert resource.render(status) == b"inner"  # at once, no look
+        assert len(store.looks) == 1 and inner.rendered == 1
+        clock.advance(1.9)
+        assert not read.finished and not write.finished
+        clock.advance(0.1)
+        assert read.written == [b"inner"] and read.finished
+        assert write.responseCode == 503 and write.finished
+        assert b"no answer within 2 s" in b"".join(write.written)
+        assert inner.rendered == 2
+        assert entities._lock.locked  # the look still holds it
+        # Timeouts are not outages: the look has not failed yet.
+        assert not entities.outage.failing
+        # Another node wrote meanwhile; the store answers at last.
+        other = SQLiteStore(reactor, store.path)
+        await other.start()
+        writer = Entities(
+            other, Runtime(build_health(reactor), build_balancer), reactor
+        )
+        await writer.create("upstreams", {"name": "a"}, True)
+        await writer.close()
+        await other.close()
+        store.looks[0].callback(1)
+        await wait_for(lambda: succeed(not entities._lock.locked), 5.0, 0.01)
+        assert [u.name for u in entities.snapshot.upstreams.values()] == ["a"]
+    finally:
+        await entities.close()
+        await store.close()
 
 
 def test_an_admin_call_that_fails_is_answered_500():
@@ -536,7 +580,7 @@ def test_an_admin_call_that_fails_is_answered_500():
         def render(self, request):
             raise RuntimeError("bug")
 
-    resource = FreshResource(Broken(), lambda: succeed(False), Outage(), Clock())
+    resource = FreshResource(Broken(), lambda: succeed(False), Clock())
     request = _admin_call(b"GET", b"/upstreams")
     resource.render(request)
     assert request.responseCode == 500 and request.finished
@@ -548,7 +592,7 @@ def test_failures_that_are_not_outages_are_logged_every_time():
     try:
         outage = Outage()
         for _ in range(3):
-            outage.watch(fail(ValueError("a record this node cannot read")))
+            outage.failed(Failure(ValueError("a record this node cannot read")))
         assert not outage.failing
     finally:
         globalLogPublisher.removeObserver(events.append)
@@ -566,3 +610,33 @@ async def test_a_closed_node_puts_nothing_in_force(pair):
     assert entities.snapshot.upstreams == {}
     with pytest.raises(StoreUnavailable, match="shutting down"):
         await entities.create("upstreams", {"name": "b"}, True)
+
+
+@pytest_twisted.ensureDeferred
+async def test_status_does_not_wait_on_a_silent_store(tmp_path, monkeypatch):
+    """
+    A database that stops answering does not hold a liveness probe: the
+    status says it is unreachable after a second, and probes that come
+    meanwhile share the one ping in flight.
+    """
+    pings: list[Deferred[bool]] = []
+
+    def silent(self):
+        pings.append(Deferred())
+        return pings[-1]
+
+    monkeypatch.setattr(SQLiteStore, "ping", silent)
+    node = await Gateway(str(tmp_path / "silent.db")).start()
+    try:
+        replies = await DeferredList(
+            [Deferred.fromCoroutine(node.admin.get("/status")) for _ in range(3)]
+        )
+        assert [r.json["database"]["reachable"] for _, r in replies] == [False] * 3
+        assert len(pings) == 1
+        pings[0].callback(True)
+        reply = await node.admin.get("/status")
+        assert reply.json["database"]["reachable"] is False  # (a new, silent ping)
+        assert len(pings) == 2
+    finally:
+        pings[-1].callback(True)
+        await node.stop()

@@ -163,3 +163,6 @@ def test_two_processes_one_port_one_database(tmp_path):
                 process.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 process.kill()
+    for n in range(2):
+        log = (tmp_path / f"gw{n}.log").read_text()
+        assert "Traceback" not in log and "Unhandled" not in log, log[-2000:]

@@ -19,16 +19,19 @@ from __future__ import annotations
 import copy
 import random
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from contextlib import suppress
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredLock, succeed
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from ..addresses import format_target, parse_target
 from ..config import ConfigSnapshot, Records
+from ..feed import Outage
+from ..inflight import InFlight
 from ..records import PARENT, SERVER_FIELDS, UNIQUE, build_record, parent_id
 from ..runtime import Runtime
 from ..schema import merge
@@ -66,12 +69,21 @@ class Entities:
     The Admin API's view of the configuration.
     """
 
-    def __init__(self, store: IStore, runtime: Runtime, clock: Any) -> None:
+    def __init__(
+        self, store: IStore, runtime: Runtime, clock: Any, outage: Outage | None = None
+    ) -> None:
+        """
+        @param outage: told the outcome of every call on the store.
+        """
         self._store = store
         self._runtime = runtime
         self._clock = clock
+        self.outage = outage or Outage()
         self._lock = DeferredLock()
         self._closed = False
+        self._look = InFlight(
+            lambda: self._lock.run(lambda: Deferred.fromCoroutine(self._refresh()))
+        )
 
     @property
     def snapshot(self) -> ConfigSnapshot:
@@ -255,14 +267,23 @@ class Entities:
                 if self._closed:
                     raise StoreUnavailable("this node is shutting down")
                 try:
-                    return await function(*copy.deepcopy(args))
+                    result = await function(*copy.deepcopy(args))
                 except StaleConfiguration:
-                    await self._reload()
-                # Another node won the race: let the nodes drift apart
-                # before trying again, so two of them do not keep meeting.
-                await deferLater(
-                    self._clock, random.uniform(0, 0.01 * (attempt + 1)), lambda: None
-                )
+                    # Another node won the race: let the nodes drift apart
+                    # before loading its change and trying again, so that
+                    # two of them do not keep meeting.
+                    await deferLater(
+                        self._clock,
+                        random.uniform(0, 0.01 * (attempt + 1)),
+                        lambda: None,
+                    )
+                    await self._outcome(self._reload())
+                except StoreUnavailable:
+                    self.outage.failed(Failure())
+                    raise
+                else:
+                    self.outage.answered()
+                    return result
             raise StoreUnavailable(
                 f"the configuration kept changing on other nodes "
                 f"({_ATTEMPTS} attempts); try again"
@@ -273,19 +294,37 @@ class Entities:
     def refresh(self) -> Deferred[bool]:
         """
         Put the stored configuration in force if another process changed
-        it (the change feed calls this).
+        it (the change feed and every admin call ask for this).
+
+        Callers that ask while a look at the store is in progress share
+        it: a store that does not answer holds one look, not one per
+        caller, and each caller may give up waiting on its own.
 
         @return: a L{Deferred} firing with whether it changed.
         """
+        return self._look()
 
-        async def run() -> bool:
-            if self._closed:
-                return False
-            if await self._store.version() == self.snapshot.version:
-                return False
-            return await self._reload()
+    async def _refresh(self) -> bool:
+        if self._closed:
+            return False
+        return await self._outcome(self._changed())
 
-        return self._lock.run(lambda: Deferred.fromCoroutine(run()))
+    async def _changed(self) -> bool:
+        if await self._store.version() == self.snapshot.version:
+            return False
+        return await self._reload()
+
+    async def _outcome(self, look: Coroutine[Any, Any, bool]) -> bool:
+        """
+        Tell the outage watcher how a look at the store went.
+        """
+        try:
+            changed = await look
+        except Exception:
+            self.outage.failed(Failure())
+            raise
+        self.outage.answered()
+        return changed
 
     def close(self) -> Deferred[None]:
         """

@@ -15,7 +15,6 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from ..feed import Outage
 from ..store.interfaces import StoreUnavailable
 
 _log = Logger()
@@ -50,12 +49,14 @@ class FreshResource(Resource):
     exist: as with Kong, the Admin API reads what the database holds.  It
     costs one small query per admin call, never a proxied request.
 
-    The store may be out of reach.  A look that has not answered within
-    C{timeout} seconds is given up: a read is then answered from the
-    configuration in force, and a write is refused with 503 at once rather
-    than left to wait on the store a second time.  The node's own status
-    and metrics never wait on the store (they are what a liveness probe
-    and a scraper ask for during an outage).
+    The store may be out of reach.  A call that has waited C{timeout}
+    seconds for the look at the store stops waiting: a read is then
+    answered from the configuration in force, and a write is refused with
+    503 at once rather than left to wait on the store a second time.  The
+    look itself goes on (shared with the calls that come meanwhile, see
+    L{Entities.refresh}).  The node's own status and metrics do not look
+    at the configuration (they are what a liveness probe and a scraper ask
+    for during an outage).
     """
 
     isLeaf = True
@@ -64,14 +65,12 @@ class FreshResource(Resource):
         self,
         inner: Resource,
         refresh: Callable[[], Deferred[bool]],
-        outage: Outage,
         clock: Any,
         timeout: float = 2.0,
     ) -> None:
         super().__init__()
         self._inner = inner
         self._refresh = refresh
-        self._outage = outage
         self._clock = clock
         self._timeout = timeout
 
@@ -96,23 +95,24 @@ class FreshResource(Resource):
                 request.write(result)
                 request.finish()
 
-        self._outage.watch(looked).addCallback(handle)
+        looked.addCallback(handle)
         return NOT_DONE_YET
 
-    def _unreachable(self, failure: Failure, request: Any) -> Failure:
+    def _unreachable(self, failure: Failure, request: Any) -> None:
         """
-        Refuse a write while the store is out of reach; a read goes on.
+        Refuse a write while the store is out of reach (the look failed, or
+        did not answer in time); a read goes on.
         """
-        if failure.check(StoreUnavailable, TimeoutError) and request.method not in (
-            b"GET",
-            b"HEAD",
-        ):
-            message = (
-                f"the configuration store is unavailable "
-                f"({failure.getErrorMessage() or 'no answer'}); nothing was changed"
-            )
-            answer(request, 503, {"message": message})
-        return failure
+        if request.method in (b"GET", b"HEAD"):
+            return
+        if failure.check(TimeoutError):
+            why = f"no answer within {self._timeout:g} s"
+        elif failure.check(StoreUnavailable):
+            why = failure.getErrorMessage()
+        else:  # (logged by the look itself)
+            why = "it failed"
+        message = f"the configuration store is unavailable ({why}); nothing was changed"
+        answer(request, 503, {"message": message})
 
 
 def answer(request: Any, status: int, body: dict[str, Any]) -> None:

@@ -85,6 +85,10 @@ _DEFAULTS = {
     "keepalives_idle": "30",
     "keepalives_interval": "10",
     "keepalives_count": "3",
+    # Keepalives only probe an idle connection: a query waiting on a server
+    # that went silent would otherwise wait for TCP's retransmissions
+    # (about 15 minutes on Linux).
+    "tcp_user_timeout": "15000",
     "options": (
         "-c lock_timeout=5000 -c statement_timeout=30000"
         " -c idle_in_transaction_session_timeout=60000"
