@@ -8,6 +8,9 @@ several processes on one new database file.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -112,20 +115,33 @@ def test_feed_survives_a_failing_store():
     feed.stop()
 
 
-def test_an_outage_is_logged_once_and_its_end_once():
+@contextmanager
+def _feed_log() -> Iterator[list[dict]]:
+    """
+    What L{aigateway.feed} logs while the block runs.
+    """
     events: list[dict] = []
-    globalLogPublisher.addObserver(events.append)
+
+    def observe(event: dict) -> None:
+        if event.get("log_namespace") == "aigateway.feed":
+            events.append(event)
+
+    globalLogPublisher.addObserver(observe)
     try:
-        outage = Outage()
+        yield events
+    finally:
+        globalLogPublisher.removeObserver(observe)
+
+
+def test_an_outage_is_logged_once_and_its_end_once():
+    outage = Outage()
+    with _feed_log() as logged:
         for _ in range(3):
             outage.failed(Failure(StoreUnavailable("server gone")))
         assert outage.failing
         outage.answered()
         outage.answered()
         assert not outage.failing
-    finally:
-        globalLogPublisher.removeObserver(events.append)
-    logged = [e for e in events if e.get("log_namespace") == "aigateway.feed"]
     assert len(logged) == 2
     assert "unavailable" in logged[0]["log_format"]
     assert "answers again" in logged[1]["log_format"]
@@ -387,8 +403,13 @@ async def test_postgres_out_of_reach_admin_503_proxy_serves_then_recovers(
 ):
     servers.append(port := listen(TargetResource("t")))
     node = await Gateway(postgres_url, db_update_frequency=0.1).start()
-    events: list[dict] = []
-    globalLogPublisher.addObserver(events.append)
+    with _feed_log() as logged:
+        await _outage_and_recovery(node, port, postgres_url)
+    outages = [e for e in logged if "unavailable" in e.get("log_format", "")]
+    assert len(outages) == 1
+
+
+async def _outage_and_recovery(node: Gateway, port: Any, postgres_url: str) -> None:
     try:
         await node.configure("up", {address(port): 100})
         _admit(postgres_url, False)
@@ -423,16 +444,8 @@ async def test_postgres_out_of_reach_admin_503_proxy_serves_then_recovers(
         assert not node.service.parts.outage.failing
         assert sample(await scrape(node), "aigateway_datastore_reachable") == 1
     finally:
-        globalLogPublisher.removeObserver(events.append)
         _admit(postgres_url, True)
         await node.stop()
-    outages = [
-        e
-        for e in events
-        if e.get("log_namespace") == "aigateway.feed"
-        and "unavailable" in e.get("log_format", "")
-    ]
-    assert len(outages) == 1
 
 
 # -- retries, timeouts and shutting down -----------------------------------------
@@ -587,16 +600,11 @@ def test_an_admin_call_that_fails_is_answered_500():
 
 
 def test_failures_that_are_not_outages_are_logged_every_time():
-    events: list[dict] = []
-    globalLogPublisher.addObserver(events.append)
-    try:
-        outage = Outage()
+    outage = Outage()
+    with _feed_log() as logged:
         for _ in range(3):
             outage.failed(Failure(ValueError("a record this node cannot read")))
         assert not outage.failing
-    finally:
-        globalLogPublisher.removeObserver(events.append)
-    logged = [e for e in events if e.get("log_namespace") == "aigateway.feed"]
     assert len(logged) == 3 and all("log_failure" in e for e in logged)
 
 
