@@ -163,6 +163,12 @@ class _Fields:
                     _LINES[line] = (canonical, value)
             if canonical in _FRAMING:
                 if canonical == b"Content-Length":
+                    if value.isdigit():
+                        # One value, nearly always: no list to split.
+                        if length is not None and int(value) != length:
+                            raise error("bad Content-Length")
+                        length = int(value)
+                        continue
                     for item in value.split(b","):
                         item = item.strip(b" \t")
                         if not item.isdigit() or (
