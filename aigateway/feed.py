@@ -45,7 +45,7 @@ class Outage:
     def __init__(self) -> None:
         self.failing = False
 
-    def answered(self, _: object = None) -> None:
+    def answered(self) -> None:
         """
         A look at the store succeeded.
         """

@@ -60,10 +60,10 @@ def build(reactor: Any, node: Any) -> Parts:
     metrics = Metrics(registry)
     health = build_health(reactor)
     runtime = Runtime(health, build_balancer)
+    entities = Entities(node.store, runtime, reactor)
     # The store's outages, logged once whether the change feed or an admin
     # call meets them.
-    outage = Outage()
-    entities = Entities(node.store, runtime, reactor, outage)
+    outage = entities.outage
     access_log = (
         AccessLog(reactor, settings.access_log) if settings.access_log else None
     )

@@ -69,16 +69,13 @@ class Entities:
     The Admin API's view of the configuration.
     """
 
-    def __init__(
-        self, store: IStore, runtime: Runtime, clock: Any, outage: Outage | None = None
-    ) -> None:
-        """
-        @param outage: told the outcome of every call on the store.
-        """
+    def __init__(self, store: IStore, runtime: Runtime, clock: Any) -> None:
         self._store = store
         self._runtime = runtime
         self._clock = clock
-        self.outage = outage or Outage()
+        #: Told the outcome of every call on the store: the node's one
+        #: record of whether the store answers.
+        self.outage = Outage()
         self._lock = DeferredLock()
         self._closed = False
         self._look = InFlight(

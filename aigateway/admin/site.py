@@ -5,7 +5,6 @@ The Admin API's twisted.web site.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +15,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from ..store.interfaces import StoreUnavailable
+from .app import answer
 
 _log = Logger()
 
@@ -89,7 +89,7 @@ class FreshResource(Resource):
                 result = self._inner.render(request)
             except Exception:
                 _log.failure("admin call failed: {uri}", uri=request.uri)
-                answer(request, 500, {"message": "An unexpected error occurred"})
+                _answer(request, 500, {"message": "An unexpected error occurred"})
                 return
             if result is not NOT_DONE_YET:
                 request.write(result)
@@ -112,18 +112,17 @@ class FreshResource(Resource):
         else:  # (logged by the look itself)
             why = "it failed"
         message = f"the configuration store is unavailable ({why}); nothing was changed"
-        answer(request, 503, {"message": message})
+        _answer(request, 503, {"message": message})
 
 
-def answer(request: Any, status: int, body: dict[str, Any]) -> None:
+def _answer(request: Any, status: int, body: dict[str, Any]) -> None:
     """
-    Write and finish a JSON answer, unless the request is finished.
+    Write and finish a JSON answer (as the Admin API's endpoints make
+    them), unless the request is finished.
     """
     if request.finished:
         return
-    request.setResponseCode(status)
-    request.setHeader(b"content-type", b"application/json; charset=utf-8")
-    request.write(json.dumps(body).encode("utf-8"))
+    request.write(answer(request, status, body))
     request.finish()
 
 

@@ -64,16 +64,14 @@ def _open(connection: sqlite3.Connection) -> None:
     at once rather than waiting when another process is doing the same, so
     processes started together on a new file try again for a few seconds.
     """
-    for _ in range(_WAL_TRIES - 1):
+    for attempt in range(_WAL_TRIES):
         try:
             connection.execute("PRAGMA journal_mode=WAL")
             break
         except sqlite3.OperationalError as e:
-            if not _unavailable(e):
+            if attempt == _WAL_TRIES - 1 or not _unavailable(e):
                 raise
             time.sleep(0.02)
-    else:
-        connection.execute("PRAGMA journal_mode=WAL")
     connection.execute("PRAGMA synchronous=FULL")
 
 
