@@ -290,6 +290,28 @@ async def test_a_write_validated_on_a_stale_view_is_validated_again(pair):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_write_under_an_owner_deleted_elsewhere_is_not_found(pair):
+    """
+    A target created under an upstream that another node deleted while
+    the write was on its way is a 404 (the URL names nothing now), not a
+    foreign-key error about an id the client never sent.
+    """
+    first, second = pair
+    stale = second.service.parts.entities
+    assert (await first.admin.post("/upstreams", form={"name": "a"})).code == 201
+    assert (await second.admin.get("/upstreams/a")).code == 200
+    upstream = stale.find("upstreams", "a")["id"]
+    assert (await first.admin.delete("/upstreams/a")).code == 204
+    with pytest.raises(AdminError) as caught:
+        await stale.create(
+            "targets", {"target": "127.0.0.1:9"}, coerce=True, parent=upstream
+        )
+    assert caught.value.status == 404
+    assert stale.snapshot.upstreams == {}
+    assert (await first.admin.get("/upstreams/a/targets")).code == 404
+
+
+@pytest_twisted.ensureDeferred
 async def test_concurrent_writes_on_both_nodes_all_land(pair):
     first, second = pair
     assert (await first.admin.post("/upstreams", form={"name": "a"})).code == 201

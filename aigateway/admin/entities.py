@@ -52,6 +52,9 @@ _log = Logger()
 # before one is let fail.
 _ATTEMPTS = 10
 
+# The kind of entity that owns each nested kind.
+_OWNER = {"targets": "upstreams", "routes": "services"}
+
 
 def is_uuid(value: str) -> bool:
     """
@@ -368,6 +371,11 @@ class Entities:
         self, kind: str, data: Record, coerce: bool, parent: str | None, old: Record
     ) -> Deferred[Record]:
         if parent is not None:
+            if parent not in self.snapshot.records[_OWNER[kind]]:
+                # The owner named in the URL was there when the call began
+                # and is gone now: deleted on another node while this
+                # write waited its turn.  The URL no longer names anything.
+                raise not_found()
             data[PARENT[kind]] = {"id": parent}
         if kind == "routes":
             self._resolve_service(data)
@@ -398,7 +406,7 @@ class Entities:
                 ) from None
 
     def _check_references(self, kind: str, record: Record) -> None:
-        parent_kind = {"targets": "upstreams", "routes": "services"}.get(kind)
+        parent_kind = _OWNER.get(kind)
         if parent_kind is None:
             return
         owner = parent_id(kind, record)
