@@ -11,9 +11,11 @@ from __future__ import annotations
 import ipaddress
 import re
 
+# \Z, not $: "$" also matches before a final newline, which would let
+# "host\n" through to a Host header.
 HOSTNAME = re.compile(
-    r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)"
-    r"(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)*\.?$"
+    r"(?=.{1,253}\Z)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)"
+    r"(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)*\.?\Z"
 )
 
 
@@ -26,6 +28,13 @@ def valid_host(host: str) -> bool:
         return True
     except ValueError:
         return bool(HOSTNAME.match(host))
+
+
+def check_host(value: str) -> str | None:
+    """
+    A schema check for fields that hold a host.
+    """
+    return None if valid_host(value) else f"invalid value: {value!r}"
 
 
 def parse_target(value: str) -> tuple[str, int] | None:
@@ -57,7 +66,10 @@ def parse_target(value: str) -> tuple[str, int] | None:
             ipaddress.IPv6Address(value)
         except ValueError:
             return None
-    if not port.isdigit() or not 0 < int(port) < 65536 or not valid_host(host):
+    # isdigit() alone takes "²" and other digits int() refuses.
+    if not (port.isascii() and port.isdigit() and len(port) <= 5):
+        return None
+    if not 0 < int(port) < 65536 or not valid_host(host):
         return None
     return host, int(port)
 

@@ -109,6 +109,7 @@ class Service:
     write_timeout: float
     read_timeout: float
     retry_on_statuses: frozenset[int]
+    enabled: bool = True
 
     @classmethod
     def from_record(cls, rec: Mapping[str, Any]) -> Service:
@@ -127,6 +128,7 @@ class Service:
             write_timeout=rec["write_timeout"] / 1000,
             read_timeout=rec["read_timeout"] / 1000,
             retry_on_statuses=frozenset(rec["retry_on_statuses"]),
+            enabled=rec.get("enabled", True),
         )
 
 

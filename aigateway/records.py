@@ -10,33 +10,83 @@ L{aigateway.model} builds the frozen values the proxy reads from it.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-from .addresses import format_target, parse_target, valid_host
+from .addresses import HOSTNAME, check_host, format_target, parse_target
 from .balancer import registry
 from .health.config import SCHEMA as HEALTHCHECKS
-from .schema import REQUIRED, Errors, Field, absolute_path, validate
+from .schema import (
+    REQUIRED,
+    Errors,
+    Field,
+    absolute_path,
+    header_map,
+    no_controls,
+    token,
+    validate,
+)
 
 MAX_INT = 2147483646
-_NAME = re.compile(r"^[A-Za-z0-9.\-_~]+$")
+_NAME = re.compile(r"[A-Za-z0-9.\-_~]{1,128}\Z")
 _HASH_ON = ("none", "header", "ip", "cookie", "path", "query_arg", "uri_capture")
-_TAGS = Field("array", default=None, elements=Field("string"), unique=True)
+# Kong's tags: printable, without the "," and "/" its ?tags= filter splits on.
+_TAG = re.compile(r"[^\x00-\x1f\x7f,/]{1,128}\Z")
+
+
+def _tag(value: str) -> str | None:
+    if not _TAG.match(value):
+        return (
+            f"invalid tag {value!r}: expected printable characters "
+            "(except ',' and '/'), at most 128"
+        )
+    return None
+
+
+_TAGS = Field("array", default=None, elements=Field("string", check=_tag), unique=True)
 
 
 def _name(value: str) -> str | None:
     if not _NAME.match(value):
         return (
-            f"invalid value '{value}': it must only contain alphanumerics "
-            "and '.', '-', '_', '~'"
+            f"invalid value {value!r}: it must only contain alphanumerics "
+            "and '.', '-', '_', '~', at most 128"
         )
     return None
 
 
-def _host(value: str) -> str | None:
-    return None if valid_host(value) else "invalid value: " + value
+def _upstream_name(value: str) -> str | None:
+    """
+    An upstream is named by the host services send to it, so its name must
+    be one (Kong's rule): a DNS name, without a port, not an IP address.
+    """
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        if HOSTNAME.match(value):
+            return None
+    return f"Invalid name ({value!r}); must be a valid hostname"
+
+
+def _route_host(value: str) -> str | None:
+    """
+    A route's host: a name or address, or a wildcard as the leftmost or
+    rightmost label (C{*.example.com}, C{example.*}), as Kong's.
+    """
+    if value.startswith("*."):
+        value = "x" + value[1:]
+    elif value.endswith(".*"):
+        value = value[:-1] + "x"
+    return check_host(value)
+
+
+def _method(value: str) -> str | None:
+    if value.isascii() and value.isalpha() and value.isupper():
+        return None
+    return f"invalid value: {value!r}"
 
 
 def _target(value: str) -> str | None:
@@ -49,6 +99,8 @@ def _target(value: str) -> str | None:
 
 def _path(value: str) -> str | None:
     if value.startswith("~"):
+        if _BLANK.search(value):
+            return f"invalid regex: {value[1:]!r} (spaces or control characters)"
         try:
             re.compile(route_regex(value))
         except re.error as e:
@@ -56,7 +108,10 @@ def _path(value: str) -> str | None:
         return None
     if not value.startswith("/"):
         return "should start with: / (fixed path) or ~/ (regex path)"
-    return None
+    return absolute_path(value)
+
+
+_BLANK = re.compile(r"[\x00-\x20\x7f]")
 
 
 def route_regex(path: str) -> str:
@@ -73,13 +128,13 @@ def route_regex(path: str) -> str:
 
 UPSTREAM = {
     "id": Field("string"),
-    "name": Field("string", default=REQUIRED, check=_name),
+    "name": Field("string", default=REQUIRED, check=_upstream_name),
     "algorithm": Field("string", default="round-robin", one_of=registry.names),
     "hash_on": Field("string", default="none", one_of=_HASH_ON),
     "hash_fallback": Field("string", default="none", one_of=_HASH_ON),
-    "hash_on_header": Field("string"),
-    "hash_fallback_header": Field("string"),
-    "hash_on_cookie": Field("string"),
+    "hash_on_header": Field("string", check=token),
+    "hash_fallback_header": Field("string", check=token),
+    "hash_on_cookie": Field("string", check=token),
     "hash_on_cookie_path": Field(
         "string",
         default="/",
@@ -90,7 +145,7 @@ UPSTREAM = {
     "hash_on_uri_capture": Field("string"),
     "hash_fallback_uri_capture": Field("string"),
     "slots": Field("integer", default=10000, between=(10, 65536)),
-    "host_header": Field("string", check=_host),
+    "host_header": Field("string", check=check_host),
     "healthchecks": HEALTHCHECKS,
     "tags": _TAGS,
     "created_at": Field("integer"),
@@ -102,7 +157,7 @@ TARGET = {
     "target": Field("string", default=REQUIRED, check=_target),
     "weight": Field("integer", default=100, between=(0, 65535)),
     "backup": Field("boolean", default=False),
-    "headers": Field("map", default={}),
+    "headers": Field("map", default={}, check=header_map),
     "upstream": Field("record", fields={"id": Field("string")}),
     "tags": _TAGS,
     "created_at": Field("number"),
@@ -113,7 +168,7 @@ SERVICE = {
     "id": Field("string"),
     "name": Field("string", check=_name),
     "protocol": Field("string", default="http", one_of=("http", "https")),
-    "host": Field("string", default=REQUIRED, check=_host),
+    "host": Field("string", default=REQUIRED, check=check_host),
     "port": Field("integer", default=80, between=(0, 65535)),
     "path": Field("string", check=absolute_path),
     "retries": Field("integer", default=5, between=(0, 32767)),
@@ -141,20 +196,10 @@ ROUTE = {
         elements=Field("string", one_of=("http", "https")),
         unique=True,
     ),
-    "methods": Field(
-        "array",
-        elements=Field(
-            "string",
-            check=lambda v: (
-                None if v.isalpha() and v.isupper() else "invalid value: " + v
-            ),
-        ),
-    ),
-    "hosts": Field(
-        "array", elements=Field("string", check=lambda v: _host(v.replace("*", "x", 1)))
-    ),
-    "paths": Field("array", elements=Field("string", check=_path)),
-    "models": Field("array", elements=Field("string")),
+    "methods": Field("array", elements=Field("string", check=_method), unique=True),
+    "hosts": Field("array", elements=Field("string", check=_route_host), unique=True),
+    "paths": Field("array", elements=Field("string", check=_path), unique=True),
+    "models": Field("array", elements=Field("string", check=no_controls), unique=True),
     "strip_path": Field("boolean", default=True),
     "preserve_host": Field("boolean", default=False),
     "regex_priority": Field("integer", default=0),
@@ -290,7 +335,10 @@ def expand_service_url(data: dict[str, Any]) -> Errors:
         return {}
     if not isinstance(url, str):
         return {"url": "expected a string"}
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return {"url": "invalid url"}
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return {
             "url": "missing host in url" if parts.scheme else "missing protocol in url"
@@ -302,8 +350,9 @@ def expand_service_url(data: dict[str, Any]) -> Errors:
     except ValueError:
         return {"url": "invalid port in url"}
     data["port"] = port or (443 if parts.scheme == "https" else 80)
-    if parts.path:
-        data["path"] = parts.path
+    # A URL without a path sets none (Kong's rule): a PATCH of the URL must
+    # not keep the old service's path.
+    data["path"] = parts.path or None
     return {}
 
 

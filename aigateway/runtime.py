@@ -93,7 +93,12 @@ class Runtime:
                 balancers[upstream.id] = self._build(upstream, targets, self.health)
         return Compiled(
             snapshot=snapshot,
-            router=Router(snapshot.routes, snapshot.services),
+            # A disabled service's routes are as if they did not exist
+            # (Kong's rule): its requests get the proxy's 404.
+            router=Router(
+                snapshot.routes,
+                {k: s for k, s in snapshot.services.items() if s.enabled},
+            ),
             balancers=balancers,
             sources=sources,
         )

@@ -25,7 +25,12 @@ Errors = dict[str, Any]
 Check = Callable[[Any], "str | None"]
 
 _REQUIRED = object()
-_INTEGER = re.compile(r"^-?\d+$")
+# ASCII digits only (\d takes every script's), and \Z rather than $, which
+# also matches before a final newline.
+_INTEGER = re.compile(r"-?[0-9]+\Z")
+# Integers a JSON client reads back exactly, and that int() parses without
+# CPython's limit on long digit strings getting in the way.
+_LARGEST = 2**53
 
 
 @attrs.frozen
@@ -54,11 +59,56 @@ class Field:
 REQUIRED = _REQUIRED
 
 
+# What RFC 3986 allows in a path (and a query after it): unreserved and
+# reserved characters, and percent-escapes.  Nothing here can end a request
+# line or a header early.
+_URI_PATH = re.compile(r"[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]*\Z")
+# RFC 9110's token: a header or cookie name.
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
+# Control characters other than HTAB cannot be sent in a header value; CR
+# and LF would start a new header (response splitting).
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
 def absolute_path(value: str) -> str | None:
     """
-    A check for fields that hold a URL path.
+    A check for fields that hold a URL path, sent as they are in request
+    lines and headers.
     """
-    return None if value.startswith("/") else "should start with: /"
+    if not value.startswith("/"):
+        return "should start with: /"
+    if not _URI_PATH.match(value):
+        return (
+            f"invalid path: {value!r} (characters outside of the reserved list "
+            "of RFC 3986 found)"
+        )
+    return None
+
+
+def token(value: str) -> str | None:
+    """
+    A check for fields that hold a header or cookie name.
+    """
+    return None if _TOKEN.match(value) else f"invalid header or cookie name: {value!r}"
+
+
+def header_map(value: Mapping[str, str]) -> str | None:
+    """
+    A check for maps of header names to values that the gateway sends.
+    """
+    for name, content in value.items():
+        if not _TOKEN.match(name):
+            return f"invalid header name: {name!r}"
+        if _CONTROL.search(content):
+            return f"invalid value for header {name!r}: control characters"
+    return None
+
+
+def no_controls(value: str) -> str | None:
+    """
+    A check for free-form strings that end up in headers, logs or labels.
+    """
+    return "control characters are not allowed" if _CONTROL.search(value) else None
 
 
 def record(**fields: Field) -> Field:
@@ -129,9 +179,17 @@ def _typed(field: Field, value: Any, coerce: bool) -> tuple[Any, Any]:
         return value, None
     if kind == "integer":
         if coerce and isinstance(value, str) and _INTEGER.match(value.strip()):
+            if len(value.strip().lstrip("-")) > 16:
+                return None, _OUT_OF_RANGE
+            value = int(value)
+        if isinstance(value, float) and value.is_integer():
+            # JSON's 100.0 and 1e3, as Kong (whose numbers are doubles) reads
+            # them.
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             return None, "expected an integer"
+        if not -_LARGEST <= value <= _LARGEST:
+            return None, _OUT_OF_RANGE
         return value, None
     if kind == "number":
         if coerce and isinstance(value, str):
@@ -166,6 +224,7 @@ def _typed(field: Field, value: Any, coerce: bool) -> tuple[Any, Any]:
 
 
 _BOOLEANS = {"true": True, "false": False, "1": True, "0": False}
+_OUT_OF_RANGE = f"value should be between -{_LARGEST} and {_LARGEST}"
 
 
 def _array(field: Field, value: Any, coerce: bool) -> tuple[Any, Any]:
@@ -217,16 +276,25 @@ def flatten(errors: Errors, prefix: str = "") -> list[str]:
     return lines
 
 
-def merge(base: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
+def merge(
+    fields: Mapping[str, Field], base: Mapping[str, Any], patch: Mapping[str, Any]
+) -> dict[str, Any]:
     """
-    Deep-merge C{patch} into C{base}: records merge, everything else
-    (arrays included) is replaced, as Kong's PATCH does.
+    Deep-merge C{patch} into C{base}, as Kong's PATCH does: records merge,
+    everything else is replaced, arrays and maps included (a PATCH of a
+    target's C{headers} is its whole new set, so one can be removed).
     """
     result = dict(base)
     for key, value in patch.items():
         old = result.get(key)
-        if isinstance(value, Mapping) and isinstance(old, Mapping):
-            result[key] = merge(old, value)
+        field = fields.get(key)
+        if (
+            field is not None
+            and field.fields is not None
+            and isinstance(value, Mapping)
+            and isinstance(old, Mapping)
+        ):
+            result[key] = merge(field.fields, old, value)
         else:
             result[key] = value
     return result

@@ -7,7 +7,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from aigateway.addresses import format_target, parse_target
 from aigateway.admin.forms import parse_body, unflatten
 from aigateway.records import build_record, route_regex
-from aigateway.schema import flatten, merge
+from aigateway.schema import Field, flatten, merge, record
 
 
 class FormTests(SynchronousTestCase):
@@ -124,9 +124,21 @@ class RecordTests(SynchronousTestCase):
         self.assertIn("paths", errors)
 
     def test_merge_replaces_arrays(self):
+        fields = {"a": record(b=Field("integer"), c=Field("array")), "d": Field("x")}
         self.assertEqual(
-            merge({"a": {"b": 1, "c": [1, 2]}, "d": 1}, {"a": {"c": [3]}}),
+            merge(fields, {"a": {"b": 1, "c": [1, 2]}, "d": 1}, {"a": {"c": [3]}}),
             {"a": {"b": 1, "c": [3]}, "d": 1},
+        )
+
+    def test_merge_replaces_maps(self):
+        """
+        Only records merge: a map (a target's headers) is replaced whole, so
+        a PATCH can drop one of its keys, as Kong's does.
+        """
+        fields = {"headers": Field("map")}
+        self.assertEqual(
+            merge(fields, {"headers": {"a": "1", "b": "2"}}, {"headers": {"a": "3"}}),
+            {"headers": {"a": "3"}},
         )
 
 

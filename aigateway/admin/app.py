@@ -12,6 +12,7 @@ import functools
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import urlencode
 
 from klein import Klein
 from twisted.logger import Logger
@@ -95,38 +96,43 @@ def paginate(request: IRequest, records: list[Record]) -> dict[str, Any]:
     C{offset}; C{next} is the path of the following page, or null.
     """
     args = request.args
-    try:
-        size = int(args.get(b"size", [b"%d" % DEFAULT_SIZE])[0])
-    except ValueError:
-        raise bad_request("size must be an integer") from None
-    if not 1 <= size <= MAX_SIZE:
+    raw_size = args.get(b"size", [b"%d" % DEFAULT_SIZE])[0]
+    if not (raw_size.isdigit() and 1 <= int(raw_size[:5]) <= MAX_SIZE):
         raise AdminError(
             400,
             {
-                "code": 2,
+                "code": 9,
                 "name": "invalid size",
                 "message": f"size must be an integer between 1 and {MAX_SIZE}",
             },
         )
+    size = int(raw_size)
     start = 0
     raw_offset = args.get(b"offset", [None])[0]
     if raw_offset:
         try:
-            start = int(
-                base64.urlsafe_b64decode(raw_offset + b"=" * (-len(raw_offset) % 4))
+            decoded = base64.urlsafe_b64decode(
+                raw_offset + b"=" * (-len(raw_offset) % 4)
             )
         except ValueError:
+            decoded = b""
+        if not decoded.isdigit() or len(decoded) > 9:
             raise AdminError(
                 400, {"code": 7, "name": "invalid offset", "message": "invalid offset"}
-            ) from None
+            )
+        start = int(decoded)
     page = records[start : start + size]
     following = start + size
     if following < len(records):
         offset = base64.urlsafe_b64encode(b"%d" % following).decode().rstrip("=")
+        # The next page is of the same list: the filter goes along.
+        query = {"offset": offset, "size": size}
+        if args.get(b"tags"):
+            query["tags"] = args[b"tags"][0].decode("utf-8", "replace")
         path = request.path.decode("latin-1")
         return {
             "data": page,
-            "next": f"{path}?offset={offset}&size={size}",
+            "next": f"{path}?{urlencode(query)}",
             "offset": offset,
         }
     return {"data": page, "next": None}
@@ -230,4 +236,7 @@ def handle_routing_errors(app: Klein) -> None:
 
     @app.handle_errors(MethodNotAllowed)
     def not_allowed(request: IRequest, failure: Any) -> bytes:
+        allowed = getattr(failure.value, "valid_methods", None)
+        if allowed:
+            request.setHeader(b"allow", ", ".join(sorted(allowed)).encode("ascii"))
         return answer(request, 405, {"message": "Method not allowed"})

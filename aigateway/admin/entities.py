@@ -32,7 +32,7 @@ from ..addresses import format_target, parse_target
 from ..config import ConfigSnapshot, Records
 from ..feed import Outage
 from ..inflight import InFlight
-from ..records import PARENT, SERVER_FIELDS, UNIQUE, build_record, parent_id
+from ..records import PARENT, SCHEMAS, SERVER_FIELDS, UNIQUE, build_record, parent_id
 from ..runtime import Runtime
 from ..schema import merge
 from ..store.interfaces import IStore, StaleConfiguration, StoreUnavailable
@@ -177,7 +177,8 @@ class Entities:
         parent: str | None = None,
     ) -> Deferred[Record]:
         """
-        PATCH: deep-merge C{data} into the entity (arrays are replaced).
+        PATCH: deep-merge C{data} into the entity (records merge; arrays
+        and maps are replaced).
         """
 
         def patch() -> Deferred[Record]:
@@ -194,7 +195,7 @@ class Entities:
         parent: str | None,
     ) -> Deferred[Record]:
         given = {k: v for k, v in old.items() if k not in SERVER_FIELDS}
-        merged = merge(given, _without_server_fields(data))
+        merged = merge(SCHEMAS[kind], given, _without_server_fields(data))
         return self._save(kind, merged, coerce, parent, old)
 
     def upsert(
@@ -424,12 +425,16 @@ class Entities:
         value = record.get(key)
         if value is None:
             return
+        # Targets are unique within their upstream; route names, like every
+        # other name, across the gateway (as Kong's), since /routes/{name}
+        # must address one route.
+        scoped = kind == "targets"
         scope = parent_id(kind, record)
         for other in self.snapshot.records[kind].values():
             if (
                 other["id"] != record["id"]
                 and other.get(key) == value
-                and parent_id(kind, other) == scope
+                and (not scoped or parent_id(kind, other) == scope)
             ):
                 if kind == "targets":
                     hint = f"use PATCH /upstreams/{{upstream}}/targets/{value} to change it"

@@ -59,13 +59,13 @@ def unique_violation(kind: str, field: str, value: str, hint: str) -> AdminError
 
 def foreign_key_violation(message: str, fields: Errors) -> AdminError:
     """
-    Code 3 or 4: a reference to an entity that does not exist, or a delete
-    of an entity still referenced.
+    Code 4 (Kong's; 3 is a primary key taken): a reference to an entity
+    that does not exist, or a delete of an entity still referenced.
     """
     return AdminError(
         400,
         {
-            "code": 3,
+            "code": 4,
             "name": "foreign key violation",
             "message": message,
             "fields": fields,

@@ -30,7 +30,8 @@ def parse_body(content_type: str, body: bytes) -> tuple[dict[str, Any], bool]:
     if content_type.split(";")[0].strip().lower() == "application/json":
         try:
             data = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
+            # RecursionError: a body nested deeper than the parser goes.
             raise bad_request("Cannot parse JSON body") from None
         if not isinstance(data, dict):
             raise bad_request("Cannot parse JSON body")
@@ -38,9 +39,10 @@ def parse_body(content_type: str, body: bytes) -> tuple[dict[str, Any], bool]:
     if content_type.startswith("multipart/"):
         raise bad_request("multipart bodies are not supported: use a form or JSON")
     try:
-        pairs = parse_qsl(
-            body.decode("utf-8"), keep_blank_values=True, strict_parsing=True
-        )
+        # Empty fields ("a=1&", "a=1&&b=2") are skipped, as curl users and
+        # browsers expect; anything else without a "=" is an error.
+        text = "&".join(field for field in body.decode("utf-8").split("&") if field)
+        pairs = parse_qsl(text, keep_blank_values=True, strict_parsing=True)
     except (UnicodeDecodeError, ValueError):
         raise bad_request("Cannot parse form body") from None
     return unflatten(pairs), True

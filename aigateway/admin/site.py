@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from twisted.internet.defer import Deferred, TimeoutError
 from twisted.logger import Logger
@@ -77,6 +78,11 @@ class FreshResource(Resource):
     def render(self, request: Any) -> Any:
         if request.path in _NODE_ONLY:
             return self._inner.render(request)
+        try:
+            unquote_to_bytes(request.path).decode("utf-8")
+        except UnicodeDecodeError:
+            # Klein would answer with an HTML page; every answer is JSON.
+            return answer(request, 400, {"message": "the URL is not UTF-8"})
         gone: list[bool] = []
         request.notifyFinish().addErrback(lambda _: gone.append(True))
         looked = self._refresh().addTimeout(self._timeout, self._clock)

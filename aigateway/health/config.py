@@ -11,7 +11,8 @@ from typing import Any
 
 import attrs
 
-from ..schema import Field, absolute_path, record
+from ..addresses import check_host
+from ..schema import Field, absolute_path, header_map, record
 
 _COUNTER = (0, 255)
 _INTERVAL = (0, 65535)
@@ -36,8 +37,8 @@ SCHEMA = record(
             check=absolute_path,
         ),
         https_verify_certificate=Field("boolean", default=True),
-        https_sni=Field("string"),
-        headers=Field("map", default={}),
+        https_sni=Field("string", check=check_host),
+        headers=Field("map", default={}, check=header_map),
         healthy=record(
             interval=Field("number", default=0, between=_INTERVAL),
             http_statuses=_statuses([200, 302]),

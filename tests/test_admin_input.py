@@ -1,0 +1,256 @@
+"""
+The Admin API against hostile and careless input, over real HTTP: every
+bad body is a 4xx JSON answer (never a 500), values that would reach the
+wire as headers or request lines are refused, and what Kong's Admin API
+does for the rest (global route names, disabled services, PATCH of maps
+and URLs, pagination filters, error codes) is what ours does.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest_twisted
+
+from .gatewaykit import TargetResource, address, listen
+from .test_admin import dump
+
+
+async def _upstream_with_target(admin, name: str = "up") -> None:
+    assert (await admin.post("/upstreams", form={"name": name})).code == 201
+    reply = await admin.post(f"/upstreams/{name}/targets", form={"target": "10.0.0.1"})
+    assert reply.code == 201
+
+
+@pytest_twisted.ensureDeferred
+async def test_hostile_bodies_are_4xx_and_change_nothing(gateway):
+    """
+    Input that used to reach a traceback (a 500) is a 400 in Kong's shape,
+    and nothing stored changes.
+    """
+    admin = gateway.admin
+    await _upstream_with_target(admin)
+    assert (await admin.post("/services", form={"name": "s", "host": "up"})).code == 201
+    before = await dump(gateway)
+    deep = b"[" * 100_000 + b"]" * 100_000
+    huge = "9" * 5000
+    cases = [
+        # "²" is a digit to str.isdigit() and not to int().
+        (await admin.post("/upstreams/up/targets", form={"target": "10.0.0.2:8²"}),),
+        (await admin.get("/upstreams/up/targets/10.0.0.2:8%C2%B2"),),
+        (
+            await admin.post(
+                "/upstreams/up/targets", form={"target": "10.0.0.3", "weight": huge}
+            ),
+        ),
+        (await admin.post("/routes", form={"regex_priority": huge, "paths[]": "/h"}),),
+        (
+            await admin.post(
+                "/upstreams", body=deep, headers={"Content-Type": "application/json"}
+            ),
+        ),
+        (await admin.post("/services", form={"name": "x", "url": "http://[::1"}),),
+        (await admin.patch("/services/s", form={"url": "http://[::1"}),),
+        (await admin.get("/upstreams/%FF"),),
+        (await admin.get("/upstreams?size=abc"),),
+        (await admin.get("/upstreams?size=99999999999999999999"),),
+        (await admin.get("/upstreams?offset=LTI"),),  # "-2"
+    ]
+    for (reply,) in cases:
+        assert 400 <= reply.code < 500, (reply.code, reply.body)
+        assert reply.headers.getRawHeaders(b"content-type")[0].startswith(
+            b"application/json"
+        )
+        assert reply.json["message"], reply.body
+    assert cases[8][0].json["code"] == 9  # Kong's invalid size
+    assert cases[10][0].json["code"] == 7  # invalid offset
+    assert await dump(gateway) == before
+    assert (await admin.get("/status")).code == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_values_that_would_reach_the_wire_are_checked(gateway):
+    """
+    Names, hosts, paths and headers that the gateway sends or answers with
+    cannot carry a line break (a trailing newline used to pass the checks'
+    C{$}), a header name that is not a token, or control characters.
+    """
+    admin = gateway.admin
+    await _upstream_with_target(admin)
+    assert (await admin.post("/services", form={"name": "s", "host": "up"})).code == 201
+    before = await dump(gateway)
+    refused = [
+        ("/upstreams", {"name": "nl\n"}, "name"),
+        ("/upstreams", {"name": "x", "host_header": "evil.com\n"}, "host_header"),
+        ("/upstreams", {"name": "my~up"}, "name"),  # no service can name it
+        ("/upstreams", {"name": "10.0.0.9"}, "name"),
+        (
+            "/upstreams",
+            {"name": "x", "hash_on": "cookie", "hash_on_cookie": "a b"},
+            None,
+        ),
+        ("/services", {"name": "t", "host": "up\n"}, "host"),
+        ("/services", {"name": "t", "host": "up", "path": "/a b"}, "path"),
+        ("/upstreams/up/targets", {"target": "localhost\n:80"}, "target"),
+        (
+            "/upstreams/up/targets",
+            {"target": "10.0.0.5", "headers": {"Bad Name": "x"}},
+            None,
+        ),
+        (
+            "/upstreams/up/targets",
+            {"target": "10.0.0.5", "headers": {"X-A\r\nX-B": "v"}},
+            None,
+        ),
+        (
+            "/upstreams/up/targets",
+            {"target": "10.0.0.5", "headers": {"X-A": "v\r\nX-B: w"}},
+            None,
+        ),
+        (
+            "/upstreams",
+            {"name": "y", "healthchecks": {"active": {"headers": {"A B": "1"}}}},
+            None,
+        ),
+        (
+            "/upstreams",
+            {"name": "y", "healthchecks": {"active": {"http_path": "/h\n"}}},
+            None,
+        ),
+        ("/services/s/routes", {"paths": ["/p\n"]}, "paths"),
+        ("/services/s/routes", {"paths": ["~/p\n"]}, "paths"),
+        ("/services/s/routes", {"hosts": ["a*b.com"]}, "hosts"),
+        ("/services/s/routes", {"methods": ["GET", "GET"]}, "methods"),
+        ("/upstreams", {"name": "z", "tags": ["a,b"]}, "tags"),
+    ]
+    for path, body, field in refused:
+        reply = await admin.post(path, json_body=body)
+        assert reply.code == 400, (path, body, reply.code, reply.body)
+        assert reply.json["name"] == "schema violation", reply.body
+        if field is not None:
+            assert field in reply.json["fields"], reply.body
+    assert await dump(gateway) == before
+    # What the checks must still let through.
+    accepted = [
+        ("/upstreams/up/targets", {"target": "10.0.0.6", "headers": {"X-Key": "a\tb"}}),
+        ("/services/s/routes", {"hosts": ["*.example.com", "example.*"]}),
+        ("/services/s/routes", {"paths": ["/v1/chat%20x", "~/v1/(?<model>[^/]+)$"]}),
+        ("/upstreams", {"name": "under_score.example"}),
+        ("/upstreams/up/targets", {"target": "10.0.0.7", "weight": 100.0}),
+    ]
+    for path, body in accepted:
+        reply = await admin.post(path, json_body=body)
+        assert reply.code == 201, (path, body, reply.body)
+
+
+@pytest_twisted.ensureDeferred
+async def test_route_names_are_unique_across_services(gateway):
+    admin = gateway.admin
+    for service in ("s1", "s2"):
+        assert (
+            await admin.post("/services", form={"name": service, "host": "x.test"})
+        ).code == 201
+    first = await admin.post("/services/s1/routes", form={"name": "r", "paths[]": "/a"})
+    assert first.code == 201
+    second = await admin.post(
+        "/services/s2/routes", form={"name": "r", "paths[]": "/b"}
+    )
+    assert second.code == 409, second.body
+    assert (await admin.get("/routes/r")).json["id"] == first.json["id"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_disabled_service_is_not_routed(gateway, servers):
+    """
+    A service with C{enabled=false} keeps its routes, and the proxy acts as
+    if they did not exist until it is enabled again.
+    """
+    admin = gateway.admin
+    target = TargetResource("alpha")
+    port = listen(target)
+    servers.append(port)
+    host, number = address(port).split(":")
+    service = {"name": "s", "host": host, "port": number}
+    assert (await admin.post("/services", form=service)).code == 201
+    assert (await admin.post("/services/s/routes", form={"paths[]": "/a"})).code == 201
+    assert (await gateway.proxy.get("/a")).body == b"alpha"
+
+    off = await admin.patch("/services/s", form={"enabled": "false"})
+    assert off.json["enabled"] is False
+    refused = await gateway.proxy.get("/a")
+    assert refused.code == 404
+    assert sum(target.hits.values()) == 1
+
+    assert (await admin.patch("/services/s", form={"enabled": "true"})).code == 200
+    assert (await gateway.proxy.get("/a")).body == b"alpha"
+
+
+@pytest_twisted.ensureDeferred
+async def test_patch_semantics_of_urls_and_maps(gateway):
+    """
+    A PATCH of C{url} without a path drops the old path; a PATCH of a map
+    (a target's headers) replaces it whole, so a header can be removed,
+    while records still merge.
+    """
+    admin = gateway.admin
+    created = await admin.post(
+        "/services", form={"name": "s", "url": "http://10.0.0.1:81/base"}
+    )
+    assert created.json["path"] == "/base"
+    patched = await admin.patch("/services/s", form={"url": "http://10.0.0.2:82"})
+    assert (patched.json["host"], patched.json["port"], patched.json["path"]) == (
+        "10.0.0.2",
+        82,
+        None,
+    )
+
+    assert (await admin.post("/upstreams", form={"name": "up"})).code == 201
+    target = "/upstreams/up/targets/10.0.0.1:80"
+    reply = await admin.put(target, json_body={"headers": {"X-A": "1", "X-B": "2"}})
+    assert reply.code == 200, reply.body
+    reply = await admin.patch(target, json_body={"headers": {"X-A": "3"}})
+    assert reply.json["headers"] == {"X-A": "…"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_pagination_keeps_the_filter_and_errors_have_kong_codes(gateway):
+    admin = gateway.admin
+    for name, tags in (("a", ["prod"]), ("b", []), ("c", ["prod"]), ("d", ["prod"])):
+        reply = await admin.post("/upstreams", json_body={"name": name, "tags": tags})
+        assert reply.code == 201
+    page = (await admin.get("/upstreams?tags=prod&size=2")).json
+    following = (await admin.get(page["next"])).json
+    assert following["next"] is None
+    names = [u["name"] for u in page["data"] + following["data"]]
+    assert sorted(names) == ["a", "c", "d"]
+
+    assert (await admin.post("/services", form={"name": "s", "host": "a"})).code == 201
+    assert (await admin.post("/services/s/routes", form={"paths[]": "/x"})).code == 201
+    referenced = await admin.delete("/services/s")
+    assert referenced.code == 400
+    assert (referenced.json["code"], referenced.json["name"]) == (
+        4,
+        "foreign key violation",
+    )
+
+    wrong = await admin.request("DELETE", "/upstreams")
+    assert wrong.code == 405
+    allowed = wrong.headers.getRawHeaders(b"allow")[0].decode()
+    assert set(allowed.split(", ")) >= {"GET", "POST"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_forms_with_empty_fields_are_read(gateway):
+    reply = await gateway.admin.post(
+        "/upstreams",
+        body=b"name=x&&slots=100&",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert reply.code == 201, reply.body
+    assert (reply.json["name"], reply.json["slots"]) == ("x", 100)
+    garbage = await gateway.admin.post(
+        "/upstreams",
+        body=json.dumps({"name": "y"}).encode(),
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert garbage.code == 400
