@@ -92,6 +92,24 @@ def token(value: str) -> str | None:
     return None if _TOKEN.match(value) else f"invalid header or cookie name: {value!r}"
 
 
+# Headers that frame the message or describe the connection: the gateway
+# writes them itself, and a second Content-Length or Transfer-Encoding next
+# to its own would let the target read the body differently (smuggling).
+_FRAMING = frozenset(
+    {
+        "connection",
+        "content-length",
+        "expect",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+
+
 def header_map(value: Mapping[str, str]) -> str | None:
     """
     A check for maps of header names to values that the gateway sends.
@@ -99,6 +117,8 @@ def header_map(value: Mapping[str, str]) -> str | None:
     for name, content in value.items():
         if not _TOKEN.match(name):
             return f"invalid header name: {name!r}"
+        if name.lower() in _FRAMING:
+            return f"header {name!r} is set by the gateway itself"
         if _CONTROL.search(content):
             return f"invalid value for header {name!r}: control characters"
     return None

@@ -121,6 +121,17 @@ async def test_values_that_would_reach_the_wire_are_checked(gateway):
         ("/services/s/routes", {"paths": ["~/p\n"]}, "paths"),
         ("/services/s/routes", {"hosts": ["a*b.com"]}, "hosts"),
         ("/services/s/routes", {"methods": ["GET", "GET"]}, "methods"),
+        # Framing a second time next to the gateway's own: smuggling.
+        (
+            "/upstreams/up/targets",
+            {"target": "10.0.0.5", "headers": {"Content-Length": "5"}},
+            None,
+        ),
+        (
+            "/upstreams/up/targets",
+            {"target": "10.0.0.5", "headers": {"transfer-encoding": "chunked"}},
+            None,
+        ),
         ("/upstreams", {"name": "z", "tags": ["a,b"]}, "tags"),
     ]
     for path, body, field in refused:

@@ -350,6 +350,21 @@ async def test_expect_100_continue(served):
         (b"GET /a HTTP/1.1\r\nX-A: 1\r\n\r\n", b"400"),
         (b"GET http://example.com/a HTTP/1.1\r\n\r\n", b"400"),
         (b"OPTIONS * HTTP/1.1\r\n\r\n", b"400"),
+        (
+            b"POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+            b"0\r\n\r\n",
+            b"501",
+        ),
+        (
+            b"POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            b"501",
+        ),
+        (b"GET /a HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n", b"400"),
+        (b"GET /a HTTP/1.1\r\nHost: x\r\nX-A: a\x01b\r\n\r\n", b"400"),
+        (b"GET /a HTTP/1.1\r\nHost: a b/c@d\r\n\r\n", b"400"),
+        # Lines ending in bare LFs: refused at once, not after a timeout.
+        (b"GET /a HTTP/1.1\nHost: x\n\n", b"400"),
     ],
     ids=[
         "garbage",
@@ -373,6 +388,12 @@ async def test_expect_100_continue(served):
         "http-1.1-without-host",
         "http-1.1-absolute-form-without-host",
         "http-1.1-asterisk-without-host",
+        "gzip-then-chunked",
+        "chunked-twice",
+        "nul-in-value",
+        "control-in-value",
+        "invalid-host",
+        "bare-lf-lines",
     ],
 )
 @pytest_twisted.ensureDeferred

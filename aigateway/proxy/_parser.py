@@ -122,7 +122,10 @@ class BadRequest(BadMessage):
         self.status = status
 
 
-_BARE = "bare CR or LF in message head"
+_BARE = "bare CR or LF, or a control character, in message head"
+# RFC 9110 5.5: a field value holds no CTL but HTAB (NUL is named); a CR or
+# LF left in a line split at CRLF did not end it (RFC 9112 2.2).
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class _Fields:
@@ -132,16 +135,18 @@ class _Fields:
     @ivar length: the C{Content-Length}, or L{None}.
     @ivar coded: a C{Transfer-Encoding} was given.
     @ivar chunked: the last transfer coding is C{chunked}.
+    @ivar codings: every transfer coding, lower-cased, in order.
     @ivar connection: the lower-cased C{Connection} tokens.
     """
 
-    __slots__ = ("headers", "length", "coded", "chunked", "connection")
+    __slots__ = ("headers", "length", "coded", "chunked", "codings", "connection")
 
     def __init__(self, lines: list[bytes], error: type[BadMessage]) -> None:
         headers = self.headers = Headers()
         raw = headers._rawHeaders
         length: int | None = None
         chunked = coded = False
+        codings: list[bytes] = []
         connection: list[bytes] = []
         seen = _LINES.get
         for line in lines:
@@ -179,8 +184,8 @@ class _Fields:
                     continue
                 if canonical == b"Transfer-Encoding":
                     coded = True
-                    last = value.rsplit(b",", 1)[-1].strip(b" \t").lower()
-                    chunked = last == b"chunked"
+                    codings += [c.strip(b" \t").lower() for c in value.split(b",")]
+                    chunked = codings[-1] == b"chunked"
                     continue
                 connection.append(value.lower())
             values = raw.get(canonical)
@@ -191,6 +196,7 @@ class _Fields:
         self.length = length
         self.coded = coded
         self.chunked = chunked
+        self.codings = codings
         self.connection = _tokens(connection) if connection else _NO_TOKENS
 
 
@@ -216,14 +222,14 @@ def _tokens(values: list[bytes]) -> frozenset[bytes]:
 
 def _bare(line: bytes) -> bool:
     """
-    Whether a line of a head split at CRLF still holds a CR or an LF: one
-    that did not end a line.
+    Whether a line of a head split at CRLF still holds a CR or an LF (one
+    that did not end a line), or another control character but HTAB.
 
     A header line found in the parser's memory of lines equals one that
     was checked when first seen, so only the first line of a head and the
     header lines not remembered are looked at.
     """
-    return line.find(b"\r") >= 0 or line.find(b"\n") >= 0
+    return _CONTROL.search(line) is not None
 
 
 class ResponseHead:
@@ -515,6 +521,10 @@ class ResponseParser(_MessageParser):
         if self._no_body or code in (204, 304) or code == 101:
             body_length = 0
             self._finish()
+            if fields.length is not None and code != 204:
+                # The size of the resource a HEAD or a 304 speaks of, not
+                # of a body that follows: the client is told it as it is.
+                fields.headers._rawHeaders[b"Content-Length"] = [b"%d" % fields.length]
             if code == 101:
                 keep_alive = False
         elif fields.coded:
@@ -625,6 +635,9 @@ class RequestParser(_MessageParser):
         if end < 0:
             if len(data) > self.max_head:
                 raise BadRequest("request head too large", 431)
+            if data.find(b"\n\n") >= 0:
+                # A head whose lines end in bare LFs: it would never end.
+                raise BadRequest(_BARE)
             self._buffer = data
             return b""
         if end > self.max_head:
@@ -638,7 +651,9 @@ class RequestParser(_MessageParser):
         del lines[0]
         fields = _Fields(lines, BadRequest)
         if fields.coded:
-            if not fields.chunked or fields.length is not None:
+            if fields.codings != _CHUNKED_ONLY or fields.length is not None:
+                # "gzip, chunked" would reach the target de-chunked and
+                # still compressed, with nothing to say so.
                 raise BadRequest("unsupported Transfer-Encoding", 501)
             length = None
         else:
@@ -660,6 +675,11 @@ class RequestParser(_MessageParser):
         elif len(hosts) > 1:
             # Routing and the target would not agree on which one counts.
             raise BadRequest("more than one Host header")
+        elif hosts[0] not in _HOSTS:
+            if _HOST.match(hosts[0]) is None:
+                raise BadRequest("invalid Host header")
+            if len(_HOSTS) < 256:
+                _HOSTS.add(hosts[0])
         expect = fields.headers._rawHeaders.get(b"Expect")
         expect_continue = expect is not None and expect[0].lower() == b"100-continue"
         self._framed(fields)
@@ -696,6 +716,14 @@ class RequestParser(_MessageParser):
         ):
             raise BadRequest(f"bad request target: {uri[:60]!r}")
         return method, uri, version
+
+
+_CHUNKED_ONLY = [b"chunked"]
+# RFC 3986's host (an IP literal, or a name of unreserved characters,
+# sub-delims and escapes) and an optional port.
+_HOST = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(:[0-9]*)?\Z")
+# Host values already found valid: nearly every request repeats one.
+_HOSTS: set[bytes] = set()
 
 
 def _absolute(uri: bytes) -> bool:

@@ -27,7 +27,7 @@ from ..health.passive import TIMEOUTS
 from ..model import Target
 from .headers import client_response_headers, upstream_headers
 from .lean import LeanAgent, LeanRequest
-from .relay import BytesProducer, Discard, Relay, write_error
+from .relay import BytesProducer, Discard, Relay, describe, write_error
 from .usage import Usage
 
 if TYPE_CHECKING:
@@ -43,6 +43,8 @@ NO_PEER = "failure to get a peer from the ring-balancer"
 BAD_GATEWAY = "An invalid response was received from the upstream server"
 TIMEOUT = "The upstream server is timing out"
 _NO_LENGTH = frozenset({204, 304})
+#: The status recorded for a client that went away before any answer.
+CLIENT_CLOSED = 499
 _BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH", b"DELETE"})
 
 
@@ -402,13 +404,26 @@ class Exchange:
         self.hooks.health.report_failure(
             target, timeout, failure.check(DNSLookupError) is not None
         )
-        self.error = failure.getErrorMessage()
+        self.error = "read timeout" if self._timed_out else describe(failure)
         if self.attempts <= self.service.retries:
             following = self._pick()
             if following is not None:
                 self._attempt(following)
                 return
         self.fail(504 if timeout else 502, TIMEOUT if timeout else BAD_GATEWAY)
+
+    def unanswered(self, target: Target, reason: Failure, timed_out: bool) -> None:
+        """
+        The current attempt's answer broke (or went silent) after its head
+        and before any byte of it reached the client: a failed attempt like
+        one that got no answer, retried or answered with a 502 or 504.
+        """
+        self._relay = None
+        self.status = 0
+        self.upstream_latency = None
+        self.request.reset_response()
+        self._timed_out = timed_out
+        self._failed(reason, target)
 
     def _response(self, response: IResponse, target: Target, sent: float) -> None:
         self._pending = None
@@ -457,6 +472,10 @@ class Exchange:
 
     def _client_gone(self, failure: Failure) -> None:
         self.gone = True
+        if self._relay is None and not self.request.started:
+            # Gone before any answer came (nginx's and Kong's 499), as the
+            # metrics and the access log say, rather than a status of 0.
+            self.status = CLIENT_CLOSED
         if self._pending is not None:
             self._pending.cancel()
         if self._relay is not None:

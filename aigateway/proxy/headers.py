@@ -107,7 +107,12 @@ def upstream_headers(
         del raw[name]
     original_host = source.get(b"Host")
     forwarded = raw.get(b"X-Forwarded-For")
-    raw[b"X-Forwarded-For"] = [forwarded[-1] + b", " + peer if forwarded else peer]
+    if forwarded:
+        # Several header lines are one list (RFC 9110 5.3): keep every hop.
+        hops = forwarded[0] if len(forwarded) == 1 else b", ".join(forwarded)
+        raw[b"X-Forwarded-For"] = [hops + b", " + peer]
+    else:
+        raw[b"X-Forwarded-For"] = [peer]
     raw[b"X-Forwarded-Proto"] = [proto]
     raw[b"X-Forwarded-Host"] = [_hostname(original_host[0]) if original_host else host]
     raw[b"X-Forwarded-Port"] = [port]

@@ -71,6 +71,18 @@ def write_error(
     request.finish()
 
 
+def describe(reason: Failure) -> str:
+    """
+    What went wrong, for a log line or an error event: the causes a
+    L{twisted.web._newclient.ResponseFailed} wraps rather than the repr of
+    its list of failures.
+    """
+    causes = getattr(reason.value, "reasons", None)
+    if causes and all(isinstance(cause, Failure) for cause in causes):
+        return "; ".join(cause.getErrorMessage() for cause in causes)
+    return reason.getErrorMessage()
+
+
 class Discard(Protocol):
     """
     Reads and drops a body nobody will see (a failed-over answer).
@@ -129,15 +141,23 @@ class Relay(Protocol):
 
     def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
         exchange = self.exchange
-        exchange.end(self.target, str(exchange.status), self.first_byte)
         request = exchange.request
+        # isinstance, not Failure.check, which names every class of the
+        # exception's ancestry (reflect.qual) to compare them.
+        complete = isinstance(reason.value, _DONE) and self._stall_cause is None
+        if not complete and not request.started and not exchange.gone:
+            # The answer broke before its first body byte, so its head
+            # (which goes out with that byte) never left: for the client
+            # this attempt gave no answer at all, and another may.
+            request.unregisterProducer()
+            exchange.unanswered(self.target, reason, self._stall_cause is not None)
+            return
+        exchange.end(self.target, str(exchange.status), self.first_byte)
         if exchange.gone:
             exchange.done()
             return
         request.unregisterProducer()
-        # isinstance, not Failure.check, which names every class of the
-        # exception's ancestry (reflect.qual) to compare them.
-        if isinstance(reason.value, _DONE) and self._stall_cause is None:
+        if complete:
             if self._sniffer is not None:
                 exchange.usage = self._sniffer.usage()
             request.finish()
@@ -153,7 +173,7 @@ class Relay(Protocol):
         answer.
         """
         exchange = self.exchange
-        cause = self._stall_cause or reason.getErrorMessage()
+        cause = self._stall_cause or describe(reason)
         exchange.error = cause
         exchange.hooks.health.report_failure(self.target, cause == "read timeout")
         request = exchange.request

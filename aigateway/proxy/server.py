@@ -76,8 +76,12 @@ def http_date(now: float) -> bytes:
     return date
 
 
+# (Twisted's table lacks RFC 6585's 431, which the parser answers.)
+_PHRASES = {**RESPONSES, 431: b"Request Header Fields Too Large"}
+
+
 def _phrase(code: int) -> bytes:
-    return RESPONSES.get(code, b"Unknown")
+    return _PHRASES.get(code, b"Unknown")
 
 
 def _json_error(code: int, message: str) -> bytes:
@@ -276,6 +280,16 @@ class ProxyRequest:
         append(b"")
         append(b"")
         return b"\r\n".join(lines)
+
+    def reset_response(self) -> None:
+        """
+        Forget the status and headers set so far: nothing of them was
+        sent, and another answer (a retry's, or an error) takes their place.
+        """
+        assert not self.started
+        self.code = 200
+        self.code_message = b"OK"
+        self.responseHeaders = Headers()
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
         """
