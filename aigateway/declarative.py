@@ -19,7 +19,10 @@ A document is validated whole, every error reported with its place in the
 document, before anything is stored; it then replaces the stored
 configuration in one transaction.  The export is the same format, with ids
 and timestamps left out and target header values (credentials) masked, so
-that export, import and export again give the same document.
+that export, import and export again give the same document.  Loading it
+back keeps every entity's id, known by its name (see L{load}), and its
+stored secrets (see L{keep_secrets}).  Ids given in a document must be
+UUIDs, as through the Admin API.
 """
 
 from __future__ import annotations
@@ -29,15 +32,22 @@ import uuid
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import attrs
 import yaml
 
 from .config import empty_records
+from .ids import is_uuid
 from .records import SERVER_FIELDS, UNIQUE, build_record, parent_id
 from .schema import flatten
 
 FORMAT_VERSIONS = ("1.1", "2.1", "3.0")
 _NESTED = {"upstreams": ("targets", "upstream"), "services": ("routes", "service")}
 MASK = "…"
+
+#: What an entity is known by across loads: its kind, the name of its
+#: upstream for a target (C{None} for the other kinds, whose names are
+#: unique across the gateway) and its unique key; see L{_key}.
+_Key = tuple[str, str | None, str]
 
 
 class InvalidDocument(Exception):
@@ -62,6 +72,17 @@ def parse(text: str | bytes) -> Any:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise InvalidDocument([f"cannot parse the document: {e}"]) from None
+    except RecursionError:
+        # PyYAML composes nested collections by recursion, one level of
+        # nesting a few frames: some kilobytes of "[" exhaust the stack.
+        raise InvalidDocument(
+            ["cannot parse the document: nested too deeply"]
+        ) from None
+    except ValueError as e:
+        # PyYAML's constructors let through what building a value raises:
+        # datetime() on "2001-13-01", int() on more digits than Python
+        # converts.
+        raise InvalidDocument([f"cannot parse the document: {e}"]) from None
 
 
 def mask(value: str) -> str:
@@ -83,40 +104,71 @@ def load(
     """
     Validate a document and turn it into records.
 
+    An entry without an id takes the id, and the creation time, of the
+    entity in force with the same unique key (see L{_key}), so that an
+    unchanged export loaded back changes no id: ids are what users script
+    against, and what per-target health state is kept by (an upstream's id
+    and the target's address), as in Kong's DB-less mode.  An id given
+    explicitly anywhere in the document is never taken that way, nor is one
+    id taken twice, so no two records ever share one.
+
     @param current: the records in force; a masked header value that matches
         the current target's keeps that target's real secret, so an exported
         document can be edited and loaded back.
     @raise InvalidDocument: with every error found.
     """
-    errors: list[str] = []
-    records = empty_records()
     if not isinstance(document, dict):
         raise InvalidDocument(["the document must be a mapping"])
+    loader = _Loader(now, current or {}, _given_ids(document))
+    errors = loader.errors
     version = document.get("_format_version")
     if str(version) not in FORMAT_VERSIONS:
         errors.append(f"_format_version: expected one of: {', '.join(FORMAT_VERSIONS)}")
     for key in document:
         if key not in ("_format_version", "_transform", "upstreams", "services"):
             errors.append(f"{key}: unknown field")
-    secrets = _secrets(current or {})
-    seen: set[tuple[str, Any, Any]] = set()
     for kind in ("upstreams", "services"):
         child_kind, parent_field = _NESTED[kind]
         for where, entry in _entries(document.get(kind), kind, errors):
             body = {k: v for k, v in entry.items() if k != child_kind}
-            parent = _record(kind, body, now, where, errors, records, seen)
+            parent = loader.add(kind, body, where, None)
             children = entry.get(child_kind)
             for there, child in _entries(children, f"{where}.{child_kind}", errors):
                 child = dict(child)
                 child[parent_field] = {
                     "id": parent["id"] if parent else str(uuid.uuid4())
                 }
-                if child_kind == "targets":
-                    _restore_secrets(child, body.get("name"), secrets)
-                _record(child_kind, child, now, there, errors, records, seen)
+                loader.add(child_kind, child, there, body.get("name"))
     if errors:
         raise InvalidDocument(errors)
-    return records
+    return loader.records
+
+
+def keep_secrets(
+    headers: Mapping[str, str] | None, stored: Mapping[str, str] | None
+) -> dict[str, str] | None:
+    """
+    C{headers} as given for a target, with each value that is the mask of
+    the stored value of the same header (names compared without regard to
+    case, as HTTP does) replaced by that stored value.
+
+    Target header values are credentials, shown only masked; this is what
+    lets a client send back what it was shown (an exported document, a
+    target read and written back) without overwriting the secret with its
+    mask.  A masked value that is not the mask of the stored one is kept as
+    given: a mask never names some other secret.
+
+    @param stored: the headers of the target in force, if there is one.
+    @return: C{None} when C{headers} is.
+    """
+    if headers is None:
+        return None
+    secrets = {name.lower(): value for name, value in (stored or {}).items()}
+    kept = {}
+    for name, value in headers.items():
+        secret = secrets.get(name.lower())
+        kept[name] = secret if secret is not None and value == mask(secret) else value
+    return kept
 
 
 def _entries(
@@ -138,65 +190,146 @@ def _entries(
             errors.append(f"{where}[{i}]: expected a record")
 
 
-def _record(
-    kind: str,
-    data: dict[str, Any],
-    now: float,
-    where: str,
-    errors: list[str],
-    records: dict[str, dict[str, dict[str, Any]]],
-    seen: set[tuple[str, Any, Any]],
-) -> dict[str, Any] | None:
-    data = {k: v for k, v in data.items() if k not in ("created_at", "updated_at")}
-    record, problems = build_record(kind, data, coerce=False)
-    key = UNIQUE[kind]
-    # Duplicates are looked for even among invalid entries, so that every
-    # error is reported in one pass.
-    unique = (kind, parent_id(kind, data), record.get(key, data.get(key)))
-    if unique[2] is not None and unique in seen:
-        problems[key] = f"duplicate {key} {unique[2]!r}"
-    seen.add(unique)
-    given_id = data.get("id")
-    if given_id is not None and given_id in records[kind]:
-        problems["id"] = f"duplicate id {given_id}"
-    if problems:
-        errors.extend(f"{where}.{line}" for line in flatten(problems))
+def _given_ids(document: Mapping[str, Any]) -> set[str]:
+    """
+    Every id the document gives explicitly, of any kind: the store keeps
+    all kinds under one primary key, so an id taken over from the entity in
+    force must differ from all of them.
+    """
+    given = []
+    for kind, (child_kind, _) in _NESTED.items():
+        for _, entry in _entries(document.get(kind), kind, []):
+            given.append(entry.get("id"))
+            for _, child in _entries(entry.get(child_kind), child_kind, []):
+                given.append(child.get("id"))
+    return {i for i in given if isinstance(i, str)}
+
+
+def _key(kind: str, value: Any, parent: Any) -> _Key | None:
+    """
+    What identifies a record of C{kind} whose unique key (L{UNIQUE}) is
+    C{value}; C{parent} is the name of its upstream, for a target.
+
+    Targets are known by their upstream's name and their address; the other
+    kinds by name alone, routes included (Kong's route names are unique
+    across the gateway, so a route moved to another service is still the
+    same route).  A record with no unique key (a route or service without a
+    name) has no identity to keep.
+    """
+    if not isinstance(value, str):
         return None
-    record["id"] = record.get("id") or str(uuid.uuid4())
-    record["created_at"] = record["updated_at"] = (
-        round(now, 3) if kind == "targets" else int(now)
-    )
-    records[kind][record["id"]] = record
-    return record
+    if kind != "targets":
+        return (kind, None, value)
+    return (kind, parent, value) if isinstance(parent, str) else None
 
 
-def _secrets(
-    current: Mapping[str, Mapping[str, Any]],
-) -> dict[tuple[str, str, str], str]:
-    names = {u["id"]: u["name"] for u in current.get("upstreams", {}).values()}
-    found = {}
-    for target in current.get("targets", {}).values():
-        upstream = names.get(target["upstream"]["id"], "")
-        for header, value in (target.get("headers") or {}).items():
-            found[(upstream, target["target"], header.lower())] = value
+def _by_key(
+    current: Mapping[str, Mapping[str, Mapping[str, Any]]],
+) -> dict[_Key, Mapping[str, Any]]:
+    """
+    The records in force by L{_key}.  A key that two records share names
+    neither: guessing would give one entity the other's id.  (None should:
+    but a database written before route names were unique across services
+    can hold two routes of one name.)
+    """
+    upstreams = {u["id"]: u["name"] for u in current.get("upstreams", {}).values()}
+    found: dict[_Key, Mapping[str, Any]] = {}
+    shared = set()
+    for kind, key in UNIQUE.items():
+        for record in current.get(kind, {}).values():
+            owner = parent_id(kind, record) if kind == "targets" else None
+            parent = upstreams.get(owner) if owner else None
+            identity = _key(kind, record.get(key), parent)
+            if identity in found:
+                shared.add(identity)
+            if identity is not None:
+                found[identity] = record
+    for identity in shared:
+        del found[identity]
     return found
 
 
-def _restore_secrets(
-    target: dict[str, Any], upstream: Any, secrets: Mapping[tuple[str, str, str], str]
-) -> None:
-    headers = target.get("headers")
-    if not isinstance(headers, dict):
-        return
-    restored = dict(headers)
-    for header, value in headers.items():
-        if isinstance(value, str) and MASK in value:
-            real = secrets.get(
-                (str(upstream), str(target.get("target")), header.lower())
-            )
-            if real is not None and mask(real) == value:
-                restored[header] = real
-    target["headers"] = restored
+@attrs.define
+class _Loader:
+    """
+    The records a document makes, built entry by entry, with what building
+    them has to remember to report every error in one pass and never give
+    two records one id.
+
+    @ivar in_force: the records in force, by kind and id.
+    @ivar taken: ids an entry without one must not take over from the
+        entity in force: those given in the document, and those taken over
+        already.
+    @ivar seen: C{(kind, upstream id or None, unique key)} of every entry so
+        far.
+    """
+
+    now: float
+    in_force: Mapping[str, Mapping[str, Mapping[str, Any]]]
+    taken: set[str]
+    by_key: dict[_Key, Mapping[str, Any]] = attrs.field(
+        default=attrs.Factory(lambda self: _by_key(self.in_force), takes_self=True)
+    )
+    errors: list[str] = attrs.Factory(list)
+    records: dict[str, dict[str, dict[str, Any]]] = attrs.Factory(empty_records)
+    seen: set[tuple[str, Any, str]] = attrs.Factory(set)
+
+    def add(
+        self, kind: str, data: dict[str, Any], where: str, parent: Any
+    ) -> dict[str, Any] | None:
+        """
+        Validate one entry and, if it is valid, add its record.
+
+        @param parent: the name its upstream or service is given in the
+            document, for a target or route.
+        @return: the record, or C{None} when the entry is invalid (its
+            errors are in L{errors}).
+        """
+        data = {k: v for k, v in data.items() if k not in ("created_at", "updated_at")}
+        record, problems = build_record(kind, data, coerce=False)
+        key = UNIQUE[kind]
+        # Duplicates are looked for even among invalid entries, so that every
+        # error is reported in one pass; a key that is not a string is
+        # reported by the schema, and could not be hashed.  Targets are
+        # unique within their upstream, names across the gateway, as through
+        # the Admin API.
+        value = record.get(key, data.get(key))
+        if isinstance(value, str):
+            scope = parent_id(kind, data) if kind == "targets" else None
+            unique = (kind, scope, value)
+            if unique in self.seen:
+                problems[key] = f"duplicate {key} {value!r}"
+            self.seen.add(unique)
+        given_id = data.get("id")
+        if isinstance(given_id, str) and "id" not in problems:
+            if not is_uuid(given_id):
+                problems["id"] = "expected a valid UUID"
+            elif any(given_id in by_id for by_id in self.records.values()):
+                problems["id"] = f"duplicate id {given_id}"
+        if problems:
+            self.errors.extend(f"{where}.{line}" for line in flatten(problems))
+            return None
+        identity = _key(kind, record.get(key), parent)
+        match = None if identity is None else self.by_key.get(identity)
+        record["id"] = given_id or self._take(match)
+        stamp = round(self.now, 3) if kind == "targets" else int(self.now)
+        old = self.in_force.get(kind, {}).get(record["id"])
+        record["created_at"] = old.get("created_at", stamp) if old else stamp
+        record["updated_at"] = stamp
+        if kind == "targets" and match is not None:
+            record["headers"] = keep_secrets(record["headers"], match.get("headers"))
+        self.records[kind][record["id"]] = record
+        return record
+
+    def _take(self, match: Mapping[str, Any] | None) -> str:
+        """
+        The id of C{match}, the entity in force an entry without an id is,
+        unless another entry has it; else a new one.
+        """
+        if match is not None and match["id"] not in self.taken:
+            self.taken.add(match["id"])
+            return str(match["id"])
+        return str(uuid.uuid4())
 
 
 def export(records: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str, Any]:

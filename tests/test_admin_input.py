@@ -265,3 +265,44 @@ async def test_forms_with_empty_fields_are_read(gateway):
         headers={"Content-Type": "application/x-www-form-urlencoded"},
     )
     assert garbage.code == 400
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_target_read_and_written_back_keeps_its_credentials(gateway, servers):
+    """
+    The API shows target headers masked; a client that PUTs or PATCHes back
+    what it read (decK, Terraform, a script) must not store the mask in
+    place of the key.
+    """
+    admin = gateway.admin
+    target = TargetResource("t")
+    port = listen(target)
+    servers.append(port)
+    key = "Bearer sk-abcdef0123456789"
+    assert (await admin.post("/upstreams", form={"name": "up"})).code == 201
+    path = f"/upstreams/up/targets/{address(port)}"
+    created = await admin.put(path, json_body={"headers": {"Authorization": key}})
+    assert created.code == 200, created.body
+    assert (await admin.post("/services", form={"name": "s", "host": "up"})).code == 201
+    assert (await admin.post("/services/s/routes", form={"paths[]": "/"})).code == 201
+
+    shown = (await admin.get(path)).json
+    assert shown["headers"]["Authorization"] != key
+    for write in (admin.put, admin.patch):
+        body = {k: v for k, v in shown.items() if k not in ("id", "created_at")}
+        reply = await write(path, json_body=body)
+        assert reply.code == 200, reply.body
+        assert (await gateway.proxy.get("/x")).code == 200
+        sent = target.requests[-1]["headers"].getRawHeaders(b"authorization")
+        assert sent == [key.encode()]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_id_is_unique_across_kinds(gateway):
+    admin = gateway.admin
+    upstream = (await admin.post("/upstreams", form={"name": "up"})).json["id"]
+    reply = await admin.post(
+        "/services", json_body={"id": upstream, "name": "s", "host": "up"}
+    )
+    assert reply.code == 409, reply.body
+    assert (await admin.get(f"/upstreams/{upstream}")).json["name"] == "up"

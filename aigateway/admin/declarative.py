@@ -40,7 +40,8 @@ async def apply_document(entities: Entities, clock: Any, document: Any) -> None:
     @raise declarative.InvalidDocument: with every error found.
     """
     # Validated now, so an invalid document is refused before the store is
-    # touched, and again on the records in force at each attempt.
+    # touched, and again on the records in force at each attempt: the ids
+    # kept and the secrets restored are those of the configuration replaced.
     declarative.load(document, clock.seconds(), entities.snapshot.records)
     await entities.replace(
         lambda current: declarative.load(document, clock.seconds(), current)

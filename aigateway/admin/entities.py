@@ -30,7 +30,9 @@ from twisted.python.failure import Failure
 
 from ..addresses import format_target, parse_target
 from ..config import ConfigSnapshot, Records
+from ..declarative import keep_secrets
 from ..feed import Outage
+from ..ids import is_uuid
 from ..inflight import InFlight
 from ..records import PARENT, SCHEMAS, SERVER_FIELDS, UNIQUE, build_record, parent_id
 from ..runtime import Runtime
@@ -54,17 +56,6 @@ _ATTEMPTS = 10
 
 # The kind of entity that owns each nested kind.
 _OWNER = {"targets": "upstreams", "routes": "services"}
-
-
-def is_uuid(value: str) -> bool:
-    """
-    Whether C{value} is a UUID (an entity is addressed by id or by name).
-    """
-    try:
-        uuid.UUID(value)
-    except ValueError:
-        return False
-    return True
 
 
 class Entities:
@@ -356,14 +347,20 @@ class Entities:
         given_id = data.pop("id", None)
         data.pop("created_at", None)
         data.pop("updated_at", None)
-        if given_id is not None and not (
-            isinstance(given_id, str) and is_uuid(given_id)
-        ):
+        if given_id is not None and not is_uuid(given_id):
             raise schema_violation({"id": "expected a valid UUID"})
-        if given_id is not None and given_id in self.snapshot.records[kind]:
-            raise unique_violation(
-                kind, "id", given_id, "use PATCH or PUT to change it"
+        # Ids are unique across kinds: the store keys every record by its id
+        # alone.
+        taken = [
+            k for k, records in self.snapshot.records.items() if given_id in records
+        ]
+        if given_id is not None and taken:
+            hint = (
+                "use PATCH or PUT to change it"
+                if kind in taken
+                else f"it is one of the {taken[0]}"
             )
+            raise unique_violation(kind, "id", given_id, hint)
         now = self._now(kind)
         old = {"id": given_id or str(uuid.uuid4()), "created_at": now}
         return self._save(kind, data, coerce, parent, old)
@@ -380,6 +377,10 @@ class Entities:
             data[PARENT[kind]] = {"id": parent}
         if kind == "routes":
             self._resolve_service(data)
+        if kind == "targets" and isinstance(data.get("headers"), Mapping):
+            # A target read (credentials masked) and written back keeps its
+            # credentials, not their masks.
+            data["headers"] = keep_secrets(data["headers"], old.get("headers"))
         record, errors = build_record(kind, data, coerce)
         if errors:
             raise schema_violation(errors)
