@@ -148,6 +148,8 @@ class Route:
     strip_path: bool
     preserve_host: bool
     regex_priority: int
+    #: The route's C{protocols} leave out C{http}: plain requests get 426.
+    https_only: bool = False
 
     @classmethod
     def from_record(cls, rec: Mapping[str, Any]) -> Route:
@@ -165,4 +167,5 @@ class Route:
             strip_path=rec["strip_path"],
             preserve_host=rec["preserve_host"],
             regex_priority=rec["regex_priority"],
+            https_only="http" not in (rec.get("protocols") or ("http",)),
         )

@@ -306,3 +306,19 @@ async def test_an_id_is_unique_across_kinds(gateway):
     )
     assert reply.code == 409, reply.body
     assert (await admin.get(f"/upstreams/{upstream}")).json["name"] == "up"
+
+
+@pytest_twisted.ensureDeferred
+async def test_hashing_patched_onto_a_round_robin_upstream_implies_its_algorithm(
+    gateway,
+):
+    admin = gateway.admin
+    assert (await admin.post("/upstreams", form={"name": "rr"})).code == 201
+    form = {"hash_on": "header", "hash_on_header": "X-User"}
+    reply = await admin.patch("/upstreams/rr", form=form)
+    assert reply.code == 200, reply.body
+    assert reply.json["algorithm"] == "consistent-hashing"
+    form = {"name": "lc", "algorithm": "least-connections"}
+    assert (await admin.post("/upstreams", form=form)).code == 201
+    refused = await admin.patch("/upstreams/lc", form={"hash_on": "ip"})
+    assert refused.code == 400

@@ -201,3 +201,74 @@ async def test_a_large_head_is_431_with_its_phrase(gateway):
         proxy, b"GET /x HTTP/1.1\r\nHost: a\r\nX: " + b"a" * 70000 + b"\r\n\r\n"
     )
     assert raw.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"), raw[:80]
+
+
+@pytest_twisted.ensureDeferred
+async def test_dot_segments_cannot_leave_a_routes_prefix(gateway, servers):
+    """
+    C{/chat/../admin} is C{/admin}: it does not match the route for
+    C{/chat}, and a path that stays inside is forwarded resolved.
+    """
+    target = TargetResource("t")
+    port = listen(target)
+    servers.append(port)
+    admin = gateway.admin
+    assert (await admin.post("/upstreams", form={"name": "up"})).code == 201
+    reply = await admin.post("/upstreams/up/targets", form={"target": address(port)})
+    assert reply.code == 201
+    assert (await admin.post("/services", form={"name": "s", "host": "up"})).code == 201
+    route = {"paths[]": "/chat", "strip_path": "false"}
+    assert (await admin.post("/services/s/routes", form=route)).code == 201
+    proxy = gateway.service.proxy_port.getHost().port
+    for path in (b"/chat/../admin", b"/chat/%2e%2e/admin"):
+        raw = await raw_request(
+            proxy, b"GET " + path + b" HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+        )
+        assert raw.startswith(b"HTTP/1.1 404"), raw[:80]
+    assert target.requests == []
+    raw = await raw_request(
+        proxy, b"GET /chat/x/../y HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    )
+    assert raw.startswith(b"HTTP/1.1 200"), raw[:80]
+    assert target.requests[-1]["uri"] == b"/chat/y"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_route_for_https_only_answers_plain_requests_426(gateway, servers):
+    target = TargetResource("t")
+    port = listen(target)
+    servers.append(port)
+    host, number = address(port).split(":")
+    admin = gateway.admin
+    service = {"name": "s", "host": host, "port": number}
+    assert (await admin.post("/services", form=service)).code == 201
+    route = {"paths[]": "/secure", "protocols[]": "https"}
+    assert (await admin.post("/services/s/routes", form=route)).code == 201
+    reply = await gateway.proxy.get("/secure")
+    assert reply.code == 426
+    assert reply.json["message"] == "Please use HTTPS protocol"
+    assert target.requests == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_via_is_appended_to_the_targets(gateway, servers):
+    target = TargetResource("t")
+    target.headers = {b"Via": b"1.1 model-server"}
+    port = listen(target)
+    servers.append(port)
+    await _route(gateway, [address(port)])
+    reply = await gateway.proxy.get("/x")
+    via = reply.headers.getRawHeaders(b"via")
+    assert via[0] == b"1.1 model-server"
+    assert via[-1].startswith(b"1.1 aigateway")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_name_that_does_not_resolve_is_a_503(gateway):
+    admin = gateway.admin
+    service = {"name": "s", "host": "nowhere.invalid", "retries": "0"}
+    assert (await admin.post("/services", form=service)).code == 201
+    assert (await admin.post("/services/s/routes", form={"paths[]": "/"})).code == 201
+    reply = await gateway.proxy.get("/x")
+    assert reply.code == 503, reply.body
+    assert reply.json["message"] == "name resolution failed"

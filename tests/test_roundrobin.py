@@ -93,6 +93,21 @@ class RoundRobinTests(SynchronousTestCase):
         health.down.clear()
         self.assertEqual(Counter(pick_keys(balancer, 10)), {ts[0].key: 5, ts[1].key: 5})
 
+    def test_a_heavier_target_back_after_a_long_outage_does_not_burst(self):
+        """
+        A target that was unavailable for many picks comes back at its
+        weight's share at once, not with the turns it missed: a skipped
+        target's place moves with the picks made meanwhile.
+        """
+        ts = targets(100, 50)
+        health = FakeHealth([ts[0].key])
+        balancer = RoundRobinBalancer(ts, health)
+        self.assertEqual(set(pick_keys(balancer, 1000)), {ts[1].key})
+        health.down.clear()
+        for _ in range(5):
+            window = Counter(pick_keys(balancer, 9))
+            self.assertEqual(window, {ts[0].key: 6, ts[1].key: 3})
+
     def test_none_available(self) -> None:
         """
         With every target unavailable or excluded, a pick is L{None}, and

@@ -5,7 +5,7 @@ Route matching precedence and path joining.
 from twisted.trial.unittest import SynchronousTestCase
 
 from aigateway.model import Route, Service
-from aigateway.proxy.router import Router, join_path
+from aigateway.proxy.router import Router, join_path, normalize_path
 
 
 def route(id, paths=(), hosts=(), methods=(), models=(), strip=True, priority=0):
@@ -99,3 +99,25 @@ class RouterTests(SynchronousTestCase):
         self.assertEqual(join_path("/base/", "/a"), "/base/a")
         self.assertEqual(join_path("/base", "a"), "/base/a")
         self.assertEqual(join_path("/base", "/a"), "/base/a")
+
+
+class NormalizePathTests(SynchronousTestCase):
+    """
+    Dot segments, encoded or not, are resolved before routing.
+    """
+
+    def test_cases(self) -> None:
+        cases = {
+            "/v1/chat": "/v1/chat",
+            "/v1//chat": "/v1//chat",
+            "/v1/models/a%2Fb": "/v1/models/a%2Fb",
+            "/t/../s/a": "/s/a",
+            "/../../s": "/s",
+            "/a/./b/.": "/a/b/",
+            "/a/b/..": "/a/",
+            "/a/%2e%2E/b": "/b",
+            "/a/.hidden/b": "/a/.hidden/b",
+            "/..": "/",
+        }
+        for given, wanted in cases.items():
+            self.assertEqual(normalize_path(given), wanted, given)

@@ -186,6 +186,15 @@ class Entities:
         parent: str | None,
     ) -> Deferred[Record]:
         given = {k: v for k, v in old.items() if k not in SERVER_FIELDS}
+        if (
+            kind == "upstreams"
+            and "algorithm" not in data
+            and data.get("hash_on") not in (None, "none")
+            and given.get("algorithm") == "round-robin"
+        ):
+            # As on create: hashing asked of an upstream on the default
+            # algorithm implies consistent hashing.
+            del given["algorithm"]
         merged = merge(SCHEMAS[kind], given, _without_server_fields(data))
         return self._save(kind, merged, coerce, parent, old)
 

@@ -12,6 +12,7 @@ weight, not only on average.
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Collection, Sequence
 
 import attrs
@@ -46,6 +47,7 @@ class RoundRobinBalancer:
         tried = []
         skipped = []
         chosen = None
+        now = 0.0
         # Each entry is looked at most once per pick, so a pick with every
         # target unavailable is O(n log n) and ends.
         while heap:
@@ -56,8 +58,8 @@ class RoundRobinBalancer:
                 skipped.append(heapq.heappop(heap))
             else:
                 chosen = target
+                now, index, turns, _ = heap[0]
                 if not exclude:
-                    _, index, turns, _ = heap[0]
                     turns += 1
                     heapq.heapreplace(
                         heap, (turns / target.weight, index, turns, target)
@@ -70,8 +72,12 @@ class RoundRobinBalancer:
         for entry in tried:
             heapq.heappush(heap, entry)
         for _, index, turns, target in skipped:
-            # An unavailable target loses its turn, so it does not burst when back.
-            turns += 1
+            # An unavailable target loses its turn, and its place moves to
+            # the present (the deadline of the turn taken now), so it does
+            # not come back with a burst of the turns it missed: one turn a
+            # pick falls behind a lighter target's pace, which is one turn
+            # a pick too.
+            turns = max(turns + 1, math.floor(now * target.weight) + 1)
             heapq.heappush(heap, (turns / target.weight, index, turns, target))
         return chosen
 

@@ -42,6 +42,7 @@ _log = Logger()
 NO_PEER = "failure to get a peer from the ring-balancer"
 BAD_GATEWAY = "An invalid response was received from the upstream server"
 TIMEOUT = "The upstream server is timing out"
+NO_NAME = "name resolution failed"
 _NO_LENGTH = frozenset({204, 304})
 #: The status recorded for a client that went away before any answer.
 CLIENT_CLOSED = 499
@@ -410,7 +411,13 @@ class Exchange:
             if following is not None:
                 self._attempt(following)
                 return
-        self.fail(504 if timeout else 502, TIMEOUT if timeout else BAD_GATEWAY)
+        if timeout:
+            self.fail(504, TIMEOUT)
+        elif failure.check(DNSLookupError) is not None:
+            # Kong's answer: the target's name did not resolve.
+            self.fail(503, NO_NAME)
+        else:
+            self.fail(502, BAD_GATEWAY)
 
     def unanswered(self, target: Target, reason: Failure, timed_out: bool) -> None:
         """

@@ -24,10 +24,11 @@ from ..runtime import Runtime
 from .client import Agents
 from .forward import Exchange, ExchangeObserver, Hooks
 from .relay import write_error
-from .router import join_path
+from .router import join_path, normalize_path
 from .server import ProxyRequest
 
 NO_ROUTE = "no Route matched with those values"
+USE_HTTPS = "Please use HTTPS protocol"
 VIA = b"1.1 aigateway/" + __version__.encode("ascii")
 
 
@@ -118,6 +119,8 @@ class ProxyResource(Resource):
         else:
             host = host.partition(":")[0]
         path = request.path.decode("latin-1")
+        if "/." in path or "%2" in path:
+            path = normalize_path(path)
         router = compiled.router
         match = router.match(
             host,
@@ -127,6 +130,13 @@ class ProxyResource(Resource):
         )
         if match is None:
             write_error(request, 404, NO_ROUTE, request_id)
+            return NOT_DONE_YET
+        if match.route.https_only and not request.isSecure():
+            # Kong's answer to a plain request on a route for https only.
+            raw = request.responseHeaders._rawHeaders
+            raw[b"Connection"] = [b"Upgrade"]
+            raw[b"Upgrade"] = [b"TLS/1.2, HTTP/1.1"]
+            write_error(request, 426, USE_HTTPS, request_id)
             return NOT_DONE_YET
         service = match.service
         upstream = compiled.snapshot.upstreams.get(service.host)
@@ -171,7 +181,9 @@ class ProxyResource(Resource):
         # Values the gateway makes itself: set in canonical form directly,
         # without setRawHeaders' checks for line breaks.
         raw = request.responseHeaders._rawHeaders
-        raw[b"Via"] = [VIA]
+        via = raw.get(b"Via")
+        # Appended to the target's own (RFC 9110 7.6.3), not in its place.
+        raw[b"Via"] = [VIA] if via is None else [*via, VIA]
         if exchange.context.set_cookie is not None:
             name, value, path = exchange.context.set_cookie
             request.addCookie(name, value, path=path)

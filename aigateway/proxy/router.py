@@ -169,3 +169,31 @@ def join_path(service_path: str | None, rest: str) -> str:
     if not service_path.endswith("/") and not rest.startswith("/"):
         return service_path + "/" + rest
     return service_path + rest
+
+
+def normalize_path(path: str) -> str:
+    """
+    C{path} with percent-encoded dots decoded and dot segments removed
+    (RFC 3986 sections 6.2.2 and 5.2.4), as nginx and Kong route and
+    forward it.
+
+    Otherwise C{/v1/chat/../../admin} would match a route for C{/v1/chat}
+    and reach that service's target as C{/admin}: a path outside the
+    prefix the route was meant to expose.  Paths without dot segments,
+    nearly all, are returned as they are after two substring tests.
+    """
+    if "%2" in path:
+        path = path.replace("%2e", ".").replace("%2E", ".")
+    if "/." not in path:
+        return path
+    segments = path.split("/")
+    kept: list[str] = []
+    for segment in segments[1:]:
+        if segment == "..":
+            if kept:
+                kept.pop()
+        elif segment != ".":
+            kept.append(segment)
+    # A path ending in a dot segment names a directory: "/a/b/.." is "/a/".
+    tail = "/" if segments[-1] in (".", "..") and kept else ""
+    return "/" + "/".join(kept) + tail
