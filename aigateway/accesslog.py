@@ -89,7 +89,7 @@ def line(record: Record) -> str:
         f'"{target}"' if target is not None else "null",
         status,
         attempts,
-        ",".join([f'"{key}"' for key in sorted(tried)]),
+        ",".join([f'"{key}"' for key in tried]),
         bytes_in,
         bytes_out,
         elapsed * 1000,

@@ -58,7 +58,7 @@ class LineTests(SynchronousTestCase):
             "target": "127.0.0.1:8000",
             "status": 200,
             "attempts": 2,
-            "tried": ["127.0.0.1:8000", "127.0.0.1:8001"],
+            "tried": ["127.0.0.1:8001", "127.0.0.1:8000"],  # in attempt order
             "bytes_in": 308,
             "bytes_out": 419,
             "latency_ms": {"request": 5.762, "upstream": 5.444, "proxy": None},

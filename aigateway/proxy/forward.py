@@ -95,7 +95,7 @@ class Exchange:
     One client request on its way through the gateway.
 
     @ivar attempts: attempts made so far.
-    @ivar tried: keys of the targets already tried.
+    @ivar tried: keys of the targets already tried, in the order tried.
     @ivar usage: the token usage the answer reported, if any.
     """
 
@@ -163,7 +163,8 @@ class Exchange:
         self.request_id = request_id
         self.started = started
         self.attempts = 0
-        self.tried: set[str] = set()
+        # (A dict for its order: the access log lists them as tried.)
+        self.tried: dict[str, None] = {}
         self.target: Target | None = None
         self.status = 0
         self.upstream_latency: float | None = None
@@ -216,7 +217,7 @@ class Exchange:
     def _begin(self, target: Target) -> None:
         self.attempts += 1
         self.target = target
-        self.tried.add(target.key)
+        self.tried[target.key] = None
         if self.balancer is not None:
             self.balancer.started(target)
         self.hooks.observer.attempt_started(self, target)
