@@ -9,12 +9,16 @@ proxied request already sees the stored configuration.
 
 from __future__ import annotations
 
+import signal
+import threading
 import uuid
+from collections.abc import Callable
+from contextlib import suppress
 from typing import Any
 
 import attrs
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
@@ -65,6 +69,8 @@ class Settings:
     #: Seconds between looks for configuration written by other processes
     #: sharing the store (0: never look).
     db_update_frequency: float = 1.0
+    #: Seconds a stopping node lets the requests in progress finish.
+    drain_timeout: float = 30.0
 
 
 class GatewayService(MultiService):
@@ -159,11 +165,32 @@ class GatewayService(MultiService):
     def stopService(self) -> Deferred[Any]:
         super().stopService()
         stops: list[Deferred[Any]] = []
+        # Both ports are let go at once, so a node started in this one's
+        # place can bind them while this one drains.
         for port in (self.proxy_port, self.admin_port):
             if port is not None:
                 result = port.stopListening()
                 if isinstance(result, Deferred):
                     stops.append(result)
+        factory = getattr(self, "_proxy_factory", None)
+        if factory is not None:
+            _log.info(
+                "stopping: finishing the requests in progress (at most {timeout} s)",
+                timeout=self.settings.drain_timeout,
+            )
+            drained = factory.drain(self.settings.drain_timeout)
+            if self._exit_on_failure:  # (its own process: twistd's)
+                _on_second_signal(self.reactor, factory.cut_short)
+        else:
+            drained = succeed(None)
+        # The rest waits for the drain: the answers in progress still need
+        # the target connections, and the configuration in force.
+        drained.addCallback(lambda _: self._stop_parts())
+        stops.append(drained)
+        return DeferredList(stops, consumeErrors=True)
+
+    def _stop_parts(self) -> Deferred[Any]:
+        stops: list[Deferred[Any]] = []
         if self.feed is not None:
             self.feed.stop()
         stops.append(self.agents.close())
@@ -181,3 +208,20 @@ class GatewayService(MultiService):
         settled = self.parts.entities.close().addTimeout(5, self.reactor)
         stops.append(settled.addBoth(configuration_settled))
         return DeferredList(stops, consumeErrors=True)
+
+
+def _on_second_signal(reactor: Any, cut_short: Callable[[], object]) -> None:
+    """
+    While draining, let a second C{SIGTERM} or C{SIGINT} (a second Ctrl-C)
+    cut the drain short, instead of the reactor's handler failing to stop a
+    reactor already stopping.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return  # (signal handlers are the main thread's to set)
+
+    def again(signum: int, frame: object) -> None:
+        reactor.callFromThread(cut_short)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        with suppress(ValueError, OSError):
+            signal.signal(signum, again)

@@ -99,6 +99,14 @@ class Options(usage.Options):
             "processes sharing the database (0: never look).",
             _seconds,
         ],
+        [
+            "drain-timeout",
+            None,
+            30.0,
+            "On SIGTERM, seconds to let requests in progress (streams included) "
+            "finish before they are cut (0: cut at once).",
+            _seconds,
+        ],
     ]
     optFlags = [
         [
@@ -232,6 +240,7 @@ def makeService(options: Options) -> IService:
         metrics=not options["no-metrics"],
         trust_forwarded_for=bool(options["trust-forwarded-for"]),
         db_update_frequency=options["db-update-frequency"],
+        drain_timeout=options["drain-timeout"],
     )
     service: Any = GatewayService(reactor, settings, exit_on_failure=True)
     _tune_gc(service)

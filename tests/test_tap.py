@@ -40,6 +40,15 @@ class OptionsTests(SynchronousTestCase):
             with self.assertRaises(UsageError):
                 Options().parseOptions(["--db-update-frequency", bad])
 
+    def test_drain_timeout(self):
+        options = Options()
+        options.parseOptions([])
+        self.assertEqual(options["drain-timeout"], 30.0)
+        options.parseOptions(["--drain-timeout", "0"])
+        self.assertEqual(options["drain-timeout"], 0.0)
+        with self.assertRaises(UsageError):
+            Options().parseOptions(["--drain-timeout", "-5"])
+
     def test_bad_endpoint(self):
         with self.assertRaises(UsageError):
             Options().parseOptions(["--proxy", "carrier-pigeon:1"])

@@ -627,7 +627,7 @@ class ProxyChannel(Protocol):
         self.request = None
         self.responding = False
         self._producer = None
-        if not request.keep_alive:
+        if not request.keep_alive or self.factory.draining:
             self.refused = True
             self.close()
             return
@@ -820,6 +820,10 @@ class ProxyFactory(Factory):
         self.idle_timeout = idle_timeout
         self._channels: dict[ProxyChannel, None] = {}
         self._sweeper: Any = None
+        #: Shutting down: no request is read after the ones in progress.
+        self.draining = False
+        self._drained: Deferred[None] | None = None
+        self._deadline: Any = None
 
     @property
     def open_connections(self) -> int:
@@ -835,6 +839,71 @@ class ProxyFactory(Factory):
 
     def closed(self, channel: ProxyChannel) -> None:
         self._channels.pop(channel, None)
+        if self._drained is not None and not self._channels:
+            self._done_draining()
+
+    def drain(self, timeout: float) -> Deferred[None]:
+        """
+        Finish the requests in progress and take no more, for a shutdown
+        that cuts no answer short (a stream of tokens included): idle
+        connections close now, busy ones once their answer is complete
+        (telling the client, with C{Connection: close}, when the answer
+        has not started yet), and what is still open after C{timeout}
+        seconds is aborted.
+
+        Stop listening first: this does not.
+
+        @return: fires once every connection is closed.
+        """
+        self.draining = True
+        drained = self._drained = Deferred()
+        for channel in list(self._channels):
+            request = channel.request
+            if request is None:
+                # Between requests, or part of a head: nothing is lost
+                # that the client cannot send again elsewhere.
+                channel.refused = True
+                channel.close()
+            else:
+                request.keep_alive = False
+        if not self._channels:
+            self._done_draining()
+        elif self._deadline is None:
+            self._deadline = self._clock.callLater(timeout, self._abort_all)
+        return drained
+
+    def cut_short(self) -> None:
+        """
+        End the drain now: abort what is still open.
+        """
+        if self._drained is None:
+            return
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._abort_all("the drain was cut short")
+
+    def _abort_all(self, why: str = "the drain timeout passed") -> None:
+        self._deadline = None
+        if self._channels:
+            _log.warn(
+                "{why}: {count} connections still busy are aborted",
+                why=why,
+                count=len(self._channels),
+            )
+        for channel in list(self._channels):
+            transport: Any = channel.transport
+            if transport is not None:
+                transport.abortConnection()
+        # (Aborted connections are lost on a later turn of the reactor.)
+        self._clock.callLater(1, self._done_draining)
+
+    def _done_draining(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+        drained, self._drained = self._drained, None
+        if drained is not None:
+            drained.callback(None)
 
     def _period(self) -> float:
         return max(self.idle_timeout / 4, 0.5)
