@@ -9,7 +9,10 @@ proxied request already sees the stored configuration.
 
 from __future__ import annotations
 
+import atexit
+import os
 import signal
+import sys
 import threading
 import uuid
 from collections.abc import Callable
@@ -20,6 +23,7 @@ import attrs
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
@@ -157,8 +161,17 @@ class GatewayService(MultiService):
         return factory.open_connections if factory is not None else 0
 
     def _start_failed(self, failure: Any) -> Any:
-        _log.failure("aigateway could not start", failure)
+        if failure.check(CannotListenError):
+            # An operator's mistake, not a bug: one line says it.
+            _log.critical(
+                "aigateway could not start: {error}", error=failure.getErrorMessage()
+            )
+        else:
+            _log.failure("aigateway could not start", failure)
         if self._exit_on_failure and self.reactor.running:
+            # twistd exits 0 once its reactor stops; a supervisor (systemd,
+            # Kubernetes) must see a failure, to restart or report it.
+            atexit.register(_exit_failed)
             self.reactor.stop()
         return failure
 
@@ -173,7 +186,7 @@ class GatewayService(MultiService):
                 if isinstance(result, Deferred):
                     stops.append(result)
         factory = getattr(self, "_proxy_factory", None)
-        if factory is not None:
+        if factory is not None and self.proxy_port is not None:
             _log.info(
                 "stopping: finishing the requests in progress (at most {timeout} s)",
                 timeout=self.settings.drain_timeout,
@@ -225,3 +238,13 @@ def _on_second_signal(reactor: Any, cut_short: Callable[[], object]) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         with suppress(ValueError, OSError):
             signal.signal(signum, again)
+
+
+def _exit_failed() -> None:
+    """
+    End a process whose gateway could not start with status 1, once twistd
+    has shut down (pid file removed, log closed).
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)

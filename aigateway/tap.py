@@ -51,12 +51,26 @@ class Options(usage.Options):
         "An event-driven AI gateway: a streaming reverse proxy and load "
         "balancer for LLM providers, configured through a Kong-style Admin API."
     )
+
+    def opt_version(self) -> None:
+        """
+        Display aigateway's version (and Twisted's) and exit.
+        """
+        import twisted
+
+        from ._version import __version__
+
+        print(f"aigateway {__version__} (Twisted {twisted.__version__})")
+        raise SystemExit(0)
+
     optParameters = [
         [
             "proxy",
             "p",
             DEFAULT_PROXY,
-            "Endpoint the proxy listens on (a Twisted server endpoint string).",
+            "Endpoint the proxy listens on: a Twisted server endpoint string "
+            "(tcp:8000:interface=..., ssl:...), or reuseport:PORT[:interface=ADDRESS] "
+            "to share the port with other gateway processes.",
         ],
         [
             "admin",

@@ -8,6 +8,7 @@ configured once through one process's Admin API.
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -166,3 +167,99 @@ def test_two_processes_one_port_one_database(tmp_path):
     for n in range(2):
         log = (tmp_path / f"gw{n}.log").read_text()
         assert "Traceback" not in log and "Unhandled" not in log, log[-2000:]
+
+
+def _twistd(tmp_path: Path, name: str, proxy: str, admin: int) -> list[str]:
+    return [
+        str(BIN / "twistd"),
+        "-n",
+        "--pidfile",
+        str(tmp_path / f"{name}.pid"),
+        "--logfile",
+        str(tmp_path / f"{name}.log"),
+        "aigateway",
+        "--proxy",
+        proxy,
+        "--admin",
+        f"tcp:{admin}:interface=127.0.0.1",
+        "--database",
+        str(tmp_path / f"{name}.db"),
+    ]
+
+
+def test_a_busy_port_fails_the_process(tmp_path):
+    """
+    A supervisor must see a gateway that could not start as failed: exit
+    status 1, and one line that says why (no traceback).
+    """
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        process = subprocess.run(
+            _twistd(tmp_path, "busy", f"tcp:{port}:interface=127.0.0.1", _free_port()),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=60,
+        )
+    assert process.returncode == 1
+    log = (tmp_path / "busy.log").read_text()
+    assert "could not start: Couldn't listen on" in log
+    assert "Traceback" not in log
+
+
+def test_sigterm_lets_a_stream_finish(tmp_path):
+    """
+    A rolling restart: SIGTERM while a stream is in progress; the stream
+    arrives whole, new connections are refused, and the process then ends.
+    """
+    proxy, admin, target = _free_port(), _free_port(), _free_port()
+    mock = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "mock_llm.py"),
+            "--port",
+            str(target),
+            "--chunks",
+            "12",
+            "--chunk-delay",
+            "0.1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    gateway = subprocess.Popen(
+        _twistd(tmp_path, "gw", f"tcp:{proxy}:interface=127.0.0.1", admin),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        base = f"http://127.0.0.1:{admin}"
+        _until(lambda: _call(base + "/status"), 30, "the Admin API")
+        _call(base + "/services", {"name": "s", "url": f"http://127.0.0.1:{target}"})
+        _call(base + "/services/s/routes", {"paths[]": "/", "strip_path": "false"})
+        body = json.dumps({"model": "m", "stream": True}).encode()
+        with socket.create_connection(("127.0.0.1", proxy), timeout=10) as client:
+            client.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: a\r\n"
+                b"Content-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            received = client.recv(65536)
+            assert b"data:" in received
+            gateway.terminate()
+            while not received.endswith(b"0\r\n\r\n"):
+                more = client.recv(65536)
+                assert more, received[-200:]
+                received += more
+        assert received.count(b"data: {") == 12 and b"data: [DONE]" in received
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", proxy), timeout=2).close()
+        # (twistd ends by raising the signal it was stopped with again.)
+        assert gateway.wait(timeout=30) == -signal.SIGTERM
+        assert "Traceback" not in (tmp_path / "gw.log").read_text()
+    finally:
+        for process in (gateway, mock):
+            if process.poll() is None:
+                process.kill()
+            process.wait(timeout=10)

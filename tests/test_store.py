@@ -3,6 +3,7 @@ The SQLite store: migrations, one transaction per write, durability.
 """
 
 import sqlite3
+import stat
 
 import pytest
 import pytest_twisted
@@ -63,3 +64,27 @@ async def test_newer_schema_refused(tmp_path):
     with pytest.raises(RuntimeError, match="newer than this aigateway"):
         await store.start()
     await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_new_database_is_its_owners_alone(tmp_path):
+    """
+    The file holds provider credentials: created for its owner only, with
+    its WAL file alike; an existing file keeps the mode it has.
+    """
+    path = tmp_path / "private.db"
+    store = SQLiteStore(reactor, str(path))
+    await store.start()
+    await store.write([("upstreams", {"id": "u1", "name": "a"})], [])
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    wal = tmp_path / "private.db-wal"
+    assert not wal.exists() or stat.S_IMODE(wal.stat().st_mode) == 0o600
+    await store.close()
+
+    shared = tmp_path / "shared.db"
+    shared.touch(mode=0o640)
+    shared.chmod(0o640)
+    again = SQLiteStore(reactor, str(shared))
+    await again.start()
+    await again.close()
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o640

@@ -173,3 +173,12 @@ def test_listen_backlog_default():
     assert with_backlog("tcp:8000:interface=127.0.0.1").endswith(":backlog=1024")
     assert with_backlog("tcp:8000:backlog=5") == "tcp:8000:backlog=5"
     assert with_backlog("unix:/run/gw.sock") == "unix:/run/gw.sock"
+
+
+def test_version_is_aigateways(capsys):
+    from aigateway._version import __version__
+
+    with pytest.raises(SystemExit) as exited:
+        Options().parseOptions(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out.startswith(f"aigateway {__version__} ")

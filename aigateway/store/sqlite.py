@@ -14,8 +14,10 @@ waits for it (C{timeout}, 5 s) rather than failing.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
+from contextlib import suppress
 
 from twisted.enterprise import adbapi
 from twisted.internet.interfaces import IReactorThreads
@@ -78,6 +80,19 @@ def _open(connection: sqlite3.Connection) -> None:
 _WAL_TRIES = 250
 
 
+def _create_private(path: str) -> None:
+    """
+    Create a new database file readable by its owner only: it holds the
+    targets' credentials (provider API keys).  SQLite takes an empty file
+    for a new database, and gives its WAL and shared-memory files the same
+    mode.  An existing file keeps the mode its owner gave it.
+    """
+    if path == ":memory:" or path.startswith("file:"):
+        return
+    with suppress(FileExistsError):
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+
+
 class SQLiteStore(SQLStore):
     """
     Configuration in one SQLite file.
@@ -91,6 +106,7 @@ class SQLiteStore(SQLStore):
             the file before the store is reported unavailable.
         """
         self.path = path
+        _create_private(path)
         super().__init__(
             adbapi.ConnectionPool(
                 "sqlite3",
