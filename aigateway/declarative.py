@@ -17,9 +17,10 @@ Declarative configuration: Kong's format (a subset), as YAML or JSON.
 
 A document is validated whole, every error reported with its place in the
 document, before anything is stored; it then replaces the stored
-configuration in one transaction.  The export is the same format, with ids
-and timestamps left out and target header values (credentials) masked, so
-that export, import and export again give the same document.  Loading it
+configuration in one transaction.  The export is the same format, with
+timestamps left out, ids left out of what a name identifies, and target
+header values (credentials) masked, so that export, import and export again
+give the same document.  Loading it
 back keeps every entity's id, known by its name (see L{load}), and its
 stored secrets (see L{keep_secrets}).  Ids given in a document must be
 UUIDs, as through the Admin API.
@@ -337,8 +338,15 @@ def export(records: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str, 
     The configuration as a declarative document (secrets masked).
     """
 
-    def clean(record: Mapping[str, Any], drop: str | None = None) -> dict[str, Any]:
+    def clean(
+        record: Mapping[str, Any], kind: str, drop: str | None = None
+    ) -> dict[str, Any]:
         out = {k: v for k, v in record.items() if k not in SERVER_FIELDS and k != drop}
+        if record.get(UNIQUE[kind]) is None:
+            # Nothing else names it (a route or service without a name):
+            # its id is how loading the document back finds it again, so
+            # its id and metric series stay.
+            out["id"] = record["id"]
         if "headers" in out and drop == "upstream":
             out["headers"] = {k: mask(v) for k, v in out["headers"].items()}
         return out
@@ -352,9 +360,9 @@ def export(records: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str, 
     for kind, (child_kind, parent_field) in _NESTED.items():
         entries = []
         for parent in records[kind].values():
-            entry = clean(parent)
+            entry = clean(parent, kind)
             children = [
-                clean(child, parent_field)
+                clean(child, child_kind, parent_field)
                 for child in records[child_kind].values()
                 if child[parent_field]["id"] == parent["id"]
             ]

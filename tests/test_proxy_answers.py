@@ -13,7 +13,9 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.protocol import Factory, Protocol
 
-from .gatewaykit import TargetResource, address, listen, scrape, wait_for
+from aigateway.proxy.forward import NO_PEER
+
+from .gatewaykit import Gateway, TargetResource, address, listen, scrape, wait_for
 from .test_server import connect, raw_request
 
 
@@ -272,3 +274,21 @@ async def test_a_name_that_does_not_resolve_is_a_503(gateway):
     reply = await gateway.proxy.get("/x")
     assert reply.code == 503, reply.body
     assert reply.json["message"] == "name resolution failed"
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_peer_says_why_in_the_access_log(tmp_path):
+    log_path = tmp_path / "access.log"
+    node = await Gateway(str(tmp_path / "np.db"), access_log=str(log_path)).start()
+    try:
+        admin = node.admin
+        assert (await admin.post("/upstreams", form={"name": "empty"})).code == 201
+        form = {"name": "s", "host": "empty"}
+        assert (await admin.post("/services", form=form)).code == 201
+        route = {"paths[]": "/"}
+        assert (await admin.post("/services/s/routes", form=route)).code == 201
+        assert (await node.proxy.get("/x")).code == 503
+    finally:
+        await node.stop()
+    (line,) = [json.loads(text) for text in log_path.read_text().splitlines()]
+    assert (line["status"], line["error"]) == (503, NO_PEER)

@@ -205,6 +205,7 @@ class Exchange:
                     self.request.responseHeaders.setRawHeaders(
                         b"retry-after", [b"%d" % math.ceil(wait)]
                     )
+            self.error = NO_PEER  # (for the access log: no attempt said why)
             self.fail(503, NO_PEER)
             return
         self._attempt(target)
