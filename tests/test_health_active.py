@@ -152,6 +152,71 @@ class ScheduleTests(CheckerMixin, SynchronousTestCase):
         self.assertEqual(self.checker.in_flight, 0)
 
 
+class DNSErrorTests(CheckerMixin, SynchronousTestCase):
+    """
+    A target whose name did not resolve is probed again every
+    L{DNS_RETRY} seconds, with no traffic at all, and the first probe
+    that gets past the lookup puts it back.
+    """
+
+    def test_probed_again_until_resolved(self) -> None:
+        outcomes = {KEYS[0]: Outcome.dns_failure()}
+        self.make(
+            AnsweringProber(outcomes),
+            keys=KEYS[:1],
+            active__healthy__interval=1,
+            active__unhealthy__interval=1,
+        )
+        self.clock.pump([1] * 12)
+        self.assertEqual(self.states[KEYS[0]].health, Health.DNS_ERROR)
+        # Not every round: once a DNS_RETRY, as the proxy's tries.
+        self.assertEqual([t for t, _ in self.probe_times()], [1, 6, 11])
+        outcomes[KEYS[0]] = Outcome.status(200)
+        self.clock.pump([1] * 3)
+        self.assertEqual(self.states[KEYS[0]].health, Health.DNS_ERROR)
+        self.clock.advance(1)
+        self.assertEqual(self.probe_times()[-1], (16, KEYS[0]))
+        self.assertEqual(self.states[KEYS[0]].health, Health.HEALTHY)
+        self.assertEqual(
+            self.transitions,
+            [(1, KEYS[0], Health.DNS_ERROR), (16, KEYS[0], Health.HEALTHY)],
+        )
+        # Back in its class's rounds.
+        self.clock.advance(1)
+        self.assertEqual(self.probe_times()[-1], (17, KEYS[0]))
+
+    def test_unhealthy_side_alone(self) -> None:
+        """
+        With only the unhealthy side probing, its rounds try the name.
+        """
+        outcomes = {KEYS[0]: Outcome.dns_failure()}
+        self.make(
+            AnsweringProber(outcomes), keys=KEYS[:1], active__unhealthy__interval=2
+        )
+        self.states[KEYS[0]].set_manual(False)
+        self.clock.advance(2)
+        self.assertEqual(self.states[KEYS[0]].health, Health.DNS_ERROR)
+        outcomes[KEYS[0]] = Outcome.status(200)
+        self.clock.pump([2] * 3)
+        # Back to UNHEALTHY (the state before), counting the success.
+        self.assertEqual([t for t, _ in self.probe_times()], [2, 8])
+        self.assertEqual(self.states[KEYS[0]].health, Health.UNHEALTHY)
+        self.assertEqual(self.states[KEYS[0]].counters["successes"], 1)
+
+    def test_proxied_try_postpones_probe(self) -> None:
+        """
+        A proxied attempt's lookup counts as the try: the probe waits a
+        DNS_RETRY from it.
+        """
+        outcomes = {KEYS[0]: Outcome.dns_failure()}
+        self.make(AnsweringProber(outcomes), keys=KEYS[:1], active__healthy__interval=2)
+        self.clock.pump([2, 2, 2, 1])
+        self.assertTrue(self.states[KEYS[0]].available())  # a proxied try at 7 s
+        self.clock.pump([1] * 5)
+        # Not at 8: 5 s after the proxied try.
+        self.assertEqual([t for t, _ in self.probe_times()], [2, 12])
+
+
 class ConcurrencyTests(CheckerMixin, SynchronousTestCase):
     def test_bound(self) -> None:
         prober = FakeProber()

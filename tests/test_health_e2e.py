@@ -680,3 +680,105 @@ async def test_a_name_that_does_not_resolve_is_dns_error(gateway, servers):
         assert reply.json["data"]["health"] == "HEALTHY"  # one target still up
     finally:
         reactor.installNameResolver(previous)
+
+
+@pytest_twisted.ensureDeferred
+async def test_traffic_does_not_mask_failing_probes(gateway, servers):
+    """
+    Active checks every 1 s on C{/health}, passive checks off: a target
+    whose C{/health} answers 500 but whose C{/} is fine is UNHEALTHY
+    within 2 x 1 s (+1 s) while 15 requests a second go through it.
+    """
+    resources, keys = await doc_upstream(gateway, servers)
+    resources["b"].statuses["/health"] = 500
+    reply = await gateway.admin.patch(
+        "/upstreams/ai-upstream", form=doc_active_patch("1")
+    )
+    assert reply.code == 200, reply.body
+    start = reactor.seconds()
+    while (await health_of(gateway, "ai-upstream"))[keys["b"]] != "UNHEALTHY":
+        assert reactor.seconds() - start < 2 * 1 + 1, "traffic kept it in"
+        assert (await gateway.proxy.get("/")).code == 200
+        await sleep(1 / 15)
+    assert resources["b"].hits["/"] >= 10
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_target_due_a_trial_is_not_available_weight(gateway, servers):
+    """
+    Both targets answer 500 (passive C{http_failures=1}, C{cooldown=1}):
+    once both are UNHEALTHY, the health endpoint shows no available weight
+    and the upstream UNHEALTHY, and still does after the cooldown, when
+    each is only due a trial request; the first trial that succeeds makes
+    its weight available again.
+    """
+    resources, ports, keys = start_targets(servers, ["a", "b"])
+    await gateway.configure("failing", {key: 100 for key in keys.values()})
+    reply = await gateway.admin.patch(
+        "/upstreams/failing",
+        form={
+            "healthchecks.passive.unhealthy.http_failures": "1",
+            "healthchecks.passive.unhealthy.cooldown": "1",
+        },
+    )
+    assert reply.code == 200, reply.body
+    for resource in resources.values():
+        resource.status = 500
+    assert (await gateway.proxy.get("/")).code == 500
+    assert set((await health_of(gateway, "failing")).values()) == {"UNHEALTHY"}
+
+    async def report():
+        health = await gateway.admin.get("/upstreams/failing/health")
+        balancer = await gateway.admin.get(
+            "/upstreams/failing/health?balancer_health=1"
+        )
+        available = [row["data"]["weight"]["available"] for row in health.json["data"]]
+        return available, balancer.json["data"]
+
+    for wait in (0, 1.3):
+        await sleep(wait)
+        available, balancer = await report()
+        assert available == [0, 0], wait
+        assert balancer["health"] == "UNHEALTHY", wait
+        assert balancer["balancer_health"] == "UNHEALTHY", wait
+        assert balancer["details"]["weight"]["available"] == 0, wait
+
+    resources["a"].status = 200
+    assert (await gateway.proxy.get("/")).code == 200
+    available, balancer = await report()
+    assert sorted(available) == [0, 100]
+    assert balancer["balancer_health"] == "HEALTHY"
+
+
+@pytest_twisted.ensureDeferred
+async def test_active_checks_retry_a_name_that_did_not_resolve(gateway, servers):
+    """
+    Active checks every 1 s, no traffic: a target whose host name does not
+    resolve is C{DNS_ERROR} after its first probe, its name is tried again
+    every 5 s (not every round), and once the name resolves the next try
+    brings it back HEALTHY, within 5 s (+1.5 s).
+    """
+    resource = HoldingTarget("late")
+    servers.append(port := listen(resource))
+    key = f"late.test:{port.getHost().port}"
+    names = _Names(set())
+    previous = reactor.installNameResolver(names)
+    try:
+        await gateway.configure("late", {key: 100})
+        reply = await gateway.admin.patch(
+            "/upstreams/late",
+            form={
+                "healthchecks.active.healthy.interval": "1",
+                "healthchecks.active.unhealthy.interval": "1",
+            },
+        )
+        assert reply.code == 200, reply.body
+        await wait_for(is_state(gateway, "late", key, "DNS_ERROR"), 1.5)
+        assert names.asked.count("late.test") == 1
+        names.names.add("late.test")
+        took = await wait_for(is_state(gateway, "late", key, "HEALTHY"), 5 + 1.5)
+        assert took > 3, "tried again before the DNS retry was due"
+        assert names.asked.count("late.test") == 2
+        assert resource.hits["/"] >= 1  # the probe that got through
+    finally:
+        reactor.installNameResolver(previous)

@@ -13,7 +13,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from aigateway.balancer.interfaces import IHealthView
+from aigateway.balancer.interfaces import IHealthPeek, IHealthView
 from aigateway.config import ConfigSnapshot
 from aigateway.health.manager import HealthManager, Probed, Transition
 from aigateway.health.passive import Outcome
@@ -76,6 +76,7 @@ class ManagerMixin:
 class ViewTests(ManagerMixin, SynchronousTestCase):
     def test_interface(self) -> None:
         verifyObject(IHealthView, self.make())
+        verifyObject(IHealthPeek, self.manager)
 
     def test_off(self) -> None:
         manager = self.make()
@@ -111,6 +112,43 @@ class ViewTests(ManagerMixin, SynchronousTestCase):
         manager.set_manual(target(B), False)
         self.assertEqual(manager.upstream_health("u1"), "UNHEALTHY")
         self.assertEqual(manager.upstream_health("nope"), "HEALTHCHECKS_OFF")
+
+    def test_due_trial_is_not_available(self) -> None:
+        """
+        Both targets failed passively and are still failing: once their
+        cooldown is over they are due a trial, which a balancer may take
+        (L{HealthManager.eligible}), but they are not available weight and
+        the upstream stays UNHEALTHY until a trial succeeds.
+        """
+        manager = self.make()
+        self.config(
+            1, passive__unhealthy__http_failures=1, passive__unhealthy__cooldown=3
+        )
+        manager.report_status(target(A), 500)
+        manager.report_status(target(B), 500)
+        self.clock.advance(3.5)
+        for key in (A, B):
+            self.assertTrue(manager.eligible(target(key)))
+            self.assertFalse(manager.is_available(target(key)))
+        self.assertEqual(manager.upstream_health("u1"), "UNHEALTHY")
+        self.assertTrue(manager.available(target(A)))
+        manager.report_status(target(A), 200)
+        self.assertTrue(manager.is_available(target(A)))
+        self.assertEqual(manager.upstream_health("u1"), "HEALTHY")
+
+    def test_dns_error_is_not_available(self) -> None:
+        manager = self.make()
+        self.config(1)
+        manager.report_failure(target(A), timeout=False, dns=True)
+        self.clock.advance(6)
+        self.assertTrue(manager.eligible(target(A)))
+        self.assertFalse(manager.is_available(target(A)))
+
+    def test_eligible_unknown(self) -> None:
+        manager = self.make()
+        self.assertTrue(manager.eligible(target(A)))
+        self.config(1, **PASSIVE_ON)
+        self.assertTrue(manager.eligible(target(C)))
 
 
 class UpdateTests(ManagerMixin, SynchronousTestCase):
@@ -210,6 +248,23 @@ class ActiveTests(ManagerMixin, SynchronousTestCase):
             ("llm", A, "HEALTHY", "UNHEALTHY"),
         )
 
+    def test_proxied_successes_do_not_mask_probes(self) -> None:
+        """
+        Passive checks off: a target whose probe answers 500 is taken out
+        by its second probe, though every proxied request in between
+        succeeded (15 a second).
+        """
+        prober = AnsweringProber({A: Outcome.status(500)})
+        manager = self.make(prober)
+        self.config(1, active__http_path="/health", **dict.fromkeys(ACTIVE_ON, 1))
+        for _ in range(45):
+            self.clock.advance(1 / 15)
+            manager.report_status(target(A), 200)
+        self.assertEqual(
+            self.transitions(), [("HEALTHY", A, "UNHEALTHY", "active http_failures")]
+        )
+        self.assertFalse(manager.available(target(A)))
+
     def test_broken_observer(self) -> None:
         prober = AnsweringProber()
         self.make(prober)
@@ -233,11 +288,15 @@ class PassiveTests(ManagerMixin, SynchronousTestCase):
         manager.report_status(target(A), 503)
         self.assertFalse(manager.available(target(A)))
         self.clock.advance(10)
-        self.assertTrue(manager.is_available(target(A)))
+        # Due a trial: eligible for a pick, but not available weight.
+        self.assertTrue(manager.eligible(target(A)))
+        self.assertFalse(manager.is_available(target(A)))
         self.assertTrue(manager.available(target(A)))
         self.assertFalse(manager.available(target(A)))
+        self.assertFalse(manager.eligible(target(A)))
         manager.report_status(target(A), 200)
         self.assertTrue(manager.available(target(A)))
+        self.assertTrue(manager.is_available(target(A)))
         self.assertEqual(
             self.transitions(),
             [

@@ -216,6 +216,161 @@ class ThresholdTests(StateMixin, SynchronousTestCase):
         self.assertTrue(state.available())
 
 
+class PassiveOffTests(StateMixin, SynchronousTestCase):
+    """
+    With passive checks off, proxied outcomes count for nothing; with them
+    on, both sides share the counters.
+    """
+
+    def test_proxied_successes_do_not_mask_probes(self) -> None:
+        """
+        A target whose probe fails but whose proxied requests succeed is
+        taken out by its second failed probe, however much traffic it
+        served in between.
+        """
+        state = self.make(**ACTIVE_ON)
+        state.record(ERR, ACTIVE)
+        for _ in range(15):
+            state.record(OK, PASSIVE)
+        self.assertEqual(state.counters["http_failures"], 1)
+        state.record(ERR, ACTIVE)
+        self.assertEqual(state.health, UNHEALTHY)
+        self.assertEqual(
+            self.transitions, [(HEALTHY, UNHEALTHY, "active http_failures")]
+        )
+
+    def test_proxied_outcomes_ignored(self) -> None:
+        """
+        Neither proxied failures nor proxied successes move the target or
+        its counters.
+        """
+        state = self.make(passive__healthy__successes=0, **ACTIVE_ON)
+        state.record(OK, ACTIVE)
+        for outcome in [ERR, TCP, TIMEOUT] * 5:
+            state.record(outcome, PASSIVE)
+        self.assertEqual(state.health, HEALTHY)
+        self.assertEqual(set(state.counters.values()), {0})
+        state.set_manual(False)
+        state.record(OK, ACTIVE)
+        for _ in range(5):
+            state.record(OK, PASSIVE)
+        self.assertEqual(state.counters["successes"], 1)
+        self.assertEqual(state.health, UNHEALTHY)
+
+    def test_dns_and_rate_limits_still_act(self) -> None:
+        """
+        A name that does not resolve and a C{429} with C{Retry-After} are
+        not passive checks: they act with passive checks off.
+        """
+        state = self.make(**ACTIVE_ON)
+        state.record(Outcome.status(429, "10"), PASSIVE)
+        self.assertFalse(state.available())
+        self.clock.advance(10)
+        state.record(DNS, PASSIVE)
+        self.assertEqual(state.health, Health.DNS_ERROR)
+
+    def test_passive_on_shares_counters(self) -> None:
+        """
+        With passive checks on, a proxied success clears the failures
+        probes counted, as in lua-resty-healthcheck, and a probe's success
+        the proxied failures.
+        """
+        state = self.make(passive__unhealthy__tcp_failures=2, **ACTIVE_ON)
+        state.record(ERR, ACTIVE)
+        state.record(OK, PASSIVE)
+        self.assertEqual(state.counters["http_failures"], 0)
+        state.record(TCP, PASSIVE)
+        state.record(OK, ACTIVE)
+        state.record(TCP, PASSIVE)
+        self.assertEqual(state.health, HEALTHY)
+
+    def test_passive_successes_alone(self) -> None:
+        """
+        C{passive.healthy.successes} alone counts proxied successes: they
+        may bring back what probes took out.
+        """
+        state = self.make(passive__healthy__successes=2, **ACTIVE_ON)
+        state.record(ERR, ACTIVE)
+        state.record(ERR, ACTIVE)
+        self.assertEqual(state.health, UNHEALTHY)
+        state.record(OK, PASSIVE)
+        state.record(OK, PASSIVE)
+        self.assertEqual(state.health, HEALTHY)
+        self.assertEqual(self.transitions[-1][2], "passive successes")
+
+    def test_turned_off_drops_trial(self) -> None:
+        """
+        Passive checks turned off while a target waits for its trial: no
+        trial comes (its outcome would not be counted); probes decide.
+        """
+        checks = dict(passive__unhealthy__tcp_failures=1, **ACTIVE_ON)
+        state = self.make(passive__unhealthy__cooldown=5, **checks)
+        state.record(TCP, PASSIVE)
+        self.assertEqual(state.health, UNHEALTHY)
+        state.reconfigure(state.target, upstream(**ACTIVE_ON))
+        self.clock.advance(100)
+        self.assertFalse(state.available())
+        state.record(OK, ACTIVE)
+        state.record(OK, ACTIVE)
+        self.assertEqual(state.health, HEALTHY)
+
+
+class AvailableWeightTests(StateMixin, SynchronousTestCase):
+    """
+    L{TargetHealth.is_available} (the health endpoint's available weight)
+    is false for a target out of rotation even when it is due a trial,
+    which L{TargetHealth.eligible} sees and L{TargetHealth.available}
+    grants.
+    """
+
+    def test_due_trial_is_not_available_weight(self) -> None:
+        state = self.make(
+            passive__unhealthy__http_failures=1, passive__unhealthy__cooldown=3
+        )
+        state.record(ERR, PASSIVE)
+        self.clock.advance(3.5)
+        self.assertFalse(state.is_available())
+        self.assertTrue(state.eligible())
+        self.assertTrue(state.available())
+        self.assertFalse(state.is_available())
+        state.record(OK, PASSIVE)
+        self.assertTrue(state.is_available())
+
+    def test_dns_error_is_not_available_weight(self) -> None:
+        state = self.make()
+        state.record(DNS, PASSIVE)
+        self.clock.advance(DNS_RETRY + 1)
+        self.assertFalse(state.is_available())
+        self.assertTrue(state.eligible())
+        state.record(OK, PASSIVE)
+        self.assertTrue(state.is_available())
+
+    def test_rate_limited_is_not_available_weight(self) -> None:
+        state = self.make()
+        state.record(Outcome.status(429, "2"), PASSIVE)
+        self.assertFalse(state.is_available())
+        self.assertFalse(state.eligible())
+        self.clock.advance(2)
+        self.assertTrue(state.is_available())
+        self.assertTrue(state.eligible())
+
+    def test_eligible_grants_nothing(self) -> None:
+        """
+        Looking does not take the trial: it is still there for the target
+        that is picked, and is then gone.
+        """
+        state = self.make(
+            passive__unhealthy__tcp_failures=1, passive__unhealthy__cooldown=3
+        )
+        state.record(TCP, PASSIVE)
+        self.clock.advance(3)
+        for _ in range(5):
+            self.assertTrue(state.eligible())
+        self.assertTrue(state.available())
+        self.assertFalse(state.eligible())
+        self.assertFalse(state.available())
+
+
 class TrialTests(StateMixin, SynchronousTestCase):
     """
     A passively failed target gets a trial request after the cooldown.
@@ -234,10 +389,11 @@ class TrialTests(StateMixin, SynchronousTestCase):
         self.clock.advance(29.9)
         self.assertFalse(state.available())
         self.clock.advance(0.1)
-        self.assertTrue(state.is_available())
+        self.assertTrue(state.eligible())
         self.assertTrue(state.available())
         # One trial at a time.
         self.assertFalse(state.available())
+        self.assertFalse(state.eligible())
         self.assertEqual(state.health, UNHEALTHY)
         state.record(OK, PASSIVE)
         self.assertEqual(state.health, HEALTHY)

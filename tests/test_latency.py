@@ -8,12 +8,16 @@ from collections import Counter
 from collections.abc import Callable
 from random import Random
 
+from twisted.internet import task
 from twisted.trial.unittest import SynchronousTestCase
 
 from aigateway.balancer.context import PickContext
 from aigateway.balancer.latency import Latency, LatencyBalancer
+from aigateway.health.manager import HealthManager
+from aigateway.health.passive import Outcome
 from aigateway.model import Target
 
+from . import healthkit
 from .balancing import FakeHealth, pick_keys, targets, upstream
 
 
@@ -139,3 +143,102 @@ class LatencyTests(SynchronousTestCase):
         balancer.finished(ts[1], 0.01)
         counts = Counter(pick_keys(balancer, 400))
         self.assertLess(abs(counts[ts[0].key] / 400 - 0.5), 0.08)
+
+
+class TrialTests(SynchronousTestCase):
+    """
+    With real health states on a L{task.Clock}: a target back from an
+    outage gets its trial request within one cooldown, because only the
+    target picked takes it, not a candidate that lost the comparison.
+    """
+
+    KEYS = ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]
+
+    def make(self) -> None:
+        """
+        A health manager on a fresh clock, over L{KEYS} (passive checks:
+        one refused connection takes a target out for a 1 s cooldown).
+        """
+        self.refusing = False
+        self.clock = task.Clock()
+        self.health = HealthManager(self.clock, healthkit.FakeProber())
+        self.health.update(
+            healthkit.snapshot(
+                1,
+                [
+                    healthkit.upstream_record(
+                        "u1",
+                        passive__unhealthy__tcp_failures=1,
+                        passive__unhealthy__cooldown=1,
+                    )
+                ],
+                [healthkit.target_record(k) for k in self.KEYS],
+            )
+        )
+        self.targets = [healthkit.target(k) for k in self.KEYS]
+
+    def attempts(self, balancer: LatencyBalancer, count: int) -> list[str]:
+        """
+        C{count} attempts at the same moment: the first target refuses
+        connections while the others answer in 10 ms.
+        """
+        down = self.targets[0]
+        picked = []
+        for _ in range(count):
+            chosen = balancer.pick(PickContext(), ())
+            assert chosen is not None
+            balancer.started(chosen)
+            if chosen.key == down.key and self.refusing:
+                self.health.report(chosen, Outcome.tcp_failure())
+                balancer.finished(chosen, None)
+            else:
+                self.health.report(chosen, Outcome.status(200))
+                balancer.finished(chosen, 0.01)
+            picked.append(chosen.key)
+        return picked
+
+    def test_trial_within_one_cooldown(self) -> None:
+        """
+        For any draw of the dice: the refusing target is taken out at its
+        first failure; once it listens again, the attempts made one
+        cooldown later include its trial, which brings it back.
+        """
+        for seed in range(20):
+            self.make()
+            down = self.targets[0]
+            balancer = LatencyBalancer(self.targets, self.health, Random(seed))
+            self.refusing = True
+            while down.key not in self.attempts(balancer, 1):
+                pass
+            self.assertEqual(self.health.describe(down)["health"], "UNHEALTHY")
+            self.attempts(balancer, 50)
+            self.refusing = False
+            self.clock.advance(1)
+            picked = self.attempts(balancer, 300)
+            self.assertEqual(
+                self.health.describe(down)["health"], "HEALTHY", f"seed {seed}"
+            )
+            self.assertGreaterEqual(picked.count(down.key), 1)
+
+    def test_loser_keeps_its_trial(self) -> None:
+        """
+        A candidate due a trial that loses the comparison keeps its trial:
+        weighing it took nothing.
+        """
+        self.make()
+        down = self.targets[0]
+        balancer = LatencyBalancer(self.targets, self.health, Random(11))
+        for t in self.targets:
+            balancer.started(t)
+            balancer.finished(t, 5.0 if t is down else 0.01)
+        self.health.report(down, Outcome.tcp_failure())
+        self.clock.advance(1)
+        for _ in range(100):
+            chosen = balancer.pick(PickContext(), ())
+            assert chosen is not None
+            if chosen.key == down.key:
+                break
+            self.assertTrue(self.health.eligible(down))
+        else:
+            self.fail("no trial in 100 picks")
+        self.assertFalse(self.health.eligible(down))

@@ -30,6 +30,25 @@ class IHealthView(Interface):
         """
         Whether C{target} may be given traffic now (healthy, or health checks
         off, and not in a rate-limit cooldown).
+
+        A yes may hand out something rationed: the one trial request of a
+        target that failed.  So ask only about a target you pick when the
+        answer is yes; a strategy that weighs candidates it may then pass
+        over asks L{IHealthPeek.eligible} about them first.
+        """
+
+
+class IHealthPeek(IHealthView):
+    """
+    A health view whose L{IHealthView.available} hands out trials, and which
+    can say, granting nothing, what it would answer.
+    """
+
+    def eligible(target: Target) -> bool:
+        """
+        Whether C{available(target)} would say yes now, without granting
+        a trial: for candidates that may not be picked.  Until an outcome
+        is reported, a yes here stays a yes from C{available}.
         """
 
 

@@ -25,6 +25,12 @@ C{DECAY} of the way to the new time.  Recovering from C{slow} to within
 L{TOLERANCE} of C{fast} therefore takes about C{log(0.1 * fast / (slow -
 fast)) / log(1 - DECAY)} samples (11 for 60 ms back to 10 ms), that is
 C{11 * total / (EXPLORE * weight)} picks: 220 for two equal targets.
+
+Candidates are weighed with a look at their health that grants nothing
+(L{peek}); only the target picked is asked L{IHealthView.available}, which
+may hand it the one trial request of a target that failed.  Asking both
+candidates would spend the loser's trial on a request it never gets, and
+a target back from an outage would wait cooldown after cooldown.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from ..model import Target, Upstream
-from ._eligible import usable
+from ._eligible import peek
 from .context import PickContext
 from .interfaces import IBalancer, IBalancerFactory, IHealthView
 
@@ -87,6 +93,7 @@ class LatencyBalancer:
         random: Random | None = None,
     ) -> None:
         self._health = health
+        self._eligible = peek(health)
         self._random = Random() if random is None else random
         self._stats = [_Stats(t) for t in targets if t.weight > 0]
         self._byKey = {s.target.key: s for s in self._stats}
@@ -100,15 +107,29 @@ class LatencyBalancer:
         self._slowest = 0.0
 
     def pick(self, context: PickContext, exclude: Collection[str]) -> Target | None:
+        while True:
+            chosen = self._choose(exclude)
+            if chosen is None:
+                return None
+            target = chosen.target
+            if self._health.available(target):
+                return target
+            # Only a view whose look disagrees with its answer gets here;
+            # pick again without that target rather than fail the request.
+            exclude = {*exclude, target.key}
+
+    def _choose(self, exclude: Collection[str]) -> _Stats | None:
+        """
+        The lower-cost of two eligible candidates, or one taken without
+        comparing when exploring.
+        """
         first = self._draw(exclude, None)
-        if first is None:
-            return None
-        if self._random.random() < EXPLORE:
-            return first.target
+        if first is None or self._random.random() < EXPLORE:
+            return first
         second = self._draw(exclude, first)
         if second is not None and self._cost(second) * TOLERANCE < self._cost(first):
-            return second.target
-        return first.target
+            return second
+        return first
 
     def _draw(self, exclude: Collection[str], other: _Stats | None) -> _Stats | None:
         """
@@ -121,22 +142,24 @@ class LatencyBalancer:
         """
         stats = self._stats
         cumulative = self._cumulative
+        eligible = self._eligible
         for _ in range(_DRAWS):
             if not stats:
                 return None
             drawn = stats[bisect_right(cumulative, self._random.random() * self._total)]
-            if drawn is not other and usable(drawn.target, exclude, self._health):
+            target = drawn.target
+            if drawn is not other and target.key not in exclude and eligible(target):
                 return drawn
         # Most targets are out: draw among those that are not, in O(n).
-        eligible = [
+        candidates = [
             s
             for s in stats
-            if s is not other and usable(s.target, exclude, self._health)
+            if s is not other and s.target.key not in exclude and eligible(s.target)
         ]
-        if not eligible:
+        if not candidates:
             return None
-        weights = [s.target.weight for s in eligible]
-        return self._random.choices(eligible, weights)[0]
+        weights = [s.target.weight for s in candidates]
+        return self._random.choices(candidates, weights)[0]
 
     def _cost(self, stats: _Stats) -> float:
         ewma = stats.ewma

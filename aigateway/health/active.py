@@ -84,6 +84,13 @@ class ActiveChecker:
     or being probed; at most C{active.concurrency} probes are in flight,
     each bounded by C{active.timeout} seconds (0: no bound).
 
+    A target in C{DNS_ERROR} belongs to neither class, and would never be
+    probed again on an upstream without traffic: each round of either side
+    also queues those whose next try of the name is due
+    (L{TargetHealth.lookup_due}), so a name is looked up at most every
+    C{DNS_RETRY} (5) seconds, or every round when rounds are further apart,
+    and the first probe that gets past the lookup puts the target back.
+
     The checker reads the target states from a mapping its owner keeps up
     to date (by target key), so a round always probes the current targets;
     after removing states, the owner calls L{sync}.
@@ -172,7 +179,7 @@ class ActiveChecker:
 
     def _round(self, health: Health) -> None:
         for key, state in self._states.items():
-            if state.health is health and key not in self._busy:
+            if key not in self._busy and (state.health is health or state.lookup_due()):
                 self._busy.add(key)
                 self._queue.append(key)
         self._drain()

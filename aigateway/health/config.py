@@ -138,6 +138,16 @@ class Passive:
         u = self.unhealthy
         return bool(u.tcp_failures or u.timeouts or u.http_failures)
 
+    @property
+    def on(self) -> bool:
+        """
+        Whether proxied outcomes are counted at all: some passive threshold
+        is set.  Unlike L{enabled}, C{healthy.successes} alone turns this
+        on (proxied successes may bring back what active checks took out),
+        but it does not turn health checking on by itself, as in Kong.
+        """
+        return self.enabled or bool(self.healthy.successes)
+
 
 @attrs.frozen
 class Healthchecks:

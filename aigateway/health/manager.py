@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ..balancer.interfaces import IHealthView
+from ..balancer.interfaces import IHealthPeek
 from ..config import ConfigSnapshot
 from ..model import Target, Upstream
 from .active import ActiveChecker, IProber
@@ -58,7 +58,7 @@ HealthEvent = Union[Transition, Probed]
 Observer = Callable[[HealthEvent], None]
 
 
-@implementer(IHealthView)
+@implementer(IHealthPeek)
 class HealthManager:
     """
     Health checking for every upstream of this node.
@@ -147,10 +147,22 @@ class HealthManager:
         state = states.get(target.key)
         return state is None or state.available()
 
+    def eligible(self, target: Target) -> bool:
+        """
+        Whether L{available} would say yes now, granting no trial: for a
+        balancer weighing candidates; see L{TargetHealth.eligible}.
+        """
+        states = self._states.get(target.upstream_id)
+        if states is None:
+            return True
+        state = states.get(target.key)
+        return state is None or state.eligible()
+
     def is_available(self, target: Target) -> bool:
         """
-        Like L{available} but granting no trial: for reports such as the
-        balancer health of the Admin API.
+        Whether C{target} counts as available weight, for reports such as
+        the health endpoint: a target out of rotation is not, even when it
+        is due a trial request; see L{TargetHealth.is_available}.
         """
         state = self._state(target)
         return state is None or state.is_available()
@@ -243,8 +255,8 @@ class HealthManager:
     def upstream_health(self, upstream_id: str) -> str:
         """
         C{HEALTHCHECKS_OFF} when the upstream checks nothing, else
-        C{HEALTHY} while any of its targets is available, else
-        C{UNHEALTHY}.
+        C{HEALTHY} while any of its targets is available (L{is_available}),
+        else C{UNHEALTHY}.
         """
         upstream = self._upstreams.get(upstream_id)
         if upstream is None or not upstream.healthchecks.enabled:

@@ -109,7 +109,13 @@ class TargetHealth:
     only the counters that can move the target are kept (failures while
     healthy, successes while unhealthy); a threshold of 0 disables its
     counter; every transition clears them all.  Active and passive outcomes
-    share the counters but each is held to its own side's thresholds.
+    share the counters, as in lua-resty-healthcheck, but each is held to
+    its own side's thresholds.  Proxied outcomes count only while passive
+    checks are on (L{Passive.on}): otherwise a target that serves traffic
+    but fails its probes would have the probes' failures cleared by every
+    proxied success, and never be taken out.  A host name that does not
+    resolve and a C{429} with C{Retry-After} are not passive checks: they
+    act whatever the checks are.
 
     Two cooldowns sit beside the state.  A target made unhealthy by
     I{passive} failures would otherwise never come back without active
@@ -158,8 +164,10 @@ class TargetHealth:
 
         A true answer for an unhealthy target is its trial: the caller is
         expected to send it a request, and no other trial is granted until
-        that one is reported or a cooldown has passed.  This is on the hot
-        path: a healthy target with no cooldown costs two attribute reads.
+        that one is reported or a cooldown has passed.  So ask only about a
+        target that will be picked if the answer is yes; to weigh
+        candidates, ask L{eligible}.  This is on the hot path: a healthy
+        target with no cooldown costs two attribute reads.
         """
         if self._up and not self.cooldown_until:
             return True
@@ -178,11 +186,39 @@ class TargetHealth:
             self._trial_out = True
         return True
 
+    def eligible(self) -> bool:
+        """
+        Whether L{available} would say yes now, granting nothing: for a
+        balancer weighing candidates it may not pick, so that a trial goes
+        only to a target actually picked.  Time only opens what is closed
+        (a trial becomes due, a rate-limit cooldown ends), so a yes here
+        stays a yes from L{available} until an outcome is recorded.
+        """
+        if self._up and not self.cooldown_until:
+            return True
+        return self._open(self._clock.seconds())
+
     def is_available(self) -> bool:
         """
-        Like L{available}, without granting a trial: for reporting.
+        Whether the target counts as available weight, for the health
+        endpoint and the upstream's health: it is healthy (or unchecked)
+        and not in a rate-limit cooldown.  Being due a trial request is not
+        being available: the target is out until the trial succeeds.
         """
-        return self._open(self._clock.seconds())
+        return self._up and self._clock.seconds() >= self.cooldown_until
+
+    def lookup_due(self) -> bool:
+        """
+        Whether the target is in L{Health.DNS_ERROR} and its next try of
+        the name is due (L{DNS_RETRY} seconds after the last, whether a
+        proxied attempt or a probe made it): what active checks probe,
+        besides the targets of their health class.
+        """
+        return (
+            self.health is Health.DNS_ERROR
+            and self._trial_at is not None
+            and self._clock.seconds() >= self._trial_at
+        )
 
     def _open(self, now: float) -> bool:
         if now < self.cooldown_until:
@@ -210,7 +246,11 @@ class TargetHealth:
         if self.health is Health.HEALTHCHECKS_OFF:
             return
         hc = self.upstream.healthchecks
-        checks = hc.active if source == ACTIVE else hc.passive
+        checks: Active | Passive = hc.active
+        if source == PASSIVE:
+            if not hc.passive.on:
+                return
+            checks = hc.passive
         counter = classify(outcome, checks)
         if counter is None:
             return
@@ -268,9 +308,11 @@ class TargetHealth:
             self._become(Health.HEALTHY, "config", "healthchecks on")
         elif was and not now:
             self._become(Health.HEALTHCHECKS_OFF, "config", "healthchecks off")
-        elif (
-            not upstream.healthchecks.passive.unhealthy.cooldown
-            and self.health is not Health.DNS_ERROR
+        elif self.health is not Health.DNS_ERROR and not (
+            # A trial is only ended by a proxied outcome, which is not
+            # counted with passive checks off.
+            upstream.healthchecks.passive.on
+            and upstream.healthchecks.passive.unhealthy.cooldown
         ):
             self._trial_at, self._trial_out = None, False
 
