@@ -110,6 +110,7 @@ class Service:
     read_timeout: float
     retry_on_statuses: frozenset[int]
     enabled: bool = True
+    tls_verify: bool = True
 
     @classmethod
     def from_record(cls, rec: Mapping[str, Any]) -> Service:
@@ -129,6 +130,7 @@ class Service:
             read_timeout=rec["read_timeout"] / 1000,
             retry_on_statuses=frozenset(rec["retry_on_statuses"]),
             enabled=rec.get("enabled", True),
+            tls_verify=rec.get("tls_verify", True),
         )
 
 

@@ -182,6 +182,7 @@ SERVICE = {
         unique=True,
     ),
     "enabled": Field("boolean", default=True),
+    "tls_verify": Field("boolean", default=True),
     "tags": _TAGS,
     "created_at": Field("integer"),
     "updated_at": Field("integer"),

@@ -33,6 +33,7 @@ from .proxy.client import Agents
 from .proxy.server import ProxyFactory
 from .runtime import Runtime
 from .store import open_store
+from .store.interfaces import StoreUnavailable
 
 _log = Logger()
 
@@ -161,7 +162,7 @@ class GatewayService(MultiService):
         return factory.open_connections if factory is not None else 0
 
     def _start_failed(self, failure: Any) -> Any:
-        if failure.check(CannotListenError):
+        if failure.check(CannotListenError, StoreUnavailable):
             # An operator's mistake, not a bug: one line says it.
             _log.critical(
                 "aigateway could not start: {error}", error=failure.getErrorMessage()

@@ -446,6 +446,14 @@ async def _outage_and_recovery(node: Gateway, port: Any, postgres_url: str) -> N
         reply = await node.admin.post("/upstreams", form={"name": "b"})
         assert reply.code == 503, reply.body
         assert "configuration store is unavailable" in reply.json["message"]
+        # ...but a target's health set by hand (this node's memory) is not...
+        by_hand = f"/upstreams/up/targets/{address(port)}/unhealthy"
+        assert (await node.admin.put(by_hand)).code in (200, 204)
+        health = (await node.admin.get("/upstreams/up/health")).json["data"]
+        assert [t["health"] for t in health] == ["UNHEALTHY"]
+        assert (
+            await node.admin.put(by_hand.replace("/unhealthy", "/healthy"))
+        ).code in (200, 204)
         # ...and the status and metrics are answered without waiting on it.
         status = await node.admin.get("/status")
         assert status.code == 200 and status.json["database"]["reachable"] is False

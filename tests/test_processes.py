@@ -208,6 +208,21 @@ def test_a_busy_port_fails_the_process(tmp_path):
     assert "Traceback" not in log
 
 
+def test_an_unreachable_database_fails_the_process(tmp_path):
+    pytest.importorskip("psycopg")
+    command = _twistd(
+        tmp_path, "nodb", f"tcp:{_free_port()}:interface=127.0.0.1", _free_port()
+    )
+    database = command.index("--database") + 1
+    command[database] = f"postgresql://aigateway@127.0.0.1:{_free_port()}/nothing"
+    process = subprocess.run(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60
+    )
+    assert process.returncode == 1
+    log = (tmp_path / "nodb.log").read_text()
+    assert "could not start:" in log and "Traceback" not in log, log[-2000:]
+
+
 def test_sigterm_lets_a_stream_finish(tmp_path):
     """
     A rolling restart: SIGTERM while a stream is in progress; the stream

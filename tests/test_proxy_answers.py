@@ -194,6 +194,14 @@ async def test_a_client_gone_before_the_answer_is_a_499(gateway, servers):
         return await _counted(gateway, "499")
 
     await wait_for(counted, 5)
+    # Nor is it the target's error: alerts on target error rates must not
+    # fire when users cancel generations.
+    codes = {
+        dict(labels)["code"]
+        for name, labels in await scrape(gateway)
+        if name == "aigateway_upstream_target_requests_total"
+    }
+    assert codes == {"499"}, codes
 
 
 @pytest_twisted.ensureDeferred
@@ -248,6 +256,11 @@ async def test_a_route_for_https_only_answers_plain_requests_426(gateway, server
     assert (await admin.post("/services/s/routes", form=route)).code == 201
     reply = await gateway.proxy.get("/secure")
     assert reply.code == 426
+    proxy = gateway.service.proxy_port.getHost().port
+    raw = await raw_request(
+        proxy, b"GET /secure HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    )
+    assert raw.startswith(b"HTTP/1.1 426 Upgrade Required\r\n"), raw[:60]
     assert reply.json["message"] == "Please use HTTPS protocol"
     assert target.requests == []
 

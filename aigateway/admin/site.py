@@ -109,7 +109,10 @@ class FreshResource(Resource):
         Refuse a write while the store is out of reach (the look failed, or
         did not answer in time); a read goes on.
         """
-        if request.method in (b"GET", b"HEAD"):
+        if request.method in (b"GET", b"HEAD") or request.path.endswith(_NODE_STATE):
+            # Reads, and setting a target's health by hand, which is this
+            # node's memory, not the store's: an operator may need it most
+            # while the database is out.
             return
         if failure.check(TimeoutError):
             why = f"no answer within {self._timeout:g} s"
@@ -132,5 +135,7 @@ def _answer(request: Any, status: int, body: dict[str, Any]) -> None:
     request.finish()
 
 
+# Writes to a node's own state, not to the store.
+_NODE_STATE = (b"/healthy", b"/unhealthy")
 # Node-local answers that never read the configuration: status and metrics.
 _NODE_ONLY = frozenset([b"/", b"/status", b"/metrics"])

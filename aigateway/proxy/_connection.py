@@ -36,7 +36,10 @@ _WAITING = 1  # request written, response head not yet complete
 _BODY = 2  # response head delivered, body in progress
 _CLOSED = 3  # dropped: nothing it receives matters any more
 
-Key = tuple[bytes, bytes]
+#: (scheme, authority), and for TLS to a name other than the authority's
+#: host or without verification, (scheme, authority, (server name,
+#: verify)): a connection is reused only for what it was opened for.
+Key = tuple[Any, ...]
 """
 What pooled connections are kept by: the scheme and the authority
 (C{host:port}) of the request URI.

@@ -107,7 +107,8 @@ class _Handshaken:
 class TargetEndpoints:
     """
     Endpoints for targets: direct TCP for IP addresses, TLS with SNI and
-    certificate verification for C{https}.
+    certificate verification for C{https} (against the URI's C{tls} name
+    when it has one).
 
     @param trust_root: the CAs that sign targets' certificates (the
         platform's by default; tests pass their own).
@@ -139,8 +140,12 @@ class TargetEndpoints:
             kind = TCP4ClientEndpoint if address.version == 4 else TCP6ClientEndpoint
             endpoint = kind(self._reactor, host, uri.port, timeout=self._timeout)
         if uri.scheme == b"https":
-            if self._verify:
-                options: Any = optionsForClientTLS(host, trustRoot=self._trust_root)
+            # The name the gateway sends as Host (an upstream's host_header,
+            # a preserved client Host), as Kong and the active probes do;
+            # the lean agent says so when it is not the target's host.
+            name, verify = getattr(uri, "tls", None) or (host, self._verify)
+            if verify:
+                options: Any = optionsForClientTLS(name, trustRoot=self._trust_root)
             else:
                 options = CertificateOptions(verify=False)
             return _Handshaken(

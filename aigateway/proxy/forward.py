@@ -25,7 +25,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from ..addresses import format_target, host_header
 from ..health.passive import TIMEOUTS
 from ..model import Target
-from .headers import client_response_headers, upstream_headers
+from .headers import _hostname, client_response_headers, upstream_headers
 from .lean import LeanAgent, LeanRequest
 from .relay import BytesProducer, Discard, Relay, describe, write_error
 from .usage import Usage
@@ -271,10 +271,13 @@ class Exchange:
         scheme = service.protocol.encode("ascii")
         authority = target.key.encode("ascii")
         if isinstance(agent, LeanAgent):
+            tls = None
+            if scheme == b"https":
+                tls = _tls_for(host, target.host, service.tls_verify)
             # The exchange is the request's receiver: no URI to format and
             # parse again, no Deferred.
             pending = agent.dispatch(
-                request.method, scheme, authority, self.path, headers, body, self
+                request.method, scheme, authority, self.path, headers, body, self, tls
             )
             # A request that failed at once has been handled already (and
             # perhaps retried, with a pending request of its own).
@@ -398,12 +401,13 @@ class Exchange:
         self._pending = None
         # (A connect timeout is twisted.internet.error's TimeoutError, not
         # the read timeout's defer.TimeoutError: both are timeouts, 504.)
-        timeout = self._timed_out or failure.check(*TIMEOUTS) is not None
-        self.end(target, "timeout" if timeout else "error", None)
         if self.gone:
-            # The client cancelled: not the target's fault.
+            # The client cancelled: not the target's fault, nor its error.
+            self.end(target, str(CLIENT_CLOSED), None)
             self.done()
             return
+        timeout = self._timed_out or failure.check(*TIMEOUTS) is not None
+        self.end(target, "timeout" if timeout else "error", None)
         self.hooks.health.report_failure(
             target, timeout, failure.check(DNSLookupError) is not None
         )
@@ -512,6 +516,20 @@ class Exchange:
             # cycle so both go with reference counting, not a GC pass.
             self._relay = None
             self._pending = None
+
+
+@functools.lru_cache(maxsize=4096)
+def _tls_for(host: bytes, target_host: str, verify: bool) -> tuple[str, bool] | None:
+    """
+    What a TLS connection to a target is for, when it is not the default
+    (the target's own name, verified): the name in the C{Host} sent (an
+    upstream's C{host_header}, a preserved client C{Host}), which is the
+    name its certificate is for, and whether to verify it.
+    """
+    name = _hostname(host).decode("ascii", "replace").strip("[]")
+    if name == target_host and verify:
+        return None
+    return (name, verify)
 
 
 @functools.lru_cache(maxsize=4096)

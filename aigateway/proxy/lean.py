@@ -269,12 +269,17 @@ class LeanAgent:
         headers: Headers | None,
         bodyProducer: IBodyProducer | None,
         receiver: Receiver,
+        tls: tuple[str, bool] | None = None,
     ) -> LeanRequest | None:
         """
         Send a request to C{authority} (C{host:port}) for C{path} (with
         its query), and tell C{receiver} of the outcome: the proxy's way,
         without the URI to format and parse again and the L{Deferred} of
         L{request}.
+
+        @param tls: for C{https}, the name to send as SNI and to verify the
+            certificate against, and whether to verify it, when not the
+            authority's host and C{True}.
 
         Header names and values are sent as given: they come from the
         proxy's parsed request and from L{Headers}, which have already
@@ -312,7 +317,7 @@ class LeanAgent:
         lines.append(data)
         request = LeanRequest(
             self,
-            (scheme, authority),
+            (scheme, authority) if tls is None else (scheme, authority, tls),
             b"\r\n".join(lines),
             method == b"HEAD",
             body,
@@ -329,9 +334,11 @@ class LeanAgent:
         """
         Open a new connection for C{request}.
         """
-        scheme, authority = request.key
+        scheme, authority = request.key[0], request.key[1]
         host, port = _split(scheme, authority)
         uri = URI(scheme, authority, host, port, b"/", b"", b"", b"")
+        if len(request.key) == 3:
+            uri.tls = request.key[2]  # type: ignore[attr-defined]
         try:
             endpoint = self._endpoints.endpointForURI(uri)
             connecting = endpoint.connect(_Connector(self._pool, request.key))

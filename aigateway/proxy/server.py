@@ -42,7 +42,11 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IPushProducer, ISSLTransport
+from twisted.internet.interfaces import (
+    IProtocolNegotiationFactory,
+    IPushProducer,
+    ISSLTransport,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -77,7 +81,11 @@ def http_date(now: float) -> bytes:
 
 
 # (Twisted's table lacks RFC 6585's 431, which the parser answers.)
-_PHRASES = {**RESPONSES, 431: b"Request Header Fields Too Large"}
+_PHRASES = {
+    **RESPONSES,
+    426: b"Upgrade Required",
+    431: b"Request Header Fields Too Large",
+}
 
 
 def _phrase(code: int) -> bytes:
@@ -788,6 +796,7 @@ class ProxyChannel(Protocol):
             request.abandon(reason)
 
 
+@implementer(IProtocolNegotiationFactory)
 class ProxyFactory(Factory):
     """
     Builds L{ProxyChannel}s for the proxy listener and keeps count of them.
@@ -831,6 +840,15 @@ class ProxyFactory(Factory):
 
     def buildProtocol(self, addr: Any) -> ProxyChannel:
         return ProxyChannel(self)
+
+    def acceptableProtocols(self) -> list[bytes]:
+        """
+        What ALPN may choose on a TLS listener (L{IProtocolNegotiationFactory}):
+        HTTP/1.1.  Without an answer, a client that offers ALPN (curl,
+        browsers, the OpenAI SDKs) gets an internal-error alert from
+        pyOpenSSL instead of a handshake.
+        """
+        return [b"http/1.1"]
 
     def opened(self, channel: ProxyChannel) -> None:
         self._channels[channel] = None
