@@ -172,7 +172,9 @@ def validate(
 
 
 def _field(field: Field, value: Any, coerce: bool) -> tuple[Any, Any]:
-    if coerce and value == "" and field.type != "string":
+    if coerce and value == "":
+        # A form cannot say null: an empty value clears the field (back to
+        # its default), as Kong reads forms; a JSON "" stays an error.
         value = None
     if value is None:
         if field.default is _REQUIRED:

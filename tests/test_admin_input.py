@@ -322,3 +322,17 @@ async def test_hashing_patched_onto_a_round_robin_upstream_implies_its_algorithm
     assert (await admin.post("/upstreams", form=form)).code == 201
     refused = await admin.patch("/upstreams/lc", form={"hash_on": "ip"})
     assert refused.code == 400
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_empty_form_value_clears_a_field(gateway):
+    admin = gateway.admin
+    form = {"name": "up", "host_header": "model.internal"}
+    assert (await admin.post("/upstreams", form=form)).code == 201
+    cleared = await admin.patch("/upstreams/up", form={"host_header": ""})
+    assert cleared.code == 200, cleared.body
+    assert cleared.json["host_header"] is None
+    refused = await admin.patch("/upstreams/up", json_body={"host_header": ""})
+    assert refused.code == 400
+    required = await admin.post("/upstreams", form={"name": ""})
+    assert required.json["fields"]["name"] == "required field missing"
