@@ -14,7 +14,11 @@ mechanism for every store, and a process that was cut off from the
 database catches up on its next successful look.
 
 The proxy never waits on the feed: it keeps serving from the snapshot in
-force, and a store that does not answer is logged once, not per look.
+force, and a store that does not answer is logged once, not per look.  A
+look that does not answer at all (a database server stopped, or cut off
+without a reset) holds the feed: no other look is queued behind it, and
+the node's L{Outage} is told once it has gone unanswered for a couple of
+seconds (L{aigateway.admin.entities.PATIENCE}).
 """
 
 from __future__ import annotations
@@ -35,8 +39,8 @@ _log = Logger()
 class Outage:
     """
     The store's being out of reach, logged once per outage (its first
-    failure, then its recovery) however many looks and admin calls meet it
-    meanwhile.  A failure that is not an outage (a record this node cannot
+    failure or first look left unanswered, then its recovery) however many
+    looks and admin calls meet it meanwhile.  A failure that is not an outage (a record this node cannot
     read, say) is logged every time: it will not go away by waiting.
 
     @ivar failing: the store is out of reach: the last look at it failed.
@@ -84,7 +88,7 @@ class ConfigFeed:
         """
         @param refresh: loads and puts in force the stored configuration if
             its version moved; fires with whether it did (and reports a
-            failed look itself, to the node's L{Outage}).
+            failed or unanswered look itself, to the node's L{Outage}).
         @param interval: seconds between looks (more than 0).
         """
         if interval <= 0:

@@ -172,6 +172,10 @@ class Metrics:
         self.targets: dict[TargetKey, TargetSeries] = {}
         self.upstream_latency: dict[tuple[str, str, str, str], Histogram] = {}
         self.retries: dict[str, int] = defaultdict(int)
+        #: Requests the gateway answered without a route (see
+        #: L{aigateway.recorder.Recorder.unrouted}), exposed under empty
+        #: service and route labels; no configuration change forgets them.
+        self.unrouted = RouteSeries()
         self._models: set[str] = set()
         # The series each (route, target) pair counts into, by the objects'
         # ids: for the proxy's hot path (L{attempt}); emptied by L{forget}.
@@ -325,6 +329,9 @@ class _RequestCollector(Collector):
     def collect(self) -> Iterator[Any]:
         m = self._metrics
         routes = sorted(m.routes.items())
+        if m.unrouted.codes:
+            # (A configured route's labels are never empty: a name or an id.)
+            routes.insert(0, (("", ""), m.unrouted))
         targets = sorted(m.targets.items())
         yield _counter(
             "aigateway_http_requests",

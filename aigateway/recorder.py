@@ -14,6 +14,7 @@ from .accesslog import AccessLog, Record
 from .metrics import AttemptSeries, Metrics, labels
 from .model import Target
 from .proxy.forward import Exchange, ExchangeObserver
+from .proxy.server import ProxyRequest
 
 
 def _names(exchange: Exchange) -> tuple[str, str]:
@@ -104,6 +105,60 @@ class Recorder(ExchangeObserver):
             counts[0] += usage.prompt
             counts[1] += usage.completion
             counts[2] += usage.total
+
+    def unrouted(
+        self,
+        request: ProxyRequest,
+        request_id: str,
+        client_ip: str,
+        path: str,
+        status: int,
+        message: str,
+        started: float,
+    ) -> None:
+        """
+        The gateway answered C{request} itself with C{status}: no route
+        matched it (404), or its route is for https only (426).
+
+        Such requests are counted under empty service and route labels
+        (as Kong counts requests no route matched) and logged with no
+        upstream or target: a scanner's probes add no series per path or
+        host.  The gateway's
+        own error body is not counted as egress, as for a routed request
+        answered with a gateway error.
+        """
+        elapsed = self._clock.seconds() - started
+        metrics = self._metrics
+        if metrics is not None:
+            series = metrics.unrouted
+            series.codes[status] += 1
+            series.latency.observe(elapsed * 1000)
+            series.ingress += len(request.body)
+        if self._log is not None:
+            self._log.write(
+                (
+                    started,
+                    request_id,
+                    client_ip,
+                    request.method,
+                    path,
+                    "",
+                    "",
+                    "",
+                    None,
+                    status,
+                    0,
+                    (),
+                    len(request.body),
+                    0,
+                    elapsed,
+                    None,
+                    None,
+                    None,
+                    message,
+                    False,
+                )
+            )
 
     def _record(self, exchange: Exchange, elapsed: float) -> Record:
         target = exchange.target

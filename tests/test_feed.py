@@ -597,8 +597,9 @@ async def test_admin_calls_while_the_store_does_not_answer(tmp_path):
         assert b"no answer within 2 s" in b"".join(write.written)
         assert inner.rendered == 2
         assert entities._lock.locked  # the look still holds it
-        # Timeouts are not outages: the look has not failed yet.
-        assert not entities.outage.failing
+        # Unanswered for as long as the call waited: the store is out of
+        # reach for the node too (its metric and log), not only for the call.
+        assert entities.outage.failing
         # Another node wrote meanwhile; the store answers at last.
         other = SQLiteStore(reactor, store.path)
         await other.start()
@@ -611,7 +612,11 @@ async def test_admin_calls_while_the_store_does_not_answer(tmp_path):
         store.looks[0].callback(1)
         await wait_for(lambda: succeed(not entities._lock.locked), 5.0, 0.01)
         assert [u.name for u in entities.snapshot.upstreams.values()] == ["a"]
+        assert not entities.outage.failing
     finally:
+        for look in store.looks:  # (a failed test must not hold close())
+            if not look.called:
+                look.callback(0)
         await entities.close()
         await store.close()
 

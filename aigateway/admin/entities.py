@@ -57,24 +57,37 @@ _ATTEMPTS = 10
 # The kind of entity that owns each nested kind.
 _OWNER = {"targets": "upstreams", "routes": "services"}
 
+# Seconds a look at the store may go unanswered before the store is taken
+# to be out of reach.  It is the Admin API's own wait (FreshResource), so
+# the metric and the log call the store unavailable when an admin write is
+# refused for it; it does not grow with the change feed's interval, which
+# says how often to look, not how long one look may take.
+PATIENCE = 2.0
+
 
 class Entities:
     """
     The Admin API's view of the configuration.
     """
 
-    def __init__(self, store: IStore, runtime: Runtime, clock: Any) -> None:
+    def __init__(
+        self, store: IStore, runtime: Runtime, clock: Any, patience: float = PATIENCE
+    ) -> None:
+        """
+        @param patience: seconds a look at the store may go unanswered
+            before the store is taken to be out of reach (L{PATIENCE}).
+        """
         self._store = store
         self._runtime = runtime
         self._clock = clock
-        #: Told the outcome of every call on the store: the node's one
-        #: record of whether the store answers.
+        self._patience = patience
+        #: Told the outcome of every call on the store, and of a look that
+        #: goes unanswered: the node's one record of whether the store
+        #: answers.
         self.outage = Outage()
         self._lock = DeferredLock()
         self._closed = False
-        self._look = InFlight(
-            lambda: self._lock.run(lambda: Deferred.fromCoroutine(self._refresh()))
-        )
+        self._look = InFlight(self._watched_look)
 
     @property
     def snapshot(self) -> ConfigSnapshot:
@@ -304,6 +317,33 @@ class Entities:
         @return: a L{Deferred} firing with whether it changed.
         """
         return self._look()
+
+    def _watched_look(self) -> Deferred[bool]:
+        """
+        Look at the store once (after the write or look in progress), and
+        record an outage if the look has not answered within the patience.
+
+        A database server that stops answering (stopped, or cut off without
+        a reset) holds a look for as long as the network takes to say so:
+        minutes, and for ever for a stopped server on a healthy network.
+        The look goes on (its late answer is put in force, and ends the
+        outage), but the outage is recorded now.  The wait for the lock is
+        timed too: a write that hangs on the store holds the look behind it.
+        """
+        look = self._lock.run(lambda: Deferred.fromCoroutine(self._refresh()))
+        silence = self._clock.callLater(self._patience, self._unanswered)
+
+        def answered(result: Any) -> Any:
+            if silence.active():
+                silence.cancel()
+            return result
+
+        return look.addBoth(answered)
+
+    def _unanswered(self) -> None:
+        self.outage.failed(
+            Failure(StoreUnavailable(f"no answer within {self._patience:g} s"))
+        )
 
     async def _refresh(self) -> bool:
         if self._closed:

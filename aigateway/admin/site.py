@@ -17,6 +17,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 
 from ..store.interfaces import StoreUnavailable
 from .app import answer
+from .entities import PATIENCE
 
 _log = Logger()
 
@@ -67,7 +68,7 @@ class FreshResource(Resource):
         inner: Resource,
         refresh: Callable[[], Deferred[bool]],
         clock: Any,
-        timeout: float = 2.0,
+        timeout: float = PATIENCE,
     ) -> None:
         super().__init__()
         self._inner = inner

@@ -89,6 +89,21 @@ class ExchangeObserver:
         The exchange is over.
         """
 
+    def unrouted(
+        self,
+        request: ProxyRequest,
+        request_id: str,
+        client_ip: str,
+        path: str,
+        status: int,
+        message: str,
+        started: float,
+    ) -> None:
+        """
+        The gateway answered C{request} itself, without an exchange: no
+        route matched (404), or the route is for https only (426).
+        """
+
 
 class Exchange:
     """

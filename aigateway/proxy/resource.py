@@ -98,13 +98,17 @@ class ProxyResource(Resource):
         # restarts without a getrandom system call per request.
         prefix = os.urandom(6).hex()
         self._request_ids = (f"{prefix}{n:012x}" for n in itertools.count()).__next__
+        observer = observer or ExchangeObserver()
         self._hooks = Hooks(
             agents=agents,
             clock=clock,
             health=runtime.health,
             decorate=self._decorate,
-            observer=observer or ExchangeObserver(),
+            observer=observer,
         )
+        # Requests that match no route (or a route's protocol) never become
+        # exchanges: the observer hears of them apart.
+        self._unrouted = observer.unrouted
 
     def render(self, request: ProxyRequest) -> Any:
         started = self._clock.seconds()
@@ -130,6 +134,7 @@ class ProxyResource(Resource):
         )
         if match is None:
             write_error(request, 404, NO_ROUTE, request_id)
+            self._refused(request, request_id, path, 404, NO_ROUTE, started)
             return NOT_DONE_YET
         if match.route.https_only and not request.isSecure():
             # Kong's answer to a plain request on a route for https only.
@@ -137,6 +142,7 @@ class ProxyResource(Resource):
             raw[b"Connection"] = [b"Upgrade"]
             raw[b"Upgrade"] = [b"TLS/1.2, HTTP/1.1"]
             write_error(request, 426, USE_HTTPS, request_id)
+            self._refused(request, request_id, path, 426, USE_HTTPS, started)
             return NOT_DONE_YET
         service = match.service
         upstream = compiled.snapshot.upstreams.get(service.host)
@@ -169,6 +175,28 @@ class ProxyResource(Resource):
             started,
         ).start()
         return NOT_DONE_YET
+
+    def _refused(
+        self,
+        request: ProxyRequest,
+        request_id: str,
+        path: str,
+        status: int,
+        message: str,
+        started: float,
+    ) -> None:
+        # Answered by the gateway itself, never an exchange: the observer is
+        # told here, after the answer is written, so that a scanner's 404s
+        # are counted and logged like any other request.
+        self._unrouted(
+            request,
+            request_id,
+            self._client_ip(request, request.peer),
+            path,
+            status,
+            message,
+            started,
+        )
 
     def _client_ip(self, request: ProxyRequest, peer: str) -> str:
         if self._trust_xff:

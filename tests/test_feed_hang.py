@@ -1,0 +1,259 @@
+"""
+A configuration store that stops answering instead of refusing (a
+database server stopped, or cut off without a reset): the node records the
+outage once a look has gone unanswered for L{PATIENCE} seconds (the metric
+says 0, one warning is logged), does not queue a look per change-feed tick
+or admin call behind the one in flight, and puts the late answer in force,
+which ends the outage (logged once).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import attrs
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+
+from aigateway.admin.entities import PATIENCE, Entities
+from aigateway.balancer.backup import build_balancer
+from aigateway.feed import ConfigFeed
+from aigateway.health.hook import build_health
+from aigateway.runtime import Runtime
+from aigateway.store.sqlite import SQLiteStore
+
+from .gatewaykit import (
+    Gateway,
+    TargetResource,
+    address,
+    listen,
+    sample,
+    scrape,
+    wait_for,
+)
+from .test_feed import _feed_log
+
+
+class _Holding:
+    """
+    Calls on the store held unanswered while C{hung}, as a stopped database
+    server holds them, until L{answer}.
+    """
+
+    def __init__(self) -> None:
+        self.hung = False
+        self.held: list[tuple[Deferred[Any], Callable[[], Deferred[Any]]]] = []
+
+    def hold(self, call: Callable[[], Deferred[Any]]) -> Deferred[Any]:
+        if not self.hung:
+            return call()
+        waiting: Deferred[Any] = Deferred()
+        self.held.append((waiting, call))
+        return waiting
+
+    def answer(self) -> None:
+        """
+        The server answers again: every held call is made now, and answers
+        with what the store holds now.
+        """
+        self.hung = False
+        held, self.held = self.held, []
+        for waiting, call in held:
+            call().chainDeferred(waiting)
+
+
+class _Hung(SQLiteStore):
+    """
+    An SQLite store whose version looks and writes can be held.
+    """
+
+    def __init__(self, path: str) -> None:
+        super().__init__(reactor, path)
+        self.holding = _Holding()
+
+    def version(self):
+        return self.holding.hold(lambda: SQLiteStore.version(self))
+
+    def write(self, puts, deletes, expected=None):
+        return self.holding.hold(
+            lambda: SQLiteStore.write(self, puts, deletes, expected)
+        )
+
+
+async def _write_elsewhere(path: str, name: str) -> None:
+    """
+    Another node creates upstream C{name} in the store at C{path}.
+    """
+    other = SQLiteStore(reactor, path)
+    await other.start()
+    writer = Entities(other, Runtime(build_health(reactor), build_balancer), reactor)
+    try:
+        await writer.create("upstreams", {"name": name}, True)
+    finally:
+        await writer.close()
+        await other.close()
+
+
+def _messages(logged: list[dict]) -> list[str]:
+    return [
+        "unavailable" if "unavailable" in e["log_format"] else "answers again"
+        for e in logged
+    ]
+
+
+@attrs.frozen
+class _Node:
+    """
+    A node's L{Entities} and change feed (every second) on a clock, over a
+    store whose calls can be held.
+    """
+
+    store: _Hung
+    clock: Clock
+    entities: Entities
+
+
+@pytest_twisted.async_yield_fixture
+async def on_clock(tmp_path) -> AsyncIterator[_Node]:
+    store = _Hung(str(tmp_path / "hung.db"))
+    await store.start()
+    clock = Clock()
+    entities = Entities(store, Runtime(build_health(reactor), build_balancer), clock)
+    feed = ConfigFeed(clock, entities.refresh, 1.0)
+    feed.start()
+    yield _Node(store, clock, entities)
+    feed.stop()
+    store.holding.answer()  # (a failed test must not hold close())
+    await entities.close()
+    await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_look_left_unanswered_is_an_outage_until_it_answers(on_clock):
+    store, clock, entities = on_clock.store, on_clock.clock, on_clock.entities
+    with _feed_log() as logged:
+        store.holding.hung = True
+        clock.advance(1.0)  # the feed's first look
+        assert len(store.holding.held) == 1
+        clock.advance(PATIENCE - 0.1)
+        assert not entities.outage.failing and logged == []
+        clock.advance(0.1)
+        assert entities.outage.failing
+        assert _messages(logged) == ["unavailable"]
+        assert "no answer within 2 s" in str(logged[0]["error"])
+        # Ticks and admin calls meanwhile share the look in flight.
+        waits = [entities.refresh() for _ in range(3)]
+        clock.pump([1.0] * 30)
+        assert len(store.holding.held) == 1
+        assert _messages(logged) == ["unavailable"]
+
+        # Another node wrote meanwhile; the store answers at last.
+        await _write_elsewhere(store.path, "a")
+        store.holding.answer()
+        assert await waits[0] is True
+        names = [u.name for u in entities.snapshot.upstreams.values()]
+        assert names == ["a"]
+        assert not entities.outage.failing
+        assert _messages(logged) == ["unavailable", "answers again"]
+        # The feed looks again an interval later, and finds nothing new.
+        clock.advance(1.0)
+        await wait_for(lambda: succeed(not entities._lock.locked), 5.0, 0.01)
+        assert store.holding.held == [] and not entities.outage.failing
+    assert _messages(logged) == ["unavailable", "answers again"]
+    # Nothing left on the clock but the feed's next look.
+    assert len(clock.getDelayedCalls()) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_write_left_unanswered_holds_the_feed_and_is_noticed(on_clock):
+    """
+    A write the store does not answer holds the lock the feed's look waits
+    for: the look's wait is timed from the tick, so the outage is noticed
+    all the same, and the write's late answer ends it.
+    """
+    store, clock, entities = on_clock.store, on_clock.clock, on_clock.entities
+    with _feed_log() as logged:
+        store.holding.hung = True
+        created = entities.create("upstreams", {"name": "b"}, True)
+        clock.advance(1.0)  # the feed's look, behind the write
+        assert len(store.holding.held) == 1 and entities._lock.locked
+        clock.advance(PATIENCE)
+        assert entities.outage.failing
+        store.holding.answer()
+        assert (await created)["name"] == "b"
+        await wait_for(lambda: succeed(not entities._lock.locked), 5.0, 0.01)
+        assert not entities.outage.failing
+    assert _messages(logged) == ["unavailable", "answers again"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_metric_says_a_silent_store_is_unreachable(
+    tmp_path, servers, monkeypatch
+):
+    """
+    End to end, on the real reactor: the feed (every 0.1 s) meets a store
+    that stops answering; the metric drops to 0 after the patience while
+    the proxy serves on, and is back to 1 once the store answers.
+    """
+    holding = _Holding()
+    looks = SQLiteStore.version
+    monkeypatch.setattr(
+        SQLiteStore, "version", lambda self: holding.hold(lambda: looks(self))
+    )
+    servers.append(port := listen(TargetResource("t")))
+    node = await Gateway(str(tmp_path / "silent.db"), db_update_frequency=0.1).start()
+    outage = node.service.parts.outage
+
+    async def reachable() -> float:
+        return sample(await scrape(node), "aigateway_datastore_reachable")
+
+    try:
+        await node.configure("up", {address(port): 100})
+        with _feed_log() as logged:
+            holding.hung = True
+            took = await wait_for(lambda: succeed(outage.failing), 5.0, 0.05)
+            assert took >= PATIENCE - 0.2
+            assert await reachable() == 0
+            assert (await node.proxy.get("/v1/models")).code == 200
+            assert len(holding.held) == 1  # not one look per tick
+            holding.answer()
+            await wait_for(lambda: succeed(not outage.failing), 5.0, 0.05)
+            assert await reachable() == 1
+        assert _messages(logged) == ["unavailable", "answers again"]
+    finally:
+        holding.answer()
+        await node.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_postgres_that_stops_answering_is_noticed(postgres_url):
+    """
+    A real PostgreSQL look held by a lock another session keeps on the
+    version's table (as a stopped server holds it, but for the server's
+    own lock wait of 5 s): noticed after the patience, not after the
+    server gives up, and over once the lock is let go.
+    """
+    import psycopg
+
+    node = await Gateway(postgres_url, db_update_frequency=0.1).start()
+    outage = node.service.parts.outage
+    try:
+        assert (await node.admin.post("/upstreams", form={"name": "a"})).code == 201
+        with _feed_log() as logged:
+            with psycopg.connect(postgres_url) as holder:
+                holder.execute("LOCK TABLE meta IN ACCESS EXCLUSIVE MODE")
+                took = await wait_for(lambda: succeed(outage.failing), 4.5, 0.05)
+                assert PATIENCE - 0.2 <= took < 4.5
+                assert "no answer within 2 s" in str(logged[0]["error"])
+                scraped = await scrape(node)
+                assert sample(scraped, "aigateway_datastore_reachable") == 0
+                holder.rollback()
+            await wait_for(lambda: succeed(not outage.failing), 5.0, 0.05)
+            scraped = await scrape(node)
+            assert sample(scraped, "aigateway_datastore_reachable") == 1
+        assert _messages(logged) == ["unavailable", "answers again"]
+    finally:
+        await node.stop()
