@@ -9,17 +9,12 @@ L{tests.test_health_active}.
 
 from __future__ import annotations
 
-import datetime
 from collections.abc import AsyncIterator
 from typing import Any
 
 import attrs
 import pytest
 import pytest_twisted
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from twisted.internet import defer, ssl
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
@@ -31,6 +26,7 @@ from aigateway.health.active import AgentProber, IProber
 from aigateway.health.passive import Outcome, outcome_of_failure
 
 from .healthkit import target, upstream
+from .tlskit import certificate
 
 
 def _reactor() -> Any:
@@ -168,35 +164,6 @@ async def test_closed_port() -> None:
         assert await _fails(d) == Outcome.tcp_failure(), kind
 
 
-def _certificate(name: str) -> tuple[bytes, bytes]:
-    """
-    A self-signed certificate for C{name} and its key, in PEM.
-    """
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-        .sign(key, hashes.SHA256())
-    )
-    return (
-        cert.public_bytes(serialization.Encoding.PEM),
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ),
-    )
-
-
 @attrs.define
 class _TLSServer:
     port: Any
@@ -213,7 +180,7 @@ async def tls_server() -> AsyncIterator[_TLSServer]:
     """
     An HTTPS server for C{api.example.com} that records the SNI it gets.
     """
-    cert, key = _certificate("api.example.com")
+    cert, key = certificate("api.example.com")
     options = ssl.PrivateCertificate.loadPEM(cert + key).options()
     names: list[bytes | None] = []
     options.getContext().set_tlsext_servername_callback(

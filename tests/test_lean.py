@@ -6,8 +6,6 @@ and raw TCP servers that send crafted (sometimes broken) answers.
 from __future__ import annotations
 
 import contextlib
-import datetime
-import ipaddress
 import re
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -15,10 +13,6 @@ from typing import Any
 import attrs
 import pytest
 import pytest_twisted
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from twisted.internet import reactor, ssl
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.error import ConnectionRefusedError
@@ -44,6 +38,7 @@ from aigateway.proxy.lean import LeanAgent, LeanPool
 from aigateway.proxy.relay import BytesProducer
 
 from .gatewaykit import AigatewayGarbage, sleep
+from .tlskit import certificate
 
 _ENDED = Failure(ResponseDone())
 
@@ -668,30 +663,6 @@ async def test_malformed(client: _Client, scripted: Any) -> None:
 # -- TLS and the Agents switch ---------------------------------------------
 
 
-def _certificate() -> tuple[bytes, bytes]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    names = [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName(names), False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-        .sign(key, hashes.SHA256())
-    )
-    return cert.public_bytes(serialization.Encoding.PEM), key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
 @pytest.mark.filterwarnings("ignore::DeprecationWarning:OpenSSL.*")
 @pytest_twisted.ensureDeferred
 async def test_https() -> None:
@@ -699,7 +670,7 @@ async def test_https() -> None:
     https targets go through TargetEndpoints' TLS, certificate checked,
     with keep-alive as over TCP; an untrusted certificate fails.
     """
-    cert, key = _certificate()
+    cert, key = certificate("127.0.0.1")
     options = ssl.PrivateCertificate.loadPEM(cert + key).options()
     resource = _Echo()
     port = reactor.listenSSL(0, Site(resource), options, interface="127.0.0.1")

@@ -621,9 +621,9 @@ async def test_serves_over_tls():
     from aigateway.proxy.client import TargetEndpoints
     from aigateway.proxy.lean import LeanAgent
 
-    from .test_lean import _certificate
+    from .tlskit import certificate
 
-    cert, key = _certificate()
+    cert, key = certificate("127.0.0.1")
     options = ssl.PrivateCertificate.loadPEM(cert + key).options()
     resource = Echo()
     factory = ProxyFactory(resource, 1024, reactor)
