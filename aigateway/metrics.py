@@ -247,12 +247,6 @@ class Metrics:
         series = self.targets.get((upstream, target))
         return 0 if series is None else series.inflight
 
-    def inflight_total(self) -> int:
-        """
-        The attempts in flight to all targets.
-        """
-        return sum(series.inflight for series in self.targets.values())
-
     def route(self, service: str, route: str) -> RouteSeries:
         """
         The series of the route labelled C{service}, C{route}.

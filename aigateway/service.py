@@ -161,6 +161,14 @@ class GatewayService(MultiService):
         factory = getattr(self, "_proxy_factory", None)
         return factory.open_connections if factory is not None else 0
 
+    @property
+    def requests_in_flight(self) -> int:
+        """
+        Requests the proxy is serving now.
+        """
+        factory = getattr(self, "_proxy_factory", None)
+        return factory.requests_in_flight if factory is not None else 0
+
     def _start_failed(self, failure: Any) -> Any:
         if failure.check(CannotListenError, StoreUnavailable):
             # An operator's mistake, not a bug: one line says it.

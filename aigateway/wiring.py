@@ -120,7 +120,10 @@ def build(reactor: Any, node: Any) -> Parts:
             "configuration_version": runtime.snapshot.version,
             "database": {"reachable": reachable},
             "connections": connections(),
-            "inflight_requests": metrics.inflight_total(),
+            # Counted by the proxy itself: the metrics' per-target series
+            # go with a deleted target while its requests still run, and
+            # are not kept at all with --no-metrics.
+            "inflight_requests": node.requests_in_flight,
         }
 
     status.register(app, node.node_id, registry, node_status)

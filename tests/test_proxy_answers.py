@@ -15,7 +15,15 @@ from twisted.internet.protocol import Factory, Protocol
 
 from aigateway.proxy.forward import NO_PEER
 
-from .gatewaykit import Gateway, TargetResource, address, listen, scrape, wait_for
+from .gatewaykit import (
+    Gateway,
+    SSEResource,
+    TargetResource,
+    address,
+    listen,
+    scrape,
+    wait_for,
+)
 from .test_server import connect, raw_request
 
 
@@ -305,3 +313,45 @@ async def test_no_peer_says_why_in_the_access_log(tmp_path):
         await node.stop()
     (line,) = [json.loads(text) for text in log_path.read_text().splitlines()]
     assert (line["status"], line["error"]) == (503, NO_PEER)
+
+
+@pytest_twisted.ensureDeferred
+async def test_status_counts_requests_in_flight_whatever_the_configuration(
+    tmp_path, servers
+):
+    """
+    C{/status} counts the requests being served, even once their target's
+    upstream is deleted (its metric series go with it) and with metrics
+    off.
+    """
+    node = await Gateway(str(tmp_path / "s.db"), metrics=False).start()
+    try:
+        sse = SSEResource(count=20, interval=0.05)
+        port = listen(sse)
+        servers.append(port)
+        admin = node.admin
+        assert (await admin.post("/upstreams", form={"name": "up"})).code == 201
+        target = {"target": address(port)}
+        assert (await admin.post("/upstreams/up/targets", form=target)).code == 201
+        form = {"name": "s", "host": "up"}
+        assert (await admin.post("/services", form=form)).code == 201
+        route = {"paths[]": "/"}
+        assert (await admin.post("/services/s/routes", form=route)).code == 201
+        streams = []
+        for _ in range(3):
+            conversation = await connect(node.service.proxy_port.getHost().port)
+            conversation.transport.write(b"GET /v1 HTTP/1.1\r\nHost: a\r\n\r\n")
+            streams.append(conversation)
+        for conversation in streams:
+            await conversation.until(b"token0")
+        assert (await admin.get("/status")).json["inflight_requests"] == 3
+        (listed,) = (await admin.get("/services/s/routes")).json["data"]
+        assert (await admin.delete("/routes/" + listed["id"])).code == 204
+        assert (await admin.delete("/services/s")).code == 204
+        assert (await admin.delete("/upstreams/up")).code == 204
+        assert (await admin.get("/status")).json["inflight_requests"] == 3
+        for conversation in streams:
+            await conversation.until(b"0\r\n\r\n")
+        assert (await admin.get("/status")).json["inflight_requests"] == 0
+    finally:
+        await node.stop()

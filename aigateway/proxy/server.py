@@ -838,6 +838,14 @@ class ProxyFactory(Factory):
     def open_connections(self) -> int:
         return len(self._channels)
 
+    @property
+    def requests_in_flight(self) -> int:
+        """
+        Requests whose head has arrived and whose answer is not over: what
+        this node is serving now, whatever its configuration has become.
+        """
+        return sum(1 for channel in self._channels if channel.request is not None)
+
     def buildProtocol(self, addr: Any) -> ProxyChannel:
         return ProxyChannel(self)
 
