@@ -287,14 +287,26 @@ async def test_via_is_appended_to_the_targets(gateway, servers):
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_name_that_does_not_resolve_is_a_503(gateway):
-    admin = gateway.admin
-    service = {"name": "s", "host": "nowhere.invalid", "retries": "0"}
-    assert (await admin.post("/services", form=service)).code == 201
-    assert (await admin.post("/services/s/routes", form={"paths[]": "/"})).code == 201
-    reply = await gateway.proxy.get("/x")
-    assert reply.code == 503, reply.body
-    assert reply.json["message"] == "name resolution failed"
+async def test_a_name_that_does_not_resolve_is_a_503(tmp_path):
+    """
+    A service's own host that does not resolve: 503, after one lookup (its
+    retries would only look the same name up again).
+    """
+    log_path = tmp_path / "access.log"
+    node = await Gateway(str(tmp_path / "dns.db"), access_log=str(log_path)).start()
+    try:
+        admin = node.admin
+        service = {"name": "s", "host": "nowhere.invalid"}  # retries: 5
+        assert (await admin.post("/services", form=service)).code == 201
+        route = {"paths[]": "/"}
+        assert (await admin.post("/services/s/routes", form=route)).code == 201
+        reply = await node.proxy.get("/x")
+        assert reply.code == 503, reply.body
+        assert reply.json["message"] == "name resolution failed"
+    finally:
+        await node.stop()
+    (line,) = [json.loads(text) for text in log_path.read_text().splitlines()]
+    assert line["attempts"] == 1, line
 
 
 @pytest_twisted.ensureDeferred

@@ -422,19 +422,23 @@ class Exchange:
             self.done()
             return
         timeout = self._timed_out or failure.check(*TIMEOUTS) is not None
+        unresolved = failure.check(DNSLookupError) is not None
         self.end(target, "timeout" if timeout else "error", None)
-        self.hooks.health.report_failure(
-            target, timeout, failure.check(DNSLookupError) is not None
-        )
+        self.hooks.health.report_failure(target, timeout, unresolved)
         self.error = "read timeout" if self._timed_out else describe(failure)
-        if self.attempts <= self.service.retries:
+        # A service's own host (no upstream) is its only target: a name
+        # that just failed to resolve would only be looked up again, and
+        # every lookup may wait on a slow resolver.
+        if self.attempts <= self.service.retries and not (
+            unresolved and self.balancer is None
+        ):
             following = self._pick()
             if following is not None:
                 self._attempt(following)
                 return
         if timeout:
             self.fail(504, TIMEOUT)
-        elif failure.check(DNSLookupError) is not None:
+        elif unresolved:
             # Kong's answer: the target's name did not resolve.
             self.fail(503, NO_NAME)
         else:
