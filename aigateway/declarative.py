@@ -38,7 +38,7 @@ import yaml
 
 from .config import empty_records
 from .ids import is_uuid
-from .records import SERVER_FIELDS, UNIQUE, build_record, parent_id
+from .records import SERVER_FIELDS, UNIQUE, build_record, parent_id, stamp
 from .schema import flatten
 
 FORMAT_VERSIONS = ("1.1", "2.1", "3.0")
@@ -313,10 +313,10 @@ class _Loader:
         identity = _key(kind, record.get(key), parent)
         match = None if identity is None else self.by_key.get(identity)
         record["id"] = given_id or self._take(match)
-        stamp = round(self.now, 3) if kind == "targets" else int(self.now)
+        now = stamp(kind, self.now)
         old = self.in_force.get(kind, {}).get(record["id"])
-        record["created_at"] = old.get("created_at", stamp) if old else stamp
-        record["updated_at"] = stamp
+        record["created_at"] = old.get("created_at", now) if old else now
+        record["updated_at"] = now
         if kind == "targets" and match is not None:
             record["headers"] = keep_secrets(record["headers"], match.get("headers"))
         self.records[kind][record["id"]] = record

@@ -123,9 +123,8 @@ class Recorder(ExchangeObserver):
         Such requests are counted under empty service and route labels
         (as Kong counts requests no route matched) and logged with no
         upstream or target: a scanner's probes add no series per path or
-        host.  The gateway's
-        own error body is not counted as egress, as for a routed request
-        answered with a gateway error.
+        host.  The gateway's own error body is not counted as egress, as
+        for a routed request answered with a gateway error.
         """
         elapsed = self._clock.seconds() - started
         metrics = self._metrics

@@ -309,6 +309,14 @@ UNIQUE = {
 PARENT = {"targets": "upstream", "routes": "service"}
 
 
+def stamp(kind: str, now: float) -> float:
+    """
+    A record's C{created_at} / C{updated_at} for the time C{now}: targets'
+    to the millisecond, the other kinds' to the second, as Kong keeps them.
+    """
+    return round(now, 3) if kind == "targets" else int(now)
+
+
 def parent_id(kind: str, record: Mapping[str, Any]) -> str | None:
     """
     The id of the upstream or service a target or route belongs to.

@@ -106,6 +106,7 @@ class GatewayService(MultiService):
         self.started_at = reactor.seconds()
         self.store = open_store(reactor, settings.database)
         self.agents = Agents(reactor)
+        self._proxy_factory: ProxyFactory | None = None
         self.parts = build(reactor, self)
         self.runtime: Runtime = self.parts.runtime
         self.ready: Deferred[None] = Deferred()
@@ -158,7 +159,7 @@ class GatewayService(MultiService):
         """
         Client connections open to the proxy.
         """
-        factory = getattr(self, "_proxy_factory", None)
+        factory = self._proxy_factory
         return factory.open_connections if factory is not None else 0
 
     @property
@@ -166,7 +167,7 @@ class GatewayService(MultiService):
         """
         Requests the proxy is serving now.
         """
-        factory = getattr(self, "_proxy_factory", None)
+        factory = self._proxy_factory
         return factory.requests_in_flight if factory is not None else 0
 
     def _start_failed(self, failure: Any) -> Any:
@@ -194,7 +195,7 @@ class GatewayService(MultiService):
                 result = port.stopListening()
                 if isinstance(result, Deferred):
                     stops.append(result)
-        factory = getattr(self, "_proxy_factory", None)
+        factory = self._proxy_factory
         if factory is not None and self.proxy_port is not None:
             _log.info(
                 "stopping: finishing the requests in progress (at most {timeout} s)",

@@ -34,7 +34,15 @@ from ..declarative import keep_secrets
 from ..feed import Outage
 from ..ids import is_uuid
 from ..inflight import InFlight
-from ..records import PARENT, SCHEMAS, SERVER_FIELDS, UNIQUE, build_record, parent_id
+from ..records import (
+    PARENT,
+    SCHEMAS,
+    SERVER_FIELDS,
+    UNIQUE,
+    build_record,
+    parent_id,
+    stamp,
+)
 from ..runtime import Runtime
 from ..schema import merge
 from ..store.interfaces import IStore, StaleConfiguration, StoreUnavailable
@@ -396,20 +404,21 @@ class Entities:
         given_id = data.pop("id", None)
         data.pop("created_at", None)
         data.pop("updated_at", None)
-        if given_id is not None and not is_uuid(given_id):
-            raise schema_violation({"id": "expected a valid UUID"})
-        # Ids are unique across kinds: the store keys every record by its id
-        # alone.
-        taken = [
-            k for k, records in self.snapshot.records.items() if given_id in records
-        ]
-        if given_id is not None and taken:
-            hint = (
-                "use PATCH or PUT to change it"
-                if kind in taken
-                else f"it is one of the {taken[0]}"
-            )
-            raise unique_violation(kind, "id", given_id, hint)
+        if given_id is not None:
+            if not is_uuid(given_id):
+                raise schema_violation({"id": "expected a valid UUID"})
+            # Ids are unique across kinds: the store keys every record by
+            # its id alone.
+            taken = [
+                k for k, records in self.snapshot.records.items() if given_id in records
+            ]
+            if taken:
+                hint = (
+                    "use PATCH or PUT to change it"
+                    if kind in taken
+                    else f"it is one of the {taken[0]}"
+                )
+                raise unique_violation(kind, "id", given_id, hint)
         now = self._now(kind)
         old = {"id": given_id or str(uuid.uuid4()), "created_at": now}
         return self._save(kind, data, coerce, parent, old)
@@ -529,8 +538,7 @@ class Entities:
         return self._locked(swap)
 
     def _now(self, kind: str) -> float:
-        now = self._clock.seconds()
-        return round(now, 3) if kind == "targets" else int(now)
+        return stamp(kind, self._clock.seconds())
 
 
 def _without_server_fields(data: Mapping[str, Any]) -> Record:

@@ -80,7 +80,8 @@ def http_date(now: float) -> bytes:
     return date
 
 
-# (Twisted's table lacks RFC 6585's 431, which the parser answers.)
+# (Twisted's table lacks 426, which https-only routes answer, and RFC 6585's
+# 431, which the parser answers.)
 _PHRASES = {
     **RESPONSES,
     426: b"Upgrade Required",
@@ -902,14 +903,11 @@ class ProxyFactory(Factory):
         """
         End the drain now: abort what is still open.
         """
-        if self._drained is None:
-            return
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.cancel()
-        self._abort_all("the drain was cut short")
+        if self._drained is not None:
+            self._abort_all("the drain was cut short")
 
     def _abort_all(self, why: str = "the drain timeout passed") -> None:
-        self._deadline = None
+        self._cancel_deadline()
         if self._channels:
             _log.warn(
                 "{why}: {count} connections still busy are aborted",
@@ -924,12 +922,15 @@ class ProxyFactory(Factory):
         self._clock.callLater(1, self._done_draining)
 
     def _done_draining(self) -> None:
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.cancel()
-        self._deadline = None
+        self._cancel_deadline()
         drained, self._drained = self._drained, None
         if drained is not None:
             drained.callback(None)
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
 
     def _period(self) -> float:
         return max(self.idle_timeout / 4, 0.5)
