@@ -65,46 +65,58 @@ def _metric(admin: str, name: str) -> float:
     return total
 
 
+def _twistd(
+    tmp_path: Path, name: str, proxy: str, admin: int, database: str | None = None
+) -> list[str]:
+    """
+    The command line of a gateway process: its pid file and log named
+    C{name} in C{tmp_path}, and its own SQLite file unless C{database}.
+    """
+    return [
+        str(BIN / "twistd"),
+        "-n",
+        "--pidfile",
+        str(tmp_path / f"{name}.pid"),
+        "--logfile",
+        str(tmp_path / f"{name}.log"),
+        "aigateway",
+        "--proxy",
+        proxy,
+        "--admin",
+        f"tcp:{admin}:interface=127.0.0.1",
+        "--database",
+        database or str(tmp_path / f"{name}.db"),
+    ]
+
+
+def _mock(port: int, *options: str) -> subprocess.Popen[bytes]:
+    """
+    A model server (examples/mock_llm.py) on C{port}.
+    """
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "examples" / "mock_llm.py"), "--port", str(port)]
+        + list(options),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
 def test_two_processes_one_port_one_database(tmp_path):
     proxy, target = _free_port(), _free_port()
     admins = [_free_port(), _free_port()]
     started: list[subprocess.Popen[bytes]] = []
     try:
-        started.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    str(ROOT / "examples" / "mock_llm.py"),
-                    "--port",
-                    str(target),
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-        )
+        started.append(_mock(target))
         for n, admin in enumerate(admins):
-            started.append(
-                subprocess.Popen(
-                    [
-                        str(BIN / "twistd"),
-                        "-n",
-                        "--pidfile",
-                        str(tmp_path / f"gw{n}.pid"),
-                        "--logfile",
-                        str(tmp_path / f"gw{n}.log"),
-                        "aigateway",
-                        "--proxy",
-                        f"reuseport:{proxy}:interface=127.0.0.1",
-                        "--admin",
-                        f"tcp:{admin}:interface=127.0.0.1",
-                        "--database",
-                        str(tmp_path / "aigateway.db"),
-                        "--db-update-frequency",
-                        "0.2",
-                    ],
-                    cwd=tmp_path,
-                )
+            command = _twistd(
+                tmp_path,
+                f"gw{n}",
+                f"reuseport:{proxy}:interface=127.0.0.1",
+                admin,
+                str(tmp_path / "aigateway.db"),
             )
+            command += ["--db-update-frequency", "0.2"]
+            started.append(subprocess.Popen(command, cwd=tmp_path))
         first, second = (f"http://127.0.0.1:{a}" for a in admins)
         for admin in (first, second):
             _until(lambda a=admin: _call(f"{a}/status")[0] == 200, 30, "Admin API")
@@ -169,24 +181,6 @@ def test_two_processes_one_port_one_database(tmp_path):
         assert "Traceback" not in log and "Unhandled" not in log, log[-2000:]
 
 
-def _twistd(tmp_path: Path, name: str, proxy: str, admin: int) -> list[str]:
-    return [
-        str(BIN / "twistd"),
-        "-n",
-        "--pidfile",
-        str(tmp_path / f"{name}.pid"),
-        "--logfile",
-        str(tmp_path / f"{name}.log"),
-        "aigateway",
-        "--proxy",
-        proxy,
-        "--admin",
-        f"tcp:{admin}:interface=127.0.0.1",
-        "--database",
-        str(tmp_path / f"{name}.db"),
-    ]
-
-
 def test_a_busy_port_fails_the_process(tmp_path):
     """
     A supervisor must see a gateway that could not start as failed: exit
@@ -211,10 +205,12 @@ def test_a_busy_port_fails_the_process(tmp_path):
 def test_an_unreachable_database_fails_the_process(tmp_path):
     pytest.importorskip("psycopg")
     command = _twistd(
-        tmp_path, "nodb", f"tcp:{_free_port()}:interface=127.0.0.1", _free_port()
+        tmp_path,
+        "nodb",
+        f"tcp:{_free_port()}:interface=127.0.0.1",
+        _free_port(),
+        f"postgresql://aigateway@127.0.0.1:{_free_port()}/nothing",
     )
-    database = command.index("--database") + 1
-    command[database] = f"postgresql://aigateway@127.0.0.1:{_free_port()}/nothing"
     process = subprocess.run(
         command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60
     )
@@ -229,20 +225,7 @@ def test_sigterm_lets_a_stream_finish(tmp_path):
     arrives whole, new connections are refused, and the process then ends.
     """
     proxy, admin, target = _free_port(), _free_port(), _free_port()
-    mock = subprocess.Popen(
-        [
-            sys.executable,
-            str(ROOT / "examples" / "mock_llm.py"),
-            "--port",
-            str(target),
-            "--chunks",
-            "12",
-            "--chunk-delay",
-            "0.1",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    mock = _mock(target, "--chunks", "12", "--chunk-delay", "0.1")
     gateway = subprocess.Popen(
         _twistd(tmp_path, "gw", f"tcp:{proxy}:interface=127.0.0.1", admin),
         stdout=subprocess.DEVNULL,
