@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_store,tests.test_feed -*-
+# -*- test-case-name: tests.test_store,tests.test_feed,tests.test_store_outage -*-
 """
 The PostgreSQL store, for several gateway nodes sharing one configuration
 (C{--database postgresql://user:password@host:5432/dbname}).
@@ -113,6 +113,42 @@ def connection_settings(url: str) -> dict[str, str]:
     return {k: v for k, v in _DEFAULTS.items() if k not in given}
 
 
+class _Connection(adbapi.Connection):
+    """
+    adbapi's connection, quiet about a connection the server dropped.
+
+    adbapi rolls back a failed call, and when the rollback fails it logs a
+    traceback twice (here and in the pool) before taking a new connection.
+    During an outage every call fails that way on every node, and the
+    tracebacks say nothing that the gateway's own line ("the configuration
+    store is unavailable", then "answers again") does not.  A transaction
+    whose connection is lost is lost with it (the server rolls it back), so
+    there is nothing to roll back: the connection is let go quietly, the
+    call fails with its own error (which its caller gets as
+    L{aigateway.store.interfaces.StoreUnavailable}), and the next call
+    opens a new connection, as with adbapi.  A rollback that fails on a
+    connection still up (or one lost during the rollback itself) is
+    another matter, and adbapi logs it as before.
+    """
+
+    def rollback(self) -> None:
+        connection = self._connection
+        # psycopg's closed: libpq saw the connection fail (the server ended
+        # it, the network reset it or timed out), or it was closed.
+        if connection is not None and connection.closed:
+            self._pool.disconnect(connection)
+            return
+        super().rollback()
+
+
+class _ConnectionPool(adbapi.ConnectionPool):
+    """
+    adbapi's pool, with connections that are quiet about an outage.
+    """
+
+    connectionFactory = _Connection
+
+
 class PostgresStore(SQLStore):
     """
     Configuration in a PostgreSQL database.
@@ -122,7 +158,7 @@ class PostgresStore(SQLStore):
         self.url = redacted(url)
         options = connection_settings(url)
         super().__init__(
-            adbapi.ConnectionPool(
+            _ConnectionPool(
                 "psycopg",
                 url,
                 # One connection a node: its writes are serialised anyway,
