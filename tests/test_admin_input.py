@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 
 import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 
-from .gatewaykit import TargetResource, address, listen
+from .gatewaykit import TargetResource, address, listen, raw_request
 from .test_admin import dump
 
 
@@ -336,3 +338,72 @@ async def test_an_empty_form_value_clears_a_field(gateway):
     assert refused.code == 400
     required = await admin.post("/upstreams", form={"name": ""})
     assert required.json["fields"]["name"] == "required field missing"
+
+
+def _raw_reply(raw: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
+    """
+    The status, headers (by lower-case name) and body of a raw answer.
+    """
+    assert raw, "the connection was closed without an answer"
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status_line, *lines = head.split(b"\r\n")
+    fields = (line.split(b":", 1) for line in lines)
+    return int(status_line.split()[1]), {k.lower(): v.strip() for k, v in fields}, body
+
+
+async def _exchange(gateway, request: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
+    """
+    Send C{request} to the Admin API on a connection of its own, and read
+    the answer until the gateway closes the connection (in 5 s at most).
+    """
+    port = gateway.service.admin_port.getHost().port
+    exchange = Deferred.fromCoroutine(raw_request(port, request))
+    return _raw_reply(await exchange.addTimeout(5.0, reactor))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_url_too_long_is_answered_414_in_json(gateway):
+    """
+    A request line longer than twisted.web reads (16 KiB) gets 414 in
+    Kong's shape, not a closed connection; the gateway then closes the
+    connection (the rest of the request cannot be told from a next one),
+    after the answer, even when the client is still sending a long URL.
+    """
+    for size in (20_000, 1_000_000):
+        request = b"GET /upstreams/" + b"a" * size + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+        status, headers, body = await _exchange(gateway, request)
+        assert status == 414
+        assert headers[b"content-type"] == b"application/json; charset=utf-8"
+        assert headers[b"connection"] == b"close"
+        assert int(headers[b"content-length"]) == len(body)
+        assert json.loads(body) == {
+            "message": "URI too long: the request line is longer than 16384 bytes"
+        }
+    assert (await gateway.admin.get("/upstreams")).code == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_header_too_long_is_answered_431_in_json(gateway):
+    request = b"GET /upstreams HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000
+    status, headers, body = await _exchange(gateway, request + b"\r\n\r\n")
+    assert status == 431
+    assert headers[b"connection"] == b"close"
+    assert "header" in json.loads(body)["message"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_url_just_under_the_limit_is_served(gateway):
+    """
+    The URL's limit is the request line's: a URL just under it, with the
+    usual headers, is served (twisted.web would have refused the request
+    line and headers together with a bare 400).
+    """
+    line = b"GET /upstreams/" + b"a" * 16_000 + b" HTTP/1.1"
+    assert len(line) <= 16_384
+    headers = b"Host: x\r\nUser-Agent: " + b"u" * 400 + b"\r\nConnection: close\r\n"
+    status, answered, body = await _exchange(
+        gateway, line + b"\r\n" + headers + b"\r\n"
+    )
+    assert status == 404
+    assert answered[b"content-type"] == b"application/json; charset=utf-8"
+    assert b'"Not found"' in body

@@ -4,21 +4,27 @@ database server stopped, or cut off without a reset): the node records the
 outage once a look has gone unanswered for L{PATIENCE} seconds (the metric
 says 0, one warning is logged), does not queue a look per change-feed tick
 or admin call behind the one in flight, and puts the late answer in force,
-which ends the outage (logged once).
+which ends the outage (logged once).  A write it holds is answered 503
+after L{WRITE_PATIENCE} seconds, and lands (in the store and in force
+alike) if the store answers later.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import attrs
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 
-from aigateway.admin.entities import PATIENCE, Entities
+from aigateway.admin.entities import PATIENCE, WRITE_PATIENCE, Entities
+from aigateway.admin.errors import AdminError
 from aigateway.balancer.backup import build_balancer
 from aigateway.feed import ConfigFeed
 from aigateway.health.hook import build_health
@@ -256,4 +262,144 @@ async def test_postgres_that_stops_answering_is_noticed(postgres_url):
             assert sample(scraped, "aigateway_datastore_reachable") == 1
         assert _messages(logged) == ["unavailable", "answers again"]
     finally:
+        await node.stop()
+
+
+# -- a write the store does not answer ------------------------------------------
+
+
+@contextmanager
+def _entities_log() -> Iterator[list[dict]]:
+    """
+    What L{aigateway.admin.entities} logs while the block runs.
+    """
+    events: list[dict] = []
+
+    def observe(event: dict) -> None:
+        if event.get("log_namespace") == "aigateway.admin.entities":
+            events.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        yield events
+    finally:
+        globalLogPublisher.removeObserver(observe)
+
+
+def _outcome(d: Deferred[Any]) -> list[Any]:
+    """
+    A list that gets C{d}'s result (or L{Failure}) when it has one.
+    """
+    outcome: list[Any] = []
+    d.addBoth(outcome.append)
+    return outcome
+
+
+def _refusal(outcome: list[Any]) -> dict:
+    """
+    The body of the 503 that C{outcome} (of L{_outcome}) holds.
+    """
+    assert len(outcome) == 1 and isinstance(outcome[0], Failure), outcome
+    error = outcome[0].value
+    assert isinstance(error, AdminError) and error.status == 503
+    return error.body
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_write_left_unanswered_is_answered_503_and_lands_later(on_clock):
+    """
+    A write the store holds is answered after L{WRITE_PATIENCE} (503: it
+    may or may not have been saved); a write queued behind it is dropped
+    (nothing changed).  When the store answers, the first lands in the
+    store and in force alike, and the log says so.
+    """
+    store, clock, entities = on_clock.store, on_clock.clock, on_clock.entities
+    with _feed_log(), _entities_log() as logged:
+        store.holding.hung = True
+        first = _outcome(entities.create("upstreams", {"name": "b"}, True))
+        clock.advance(WRITE_PATIENCE - 0.1)
+        assert first == []
+        clock.advance(0.1)
+        error = _refusal(first)
+        assert "did not answer within 10 s" in error["message"]
+        assert "may or may not have been saved" in error["message"]
+        assert entities.outage.failing
+
+        second = _outcome(entities.create("upstreams", {"name": "c"}, True))
+        clock.advance(WRITE_PATIENCE)
+        assert "nothing was changed" in _refusal(second)["message"]
+        assert len(store.holding.held) == 1  # the second never reached it
+
+        store.holding.answer()
+        await wait_for(lambda: succeed(not entities._lock.locked), 5.0, 0.01)
+        version, records = await store.load()
+        assert [r["name"] for r in records["upstreams"].values()] == ["b"]
+        assert entities.snapshot.version == version
+        assert [u.name for u in entities.snapshot.upstreams.values()] == ["b"]
+        assert not entities.outage.failing
+    assert ["saved after all" in e["log_format"] for e in logged] == [True]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_write_its_caller_gave_up_on_lands_in_force_too(on_clock):
+    """
+    A caller that stops waiting (an Admin API client that hangs up) does
+    not stop a write the store holds: when it lands, it is in force too,
+    not only in the store.
+    """
+    store, entities = on_clock.store, on_clock.entities
+    store.holding.hung = True
+    created = entities.create("upstreams", {"name": "b"}, True)
+    created.addErrback(lambda failure: failure.trap(CancelledError))
+    created.cancel()
+    store.holding.answer()
+    await wait_for(lambda: succeed(not entities._lock.locked), 5.0, 0.01)
+    version, records = await store.load()
+    assert [r["name"] for r in records["upstreams"].values()] == ["b"]
+    assert entities.snapshot.version == version
+    assert [u.name for u in entities.snapshot.upstreams.values()] == ["b"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_admin_write_the_store_holds_is_answered_in_time(
+    tmp_path, monkeypatch
+):
+    """
+    End to end, on the real reactor: a POST whose write the store holds
+    is answered 503 in Kong's shape after the write patience instead of
+    waiting for the store, and lands once the store answers.
+    """
+    holding = _Holding()
+    writes = SQLiteStore.write
+    monkeypatch.setattr(
+        SQLiteStore,
+        "write",
+        lambda self, *a: holding.hold(lambda: writes(self, *a)),
+    )
+    node = await Gateway(str(tmp_path / "held.db")).start()
+    node.service.parts.entities.write_patience = 0.5
+    try:
+        holding.hung = True
+        start = reactor.seconds()
+        posted = Deferred.fromCoroutine(
+            node.admin.post("/upstreams", form={"name": "b"})
+        )
+        reply = await posted.addTimeout(5.0, reactor)
+        assert 0.4 <= reactor.seconds() - start < 2.0
+        assert reply.code == 503, reply.body
+        assert reply.headers.getRawHeaders("content-type") == [
+            "application/json; charset=utf-8"
+        ]
+        assert "may or may not have been saved" in reply.json["message"]
+        holding.answer()
+
+        async def landed() -> bool:
+            reply = await node.admin.get("/upstreams")
+            return [u["name"] for u in reply.json["data"]] == ["b"]
+
+        await wait_for(landed, 5.0, 0.05)
+        _, records = await node.service.store.load()
+        assert [r["name"] for r in records["upstreams"].values()] == ["b"]
+    finally:
+        holding.answer()
         await node.stop()

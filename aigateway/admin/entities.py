@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_admin -*-
+# -*- test-case-name: tests.test_admin,tests.test_feed_hang -*-
 """
 Create, read, update and delete entities, without HTTP.
 
@@ -23,7 +23,7 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from contextlib import suppress
 from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredLock, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredLock, succeed
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -52,6 +52,7 @@ from .errors import (
     not_found,
     schema_violation,
     unique_violation,
+    write_unanswered,
 )
 
 Record = dict[str, Any]
@@ -72,11 +73,23 @@ _OWNER = {"targets": "upstreams", "routes": "services"}
 # says how often to look, not how long one look may take.
 PATIENCE = 2.0
 
+# Seconds a write may wait (for the write before it, then for the store)
+# before its caller is answered that the store did not answer in time.
+# Longer than PATIENCE: a write on a busy database server takes longer
+# than a look, and may wait for another node's (PostgreSQL's lock_timeout
+# is 5 s), and an answer given too soon is one the client cannot act on.
+WRITE_PATIENCE = 10.0
+
 
 class Entities:
     """
     The Admin API's view of the configuration.
+
+    @cvar write_patience: seconds a write may go unanswered
+        (L{WRITE_PATIENCE}); tests lower it.
     """
+
+    write_patience = WRITE_PATIENCE
 
     def __init__(
         self, store: IStore, runtime: Runtime, clock: Any, patience: float = PATIENCE
@@ -277,14 +290,17 @@ class Entities:
     ) -> Deferred[Any]:
         """
         Run C{function} (which validates and commits) alone, again after
-        loading the stored configuration when another process wrote first.
+        loading the stored configuration when another process wrote first,
+        and answer within L{write_patience} (see L{_bounded}).
 
         Each attempt gets its own copy of C{args}: an attempt may change
         what it was given (a create takes the C{id} out of its data), and
         the next must start from what the client sent.
         """
+        started: list[bool] = []
 
         async def run() -> Any:
+            started.append(True)
             for attempt in range(_ATTEMPTS):
                 if self._closed:
                     raise StoreUnavailable("this node is shutting down")
@@ -311,7 +327,73 @@ class Entities:
                 f"({_ATTEMPTS} attempts); try again"
             )
 
-        return self._lock.run(lambda: Deferred.fromCoroutine(run()))
+        work = self._lock.run(lambda: Deferred.fromCoroutine(run()))
+        return self._bounded(work, lambda: bool(started))
+
+    def _bounded(
+        self, work: Deferred[Any], started: Callable[[], bool]
+    ) -> Deferred[Any]:
+        """
+        The outcome of C{work}, or, once L{write_patience} has passed,
+        L{write_unanswered}: a store that accepts a connection and never
+        answers would otherwise keep the caller waiting for ever.
+
+        A write still waiting for the one before it is dropped (its caller
+        is told nothing changed).  One in the store is left to finish: its
+        transaction may be committed already, or be about to be, and only
+        its own answer can say; when it comes it is put in force as any
+        write's, so the store and the gateway agree (and the lock keeps
+        every other write behind it until then).  Its caller is told it
+        may or may not have been saved, and the log says which once it is
+        known.  The same holds for a caller that stops waiting (an Admin
+        API client that hangs up).
+        """
+
+        def cancel(_: Deferred[Any]) -> None:
+            if timer.active():
+                timer.cancel()
+            if not started():
+                work.cancel()
+
+        result: Deferred[Any] = Deferred(cancel)
+
+        def give_up() -> None:
+            reached = started()
+            result.errback(write_unanswered(self.write_patience, reached))
+            if reached:
+                silent = StoreUnavailable(
+                    f"a write had no answer within {self.write_patience:g} s"
+                )
+                self.outage.failed(Failure(silent))
+            else:
+                work.cancel()
+
+        timer = self._clock.callLater(self.write_patience, give_up)
+
+        def done(outcome: Any) -> None:
+            if not result.called:
+                if timer.active():
+                    timer.cancel()
+                if isinstance(outcome, Failure):
+                    result.errback(outcome)
+                else:
+                    result.callback(outcome)
+            elif not isinstance(outcome, Failure):
+                _log.info(
+                    "a write its caller no longer waited for was saved after "
+                    "all (configuration version {version})",
+                    version=self.snapshot.version,
+                )
+            elif outcome.check(AdminError, StoreUnavailable):
+                _log.info(
+                    "a write its caller no longer waited for was not saved: {error}",
+                    error=outcome.value,
+                )
+            elif not outcome.check(CancelledError):
+                _log.failure("a write its caller no longer waited for failed", outcome)
+
+        work.addBoth(done)
+        return result
 
     def refresh(self) -> Deferred[bool]:
         """

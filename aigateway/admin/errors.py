@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_admin -*-
+# -*- test-case-name: tests.test_admin,tests.test_feed_hang,tests.test_admin_input -*-
 """
 Kong-shaped Admin API errors.
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..schema import Errors, flatten
+from ..store.interfaces import StoreUnavailable
 
 
 class AdminError(Exception):
@@ -85,3 +86,57 @@ def bad_request(message: str) -> AdminError:
     A request that cannot be read at all.
     """
     return AdminError(400, {"message": message})
+
+
+def uri_too_long(limit: int) -> AdminError:
+    """
+    A request line longer than the HTTP server reads (Kong's, nginx's,
+    message).
+    """
+    return AdminError(
+        414,
+        {"message": f"URI too long: the request line is longer than {limit} bytes"},
+    )
+
+
+def header_too_large(limit: int) -> AdminError:
+    """
+    A header line longer than the HTTP server reads (Kong's, nginx's,
+    message; the status is HTTP's own, not nginx's 494).
+    """
+    return AdminError(
+        431,
+        {
+            "message": "Request header or cookie too large: a header line is "
+            f"longer than {limit} bytes"
+        },
+    )
+
+
+class WriteUnanswered(AdminError, StoreUnavailable):
+    """
+    A write the store did not answer in time: 503 to an Admin API client,
+    and the store out of reach to a caller without HTTP (start-up's
+    C{--config}).
+    """
+
+
+def write_unanswered(patience: float, started: bool) -> WriteUnanswered:
+    """
+    A write the store has not answered within C{patience} seconds.
+
+    @param started: whether the write reached the store.  If it did, it
+        may still land (the store holds it, and the gateway puts it in
+        force when it does), and the client is told so rather than that
+        nothing changed; if it was still waiting for a write before it, it
+        is dropped, and nothing changed.
+    """
+    if started:
+        outcome = (
+            "the change may or may not have been saved, and may still be: "
+            "read it back before trying again"
+        )
+    else:
+        outcome = "a change before this one still waits on it; nothing was changed"
+    message = f"the configuration store did not answer within {patience:g} s; {outcome}"
+    return WriteUnanswered(503, {"message": message})

@@ -1,32 +1,114 @@
-# -*- test-case-name: tests.test_feed -*-
+# -*- test-case-name: tests.test_feed,tests.test_admin_input -*-
 """
 The Admin API's twisted.web site.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred, TimeoutError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from ..store.interfaces import StoreUnavailable
 from .app import answer
 from .entities import PATIENCE
+from .errors import AdminError, header_too_large, uri_too_long
 
 _log = Logger()
 
 
+# A request line starts with its method, a token, then a space; a header
+# line has a colon right after its name, and a folded one starts with
+# blanks (RFC 9112).
+_REQUEST_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ ")
+
+
+class AdminChannel(HTTPChannel):
+    """
+    twisted.web's HTTP/1.1 channel, answering a line too long to read (a
+    long URL, a long header) in JSON, as every Admin API answer.
+
+    twisted.web closes such a connection without a word (the client sees a
+    reset or an empty reply and cannot tell why).  Here the client gets 414
+    (or 431) and the connection ends, since the rest of the request cannot
+    be found in what follows: the answer is sent, the sending side closed,
+    and what the client still sends is read and dropped until it closes
+    (for at most L{lingering} seconds), so that its unread bytes do not
+    make the kernel reset the connection before the answer is read.
+
+    @cvar lingering: seconds to wait for the client to close after the
+        answer.
+    """
+
+    # A URL is limited by the request line's own limit (MAX_LENGTH), not
+    # by the total of the request line and headers, which would give a URL
+    # just under it twisted.web's bare 400.
+    totalHeadersSize = 4 * HTTPChannel.MAX_LENGTH
+    lingering = 2.0
+    _refused = False
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        if _REQUEST_LINE.match(line):
+            self._refuse(uri_too_long(self.MAX_LENGTH))
+        else:
+            self._refuse(header_too_large(self.MAX_LENGTH))
+
+    def _refuse(self, error: AdminError) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        body = json.dumps(error.body).encode("utf-8")
+        head = (
+            b"HTTP/1.1 %d %s\r\n"
+            b"Content-Type: application/json; charset=utf-8\r\n"
+            b"Content-Length: %d\r\n"
+            b"Connection: close\r\n\r\n"
+        ) % (error.status, _REASONS[error.status], len(body))
+        self._refused = True
+        transport.write(head + body)
+        self.setTimeout(self.lingering)
+        # Only a plain TCP connection is half-closed: a TLS transport passes
+        # loseWriteConnection to the socket under it, past its own close.
+        if isinstance(transport, tcp.Connection):
+            transport.unregisterProducer()
+            transport.loseWriteConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._refused:
+            super().dataReceived(data)
+
+    def timeoutConnection(self) -> None:
+        if self._refused and self.transport is not None:
+            self.transport.loseConnection()
+        else:
+            super().timeoutConnection()
+
+
+_REASONS = {414: b"URI Too Long", 431: b"Request Header Fields Too Large"}
+
+
 class AdminSite(Site):
     """
-    A site without twisted.web's per-request C{Site.log}: admin calls are
-    few, and the gateway logs what matters (configuration changes) itself.
+    A site of L{AdminChannel}s, without twisted.web's per-request
+    C{Site.log}: admin calls are few, and the gateway logs what matters
+    (configuration changes) itself.
     """
+
+    # HTTP/1.1 only.  twisted.web types its factory's protocol as its own
+    # (private) wrapper, which could switch to HTTP/2 on a TLS listener
+    # that offered it; a channel alone is what a Site built before that
+    # wrapper, and Site.buildProtocol still sets it up.
+    protocol = AdminChannel  # type: ignore[assignment]
 
     def __init__(self, resource: Resource, **kwargs: Any) -> None:
         # Bodies are read as bytes (the Admin API parses JSON and forms
