@@ -19,15 +19,23 @@ HOSTNAME = re.compile(
 )
 
 
+def is_ip(host: str) -> bool:
+    """
+    Whether C{host} is an IP address (IPv6 without brackets), which needs
+    no lookup, rather than a name.
+    """
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def valid_host(host: str) -> bool:
     """
     Whether C{host} is an IP address or a DNS name.
     """
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        return bool(HOSTNAME.match(host))
+    return is_ip(host) or bool(HOSTNAME.match(host))
 
 
 def check_host(value: str) -> str | None:

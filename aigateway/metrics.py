@@ -40,7 +40,7 @@ _LE = [floatToGoString(bound) for bound in BUCKETS] + ["+Inf"]
 MAX_MODELS = 100
 # (Route, target) pairs remembered for the hot path before starting afresh.
 MAX_ATTEMPT_SERIES = 4096
-HEALTH_STATES = ("healthy", "unhealthy", "healthchecks_off", "dns_error")
+HEALTH_STATES = ("healthy", "unhealthy", "healthchecks_off", "dns_error", "dns_pending")
 # The token_type label values, in the order TargetSeries.tokens keeps them.
 TOKEN_TYPES = ("prompt", "completion", "total")
 

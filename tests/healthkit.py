@@ -1,14 +1,19 @@
 """
 Values and fakes for the health-check tests: upstreams built through the
 real schema (so the defaults are the ones the Admin API stores), targets,
-snapshots, and a prober whose probes a test answers by hand.
+snapshots, a prober whose probes a test answers by hand, and a name
+resolver whose answers a test decides.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet._resolver import HostResolution
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IHostnameResolver, IResolutionReceiver
 from zope.interface import implementer
 
 from aigateway.addresses import parse_target
@@ -149,3 +154,71 @@ class AnsweringProber:
     def probe(self, upstream: Upstream, target: Target) -> defer.Deferred[Outcome]:
         self.calls.append(target.key)
         return defer.succeed(self.outcomes.get(target.key, Outcome.status(200)))
+
+
+@implementer(IHostnameResolver)
+class Names:
+    """
+    A name resolver that answers from C{answers} (name to IP addresses; a
+    name not there, or with none, does not resolve), so a test decides
+    what resolves, without a DNS server.  An IP address resolves to itself
+    (the tests' own HTTP clients look up C{127.0.0.1} too).
+
+    @ivar asked: every name asked for, in order (IP addresses left out).
+    @ivar hold: when true, lookups of names wait in L{held} until
+        L{release}.
+    """
+
+    def __init__(
+        self, answers: dict[str, list[str]] | None = None, hold: bool = False
+    ) -> None:
+        self.answers = answers if answers is not None else {}
+        self.hold = hold
+        self.asked: list[str] = []
+        self.held: list[tuple[str, IResolutionReceiver, int]] = []
+
+    def resolveHostName(
+        self,
+        resolutionReceiver: IResolutionReceiver,
+        hostName: str,
+        portNumber: int = 0,
+        addressTypes: Any = None,
+        transportSemantics: str = "TCP",
+    ) -> HostResolution:
+        resolution = HostResolution(hostName)
+        resolutionReceiver.resolutionBegan(resolution)
+        if _is_ip(hostName):
+            self._answer(resolutionReceiver, [hostName], portNumber)
+            return resolution
+        self.asked.append(hostName)
+        if self.hold:
+            self.held.append((hostName, resolutionReceiver, portNumber))
+        else:
+            self._answer(resolutionReceiver, self.answers.get(hostName, []), portNumber)
+        return resolution
+
+    def release(self, name: str | None = None) -> None:
+        """
+        Answer the held lookups (of C{name}, if given) from L{answers}.
+        """
+        held, self.held = self.held, []
+        for host, receiver, port in held:
+            if name in (None, host):
+                self._answer(receiver, self.answers.get(host, []), port)
+            else:
+                self.held.append((host, receiver, port))
+
+    @staticmethod
+    def _answer(receiver: IResolutionReceiver, ips: list[str], port: int) -> None:
+        for ip in ips:
+            kind = IPv6Address if ":" in ip else IPv4Address
+            receiver.addressResolved(kind("TCP", ip, port))
+        receiver.resolutionComplete()
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True

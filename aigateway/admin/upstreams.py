@@ -102,13 +102,18 @@ def register(app: Klein, entities: Entities, health: Any, node_id: str) -> None:
                             "available": available,
                             "unavailable": target.weight - available,
                         },
+                        # One per IP its name resolved to, as Kong lists
+                        # them (each with the target's weight, as Kong gives
+                        # an A record's); none before the name was looked
+                        # up or when it did not resolve.
                         "addresses": [
                             {
-                                "ip": target.host,
+                                "ip": ip,
                                 "port": target.port,
                                 "weight": target.weight,
                                 "health": state,
                             }
+                            for ip in health.addresses(target)
                         ],
                     },
                 }

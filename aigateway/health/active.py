@@ -10,7 +10,6 @@ loopback servers.
 
 from __future__ import annotations
 
-import ipaddress
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, cast
@@ -38,7 +37,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS, IResponse
 from zope.interface import Interface, implementer
 
-from ..addresses import host_header
+from ..addresses import host_header, is_ip
 from ..model import Target, Upstream
 from .passive import Outcome, outcome_of_failure, timed_out
 from .state import Health, TargetHealth
@@ -282,17 +281,9 @@ class _Discard(Protocol):
         cast(IPushProducer, self.transport).stopProducing()
 
 
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
 def _endpoint(reactor: Any, target: Target) -> IStreamClientEndpoint:
     # An IP target needs no resolver (HostnameEndpoint's runs in a thread).
-    if not _is_ip(target.host):
+    if not is_ip(target.host):
         return HostnameEndpoint(reactor, target.host, target.port)
     if ":" in target.host:
         return TCP6ClientEndpoint(reactor, target.host, target.port)
@@ -339,7 +330,7 @@ class _Unverified:
 
     def __init__(self, name: str) -> None:
         self._context = CertificateOptions().getContext()
-        self._sni = None if _is_ip(name) else name.encode("idna")
+        self._sni = None if is_ip(name) else name.encode("idna")
 
     def clientConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
         connection = SSL.Connection(self._context, None)

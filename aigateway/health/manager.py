@@ -11,15 +11,17 @@ from collections.abc import Callable
 from typing import Any, Union
 
 import attrs
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IHostnameResolver, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ..addresses import is_ip
 from ..balancer.interfaces import IHealthPeek
 from ..config import ConfigSnapshot
 from ..model import Target, Upstream
 from .active import ActiveChecker, IProber
+from .dns import NameLookups
 from .passive import Outcome, outcome_of_failure
 from .state import ACTIVE, COUNTERS, PASSIVE, Health, TargetHealth
 
@@ -66,20 +68,30 @@ class HealthManager:
     A target is checked when its weight is positive: a weight-0 target gets
     no traffic and no probes, and is described as C{HEALTHCHECKS_OFF}.
     Targets are known by upstream id and C{host:port}, so a target's health
-    survives configuration changes that keep it.
+    survives configuration changes that keep it.  The host name of a
+    checked target is looked up as soon as the target is known, and kept
+    looked up (L{NameLookups}).
     """
 
     def __init__(
-        self, clock: IReactorTime, prober: IProber, log: Logger | None = None
+        self,
+        clock: IReactorTime,
+        prober: IProber,
+        log: Logger | None = None,
+        resolver: IHostnameResolver | None = None,
     ) -> None:
         """
         @param clock: the reactor, or a L{task.Clock} in tests.
         @param prober: what active checks probe with (L{AgentProber} in
             production).
+        @param resolver: what targets' host names are looked up with
+            (L{aigateway.health.dns.ReactorNames} in production); without
+            one, names are never looked up and stay C{DNS_PENDING}.
         """
         self._clock = clock
         self._prober = prober
         self._log = log or Logger()
+        self._lookups = NameLookups(clock, resolver, self._log)
         self._upstreams: dict[str, Upstream] = {}
         # Target states by upstream id, then key; each ActiveChecker reads
         # its upstream's dict, so it is changed in place, never replaced.
@@ -90,29 +102,36 @@ class HealthManager:
     def update(self, snapshot: ConfigSnapshot) -> None:
         """
         Follow a new configuration: new targets start healthy (or
-        C{HEALTHCHECKS_OFF}), unchanged ones keep their state, removed ones
-        are forgotten and their probes abandoned, and active checks are
-        started, stopped or rescheduled as the upstreams now say.
+        C{HEALTHCHECKS_OFF}) and their names are looked up at once,
+        unchanged ones keep their state, removed ones are forgotten and
+        their probes and lookups abandoned, and active checks are started,
+        stopped or rescheduled as the upstreams now say.
         """
+        lookups = self._lookups
         for uid in [u for u in self._upstreams if u not in snapshot.upstreams_by_id]:
             checker = self._checkers.pop(uid, None)
             if checker is not None:
                 checker.stop()
+            for state in self._states[uid].values():
+                lookups.forget(state)
             del self._upstreams[uid], self._states[uid]
         for uid, upstream in snapshot.upstreams_by_id.items():
             self._upstreams[uid] = upstream
             states = self._states.setdefault(uid, {})
             wanted = {t.key: t for t in snapshot.targets.get(uid, ()) if t.weight > 0}
             for key in [k for k in states if k not in wanted]:
-                del states[key]
+                lookups.forget(states.pop(key))
             for key, target in wanted.items():
-                state = states.get(key)
-                if state is None:
-                    states[key] = TargetHealth(
+                known = states.get(key)
+                if known is None:
+                    state = states[key] = TargetHealth(
                         target, upstream, self._clock, self._transition
                     )
                 else:
+                    state = known
                     state.reconfigure(target, upstream)
+                # (Again after stop(): watching a watched target does nothing.)
+                lookups.watch(state)
             self._update_checker(upstream, states)
 
     def _update_checker(
@@ -252,6 +271,17 @@ class HealthManager:
             }
         return state.describe()
 
+    def addresses(self, target: Target) -> tuple[str, ...]:
+        """
+        The IP addresses to list for C{target} in the health endpoint, one
+        per address its name resolved to (see
+        L{TargetHealth.shown_addresses}); none while it is not known.
+        """
+        state = self._state(target)
+        if state is None:
+            return (target.host,) if is_ip(target.host) else ()
+        return state.shown_addresses()
+
     def upstream_health(self, upstream_id: str) -> str:
         """
         C{HEALTHCHECKS_OFF} when the upstream checks nothing, else
@@ -279,12 +309,14 @@ class HealthManager:
 
     def stop(self) -> None:
         """
-        Stop every active check and abandon the probes in flight; states
-        are kept, and a later L{update} starts the checks again.
+        Stop every active check and name lookup and abandon the probes in
+        flight; states are kept, and a later L{update} starts the checks
+        and lookups again.
         """
         checkers, self._checkers = self._checkers, {}
         for checker in checkers.values():
             checker.stop()
+        self._lookups.stop()
 
     def _emit(self, event: HealthEvent) -> None:
         for observer in list(self._observers):
@@ -309,6 +341,7 @@ class HealthManager:
         self._emit(
             Transition(upstream.name, upstream.id, state.target.key, old, new, cause)
         )
+        self._lookups.wake(state)
 
     def _probed(self, state: TargetHealth, outcome: Outcome) -> None:
         upstream = state.upstream

@@ -6,8 +6,9 @@ request, and a rate-limit cooldown from C{429 Retry-After}).
 
 Everything here is pure: it changes only on the events it is told of
 (L{TargetHealth.record}, L{TargetHealth.set_manual},
-L{TargetHealth.reconfigure}) and reads time from the clock it is given, so
-a L{task.Clock} drives it exactly in tests.
+L{TargetHealth.reconfigure}, and the lookups of its name:
+L{TargetHealth.resolved}, L{TargetHealth.lookup_failed}) and reads time
+from the clock it is given, so a L{task.Clock} drives it exactly in tests.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 
+from ..addresses import is_ip
 from ..model import Target, Upstream
 from .config import Active, Passive
 from .passive import (
@@ -41,6 +43,11 @@ class Health(enum.Enum):
     HEALTHCHECKS_OFF = "HEALTHCHECKS_OFF"
     #: The target's host name did not resolve when last tried.
     DNS_ERROR = "DNS_ERROR"
+    #: Shown, never a state of the machine: the target's host name has not
+    #: been looked up yet (or not since it last failed), so its addresses
+    #: are unknown; shown instead of C{HEALTHY} or C{HEALTHCHECKS_OFF},
+    #: which would claim addresses nobody has seen.
+    DNS_PENDING = "DNS_PENDING"
 
 
 #: Seconds between tries of a target whose name did not resolve (Kong's
@@ -96,13 +103,15 @@ class TargetHealth:
       UNHEALTHY  -- successes reach healthy.successes -------> HEALTHY
       UNHEALTHY  -- (passive) a trial request succeeds ------> HEALTHY
       any        -- set by hand ---------------------------> HEALTHY/UNHEALTHY
-      any        -- healthchecks turned off / on -----------> HEALTHCHECKS_OFF/HEALTHY
+      any but DNS_ERROR -- healthchecks turned off / on ----> HEALTHCHECKS_OFF/HEALTHY
       any        -- its host name does not resolve ---------> DNS_ERROR
-      DNS_ERROR  -- an attempt or probe gets past the lookup --> the state before
+      DNS_ERROR  -- a lookup, attempt or probe gets past it --> the state before
 
     A target in C{DNS_ERROR} gets no traffic, whether checks are on or off
-    (as in Kong), except one trial every L{DNS_RETRY} seconds, so that a
-    name that resolves again brings it back without active checks.
+    (as in Kong), except one trial every L{DNS_RETRY} seconds; the node's
+    own lookups of the name (L{aigateway.health.dns}) share those tries
+    (L{take_lookup}), so a name that resolves again brings the target back
+    without traffic or active checks.
 
     Counters count I{consecutive} events, as lua-resty-healthcheck does: a
     success clears the failure counters and a failure the success counter;
@@ -126,7 +135,17 @@ class TargetHealth:
     makes a target unavailable until then without counting as a failure:
     the target is fine, only busy.
 
+    Beside the state sits what the target's name resolved to
+    (L{addresses}): Kong lists a target's addresses, and a target that has
+    none (its name not looked up yet) is not shown as healthy nor counted
+    as available weight, though it keeps taking traffic (the proxy looks
+    the name up itself when it connects).
+
     @ivar health: the current L{Health}.
+    @ivar named: whether the target's host is a name (not an IP address).
+    @ivar addresses: the IP addresses of the target: its host for an IP
+        target; for a name, what the last lookup found, or L{None} until a
+        lookup succeeds (and again after the name failed to resolve).
     @ivar counters: the counters by name (L{COUNTERS}).
     @ivar cooldown_until: the end of a rate-limit cooldown (clock seconds),
         or 0.
@@ -157,6 +176,8 @@ class TargetHealth:
         self._trial_out = False
         # The health to go back to once the host name resolves again.
         self._before_dns = self.health
+        self.named = not is_ip(target.host)
+        self.addresses: tuple[str, ...] | None = None if self.named else (target.host,)
 
     def available(self) -> bool:
         """
@@ -201,11 +222,17 @@ class TargetHealth:
     def is_available(self) -> bool:
         """
         Whether the target counts as available weight, for the health
-        endpoint and the upstream's health: it is healthy (or unchecked)
-        and not in a rate-limit cooldown.  Being due a trial request is not
-        being available: the target is out until the trial succeeds.
+        endpoint and the upstream's health: it is healthy (or unchecked),
+        its addresses are known, and it is not in a rate-limit cooldown.
+        Being due a trial request is not being available: the target is out
+        until the trial succeeds.  Nor is a name not looked up yet: nobody
+        knows it resolves.
         """
-        return self._up and self._clock.seconds() >= self.cooldown_until
+        return (
+            self._up
+            and self.addresses is not None
+            and self._clock.seconds() >= self.cooldown_until
+        )
 
     def lookup_due(self) -> bool:
         """
@@ -219,6 +246,45 @@ class TargetHealth:
             and self._trial_at is not None
             and self._clock.seconds() >= self._trial_at
         )
+
+    def take_lookup(self) -> bool:
+        """
+        Whether a lookup of the name may go now.  In L{Health.DNS_ERROR}
+        only when a try is due (L{lookup_due}), and then the lookup takes
+        the try: the proxied attempts and probes that also try the name
+        wait L{DNS_RETRY} seconds from it, so the name is looked up once a
+        L{DNS_RETRY} whoever does it.
+        """
+        if self.health is not Health.DNS_ERROR:
+            return True
+        if not self.lookup_due():
+            return False
+        self._trial_at = self._clock.seconds() + DNS_RETRY
+        return True
+
+    def lookup_at(self) -> float | None:
+        """
+        When the name's next try is due (clock seconds), in
+        L{Health.DNS_ERROR}; otherwise L{None}.
+        """
+        return self._trial_at if self.health is Health.DNS_ERROR else None
+
+    def resolved(self, addresses: tuple[str, ...]) -> None:
+        """
+        A lookup of the name found C{addresses} (at least one): they are
+        the target's, and a target in L{Health.DNS_ERROR} goes back to the
+        state it had.
+        """
+        self.addresses = addresses
+        if self.health is Health.DNS_ERROR:
+            self._become(self._before_dns, "dns", "dns resolved")
+
+    def lookup_failed(self) -> None:
+        """
+        A lookup of the name found nothing (or took too long): the target
+        is out, as when a proxied attempt or a probe failed to resolve it.
+        """
+        self._dns_failed()
 
     def _open(self, now: float) -> bool:
         if now < self.cooldown_until:
@@ -276,6 +342,9 @@ class TargetHealth:
                 self._become(goal, source, f"{source} {counter}")
 
     def _dns_failed(self) -> None:
+        if self.named:
+            # What the name resolved to before is not known to hold now.
+            self.addresses = None
         if self.health is not Health.DNS_ERROR:
             self._before_dns = self.health
             self._become(Health.DNS_ERROR, "dns", "dns error")
@@ -299,15 +368,20 @@ class TargetHealth:
     def reconfigure(self, target: Target, upstream: Upstream) -> None:
         """
         Take the target's and its upstream's new values, keeping the health
-        unless checking was turned off or on.
+        unless checking was turned off or on.  A target in
+        L{Health.DNS_ERROR} stays there (its name resolves no better for
+        it), and goes back to the new state once the name resolves.
         """
         was = self.upstream.healthchecks.enabled
         self.target, self.upstream = target, upstream
         now = upstream.healthchecks.enabled
-        if now and not was:
-            self._become(Health.HEALTHY, "config", "healthchecks on")
-        elif was and not now:
-            self._become(Health.HEALTHCHECKS_OFF, "config", "healthchecks off")
+        if now != was:
+            base = Health.HEALTHY if now else Health.HEALTHCHECKS_OFF
+            if self.health is Health.DNS_ERROR:
+                self._before_dns = base
+            else:
+                cause = "healthchecks on" if now else "healthchecks off"
+                self._become(base, "config", cause)
         elif self.health is not Health.DNS_ERROR and not (
             # A trial is only ended by a proxied outcome, which is not
             # counted with passive checks off.
@@ -316,13 +390,37 @@ class TargetHealth:
         ):
             self._trial_at, self._trial_out = None, False
 
+    def shown(self) -> Health:
+        """
+        The health the Admin API and the metrics show: the state, except
+        that a target whose addresses are not known yet is
+        L{Health.DNS_PENDING} rather than C{HEALTHY} or
+        C{HEALTHCHECKS_OFF}.
+        """
+        health = self.health
+        if self.addresses is None and (
+            health is Health.HEALTHY or health is Health.HEALTHCHECKS_OFF
+        ):
+            return Health.DNS_PENDING
+        return health
+
+    def shown_addresses(self) -> tuple[str, ...]:
+        """
+        The addresses the health endpoint lists: none in
+        L{Health.DNS_ERROR} (as Kong, whose balancer then holds none) or
+        before the name was looked up.
+        """
+        if self.health is Health.DNS_ERROR or self.addresses is None:
+            return ()
+        return self.addresses
+
     def describe(self) -> dict[str, Any]:
         """
-        The state as the health endpoint shows it.
+        The state as the health endpoint shows it (see L{shown}).
         """
         until = self.cooldown_until
         return {
-            "health": self.health.value,
+            "health": self.shown().value,
             "cooldown_until": until if until > self._clock.seconds() else None,
             "counters": dict(self.counters),
         }
