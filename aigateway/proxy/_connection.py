@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, DeferredList, TimeoutError, succeed
-from twisted.internet.error import ConnectionAborted
+from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
@@ -35,6 +35,7 @@ _IDLE = 0  # in the pool
 _WAITING = 1  # request written, response head not yet complete
 _BODY = 2  # response head delivered, body in progress
 _CLOSED = 3  # dropped: nothing it receives matters any more
+_TUNNEL = 4  # switched protocols (101): bytes both ways until it closes
 
 #: (scheme, authority), and for TLS to a name other than the authority's
 #: host or without verification, (scheme, authority, (server name,
@@ -147,7 +148,9 @@ class _Connection(Protocol):
             self.pool.remove(self)
             self.abort()
             return
-        if state == _CLOSED:
+        if state >= _CLOSED:
+            if state == _TUNNEL:
+                self.response.deliver(data)  # type: ignore[union-attr]
             return
         parser = self.parser
         try:
@@ -155,8 +158,14 @@ class _Connection(Protocol):
         except BadResponse:
             self._bad(Failure())
             return
-        if parser.complete and self.state == _BODY:
-            self._complete()
+        if parser.complete:
+            state = self.state
+            if state == _BODY:
+                self._complete()
+            elif state == _TUNNEL and parser.leftover:
+                # What the target sent right after its 101, in the same read.
+                leftover, parser.leftover = parser.leftover, b""
+                self.response.deliver(leftover)  # type: ignore[union-attr]
 
     def _head(self, head: ResponseHead) -> None:
         if self._write_timer is not None:
@@ -165,11 +174,20 @@ class _Connection(Protocol):
             self._write_timer = None
         request = self.request
         assert request is not None
+        if head.code == 101:
+            if not request.upgrade:
+                # A switch nobody asked for: what follows cannot be read.
+                raise BadResponse(
+                    "101 Switching Protocols to a request without Upgrade"
+                )
+            state = _TUNNEL
+        else:
+            state = _BODY
         self.request = None
         response = LeanResponse(head, self)
         self.response = response
         self.keep_alive = head.keep_alive
-        self.state = _BODY
+        self.state = state
         request.succeed(response)
 
     def _body(self, data: bytes) -> None:
@@ -236,11 +254,14 @@ class _Connection(Protocol):
             self.request = None
             if request is not None:
                 request.lost(self, reason)
-        elif state == _BODY:
+        elif state in (_BODY, _TUNNEL):
             response = self.response
             self.response = None
             if response is not None:
-                if self.parser.close_delimited():
+                if state == _TUNNEL and reason.check(ConnectionDone):
+                    # The target closed the tunnel: its usual end.
+                    response.end(_RESPONSE_DONE)
+                elif self.parser.close_delimited():
                     response.end(_DATA_LOSS)
                 else:
                     response.end(Failure(ResponseFailed([reason])))
@@ -335,6 +356,24 @@ class LeanResponse:
             # for (and slow down) a garbage collection.
             self._protocol = _DELIVERED
             protocol.connectionLost(reason)
+
+    def write(self, data: bytes) -> None:
+        """
+        Send C{data} to the target, once the connection is a tunnel (the
+        response was a C{101 Switching Protocols}).
+        """
+        connection = self._connection
+        if connection is not None:
+            send(connection.transport, data)
+
+    def pace(self, producer: Any) -> None:
+        """
+        Pause C{producer} (the client's transport) while the target takes
+        what L{write} sends slower than it comes, and resume it after.
+        """
+        connection = self._connection
+        if connection is not None:
+            connection.transport.registerProducer(producer, True)  # type: ignore[union-attr]
 
     def pauseProducing(self) -> None:
         connection = self._connection

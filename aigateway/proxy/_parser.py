@@ -561,6 +561,9 @@ class RequestHead:
         after the response.
     @ivar headers: the headers, less C{Content-Length} and
         C{Transfer-Encoding}, which describe the framing this parser undoes.
+    @ivar upgrade: C{b"websocket"} for a WebSocket handshake (an HTTP/1.1
+        C{GET} without a body, with C{Connection: upgrade} and C{Upgrade:
+        websocket}), else L{None}.
     """
 
     __slots__ = (
@@ -571,6 +574,7 @@ class RequestHead:
         "length",
         "keep_alive",
         "expect_continue",
+        "upgrade",
     )
 
     def __init__(
@@ -582,6 +586,7 @@ class RequestHead:
         length: int | None,
         keep_alive: bool,
         expect_continue: bool,
+        upgrade: bytes | None = None,
     ) -> None:
         self.method = method
         self.uri = uri
@@ -590,6 +595,7 @@ class RequestHead:
         self.length = length
         self.keep_alive = keep_alive
         self.expect_continue = expect_continue
+        self.upgrade = upgrade
 
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -659,8 +665,11 @@ class RequestParser(_MessageParser):
         else:
             length = fields.length or 0
         tokens = fields.connection
+        upgrade = None
         if version == b"HTTP/1.1":
             keep_alive = b"close" not in tokens
+            if b"upgrade" in tokens and method == b"GET" and length == 0:
+                upgrade = _upgrade(fields.headers._rawHeaders.get(b"Upgrade"))
         else:
             # A Transfer-Encoding in an HTTP/1.0 request may have been
             # framed differently on its way here: answer it, then close
@@ -693,6 +702,7 @@ class RequestParser(_MessageParser):
                 keep_alive,
                 # HTTP/1.0 has no 100 Continue (RFC 9110 section 10.1.1).
                 expect_continue and length != 0 and version == b"HTTP/1.1",
+                upgrade,
             )
         )
         return rest
@@ -724,6 +734,19 @@ _CHUNKED_ONLY = [b"chunked"]
 _HOST = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(:[0-9]*)?\Z")
 # Host values already found valid: nearly every request repeats one.
 _HOSTS: set[bytes] = set()
+
+
+def _upgrade(values: list[bytes] | None) -> bytes | None:
+    """
+    The protocol a request asks to switch to, if the gateway relays it:
+    WebSocket only.  Another (C{h2c} above all) would turn the connection
+    into one the gateway cannot see into, a known way around the routes
+    and checks of a proxy ("h2c smuggling"): its C{Upgrade} is dropped and
+    the request is an ordinary one.
+    """
+    if values is not None and len(values) == 1 and values[0].lower() == b"websocket":
+        return b"websocket"
+    return None
 
 
 def _absolute(uri: bytes) -> bool:

@@ -27,7 +27,7 @@ from ..health.passive import TIMEOUTS
 from ..model import Target
 from .headers import _hostname, client_response_headers, upstream_headers
 from .lean import LeanAgent, LeanRequest
-from .relay import BytesProducer, Discard, Relay, describe, write_error
+from .relay import BytesProducer, Discard, Relay, Tunnel, describe, write_error
 from .usage import Usage
 
 if TYPE_CHECKING:
@@ -289,10 +289,26 @@ class Exchange:
             tls = None
             if scheme == b"https":
                 tls = _tls_for(host, target.host, service.tls_verify)
+            upgrade = request.upgrade
+            if upgrade is not None:
+                # A WebSocket handshake: the hop-by-hop pair that asks for
+                # it goes on to the target (as nginx's usual Upgrade and
+                # Connection lines, and Kong, do).
+                raw = headers._rawHeaders
+                raw[b"Connection"] = [b"upgrade"]
+                raw[b"Upgrade"] = [upgrade]
             # The exchange is the request's receiver: no URI to format and
             # parse again, no Deferred.
             pending = agent.dispatch(
-                request.method, scheme, authority, self.path, headers, body, self, tls
+                request.method,
+                scheme,
+                authority,
+                self.path,
+                headers,
+                body,
+                self,
+                tls,
+                upgrade is not None,
             )
             # A request that failed at once has been handled already (and
             # perhaps retried, with a pending request of its own).
@@ -461,6 +477,10 @@ class Exchange:
         self._pending = None
         first_byte = self.clock.seconds() - sent
         status = response.code
+        if status == 101:
+            # (The lean client gives a 101 only to a request that asked.)
+            self._switch(response, target, first_byte)
+            return
         # (Headers keep names canonical: read them without getRawHeaders'
         # encoding of the name, on every response.)
         retry_after = response.headers._rawHeaders.get(b"Retry-After")
@@ -501,6 +521,30 @@ class Exchange:
         relay = Relay(self, target, first_byte)
         self._relay = relay
         response.deliverBody(relay)
+
+    def _switch(self, response: IResponse, target: Target, first_byte: float) -> None:
+        """
+        The target switched protocols (a WebSocket): pass its 101 on and
+        relay bytes both ways until either side closes, or neither sends
+        anything for the service's C{read_timeout}.
+        """
+        self.hooks.health.report_status(target, 101, None)
+        self.upstream_latency = first_byte
+        self.status = 101
+        request = self.request
+        request.setResponseCode(101, response.phrase)
+        protocol = response.headers._rawHeaders.get(b"Upgrade")
+        headers = request.responseHeaders = client_response_headers(
+            response.headers, request.responseHeaders
+        )
+        raw = headers._rawHeaders
+        raw[b"Connection"] = [b"upgrade"]
+        raw[b"Upgrade"] = protocol or [request.upgrade or b"websocket"]
+        self.hooks.decorate(self, request)
+        self.touch(self._sent + first_byte)
+        tunnel = Tunnel(self, target, first_byte)
+        self._relay = tunnel
+        response.deliverBody(tunnel)
 
     def _client_gone(self, failure: Failure) -> None:
         self.gone = True

@@ -104,6 +104,7 @@ class LeanRequest:
         "retried",
         "cancelled",
         "done",
+        "upgrade",
     )
 
     def __init__(
@@ -126,6 +127,8 @@ class LeanRequest:
         self.retried = False
         self.cancelled = False
         self.done = False
+        #: It asks to switch protocols: a 101 may answer it.
+        self.upgrade = False
 
     def sending(self) -> bool:
         """
@@ -270,6 +273,7 @@ class LeanAgent:
         bodyProducer: IBodyProducer | None,
         receiver: Receiver,
         tls: tuple[str, bool] | None = None,
+        upgrade: bool = False,
     ) -> LeanRequest | None:
         """
         Send a request to C{authority} (C{host:port}) for C{path} (with
@@ -280,6 +284,10 @@ class LeanAgent:
         @param tls: for C{https}, the name to send as SNI and to verify the
             certificate against, and whether to verify it, when not the
             authority's host and C{True}.
+        @param upgrade: the headers ask to switch protocols (a WebSocket
+            handshake): a C{101} answer makes the connection a tunnel
+            (L{LeanResponse.write} sends to the target) instead of an
+            invalid response.
 
         Header names and values are sent as given: they come from the
         proxy's parsed request and from L{Headers}, which have already
@@ -323,6 +331,8 @@ class LeanAgent:
             body,
             receiver,
         )
+        if upgrade:
+            request.upgrade = True
         connection = self._pool.take(request.key)
         if connection is None:
             self.connect(request)

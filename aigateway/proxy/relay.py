@@ -189,3 +189,36 @@ class Relay(Protocol):
             )
             request.write(b"event: error\ndata: " + event.encode() + b"\n\n")
         request.close_connection()
+
+
+class Tunnel(Relay):
+    """
+    The two directions of a connection switched to another protocol (a
+    WebSocket): what the target sends is written to the client as it is
+    (L{Relay}), and what the client sends from then on goes to the target
+    through L{write}.
+
+    Either side closing closes the other.  A tunnel broken or left silent
+    for the service's C{read_timeout} is closed without a word (the client
+    already speaks another protocol) and without a passive health
+    failure: how long a WebSocket lives, or idles, says nothing of the
+    target's health.
+    """
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        client = self.exchange.request.switch(self)
+        self.transport.pace(client)  # type: ignore[union-attr]
+
+    def write(self, data: bytes) -> None:
+        """
+        Bytes from the client: on to the target.
+        """
+        self.exchange.touch()
+        transport = self.transport
+        if transport is not None:
+            transport.write(data)
+
+    def _broken(self, reason: Failure) -> None:
+        self.exchange.error = self._stall_cause or describe(reason)
+        self.exchange.request.close_connection()

@@ -28,6 +28,9 @@ What it does, per RFC 9112:
     write buffer nor the kernel's send queue goes down) for
     C{idle_timeout} is dropped, as nginx's C{send_timeout} does, whether
     or not the response is finished;
+  - a WebSocket handshake the target accepts (C{101}) makes the connection
+    a tunnel: the client's bytes go to the exchange as they come
+    (L{ProxyRequest.switch}), and the connection closes with it;
   - a malformed request gets a 400 (431, 501, 505 where they apply) and the
     connection is closed; idle connections, and request heads not whole
     within C{idle_timeout} of their first byte, are closed after it; a
@@ -129,6 +132,7 @@ class ProxyRequest:
         "peer",
         "port",
         "keep_alive",
+        "upgrade",
         "started",
         "finished",
         "gone",
@@ -170,6 +174,7 @@ class ProxyRequest:
         self.peer = channel.peer
         self.port = channel.port
         self.keep_alive = head.keep_alive
+        self.upgrade = head.upgrade
         self.started = False
         self.finished = False
         self.gone = False
@@ -279,16 +284,28 @@ class ProxyRequest:
             raw[b"Connection"] = [b"close"]
         elif self.clientproto != b"HTTP/1.1":
             raw[b"Connection"] = [b"keep-alive"]
-        # (Joined at CRLF, as the lean client writes its requests: bytes
-        # %-formatting per header line cost more than the rest of this.)
-        lines = [b"HTTP/1.1 %d %s" % (code, self.code_message)]
-        append = lines.append
-        for name, values in raw.items():
-            for value in values:
-                append(name + b": " + value)
-        append(b"")
-        append(b"")
-        return b"\r\n".join(lines)
+        return _response_head(code, self.code_message, raw)
+
+    def switch(self, tunnel: Any) -> Any:
+        """
+        Send the target's C{101 Switching Protocols} (its status and headers
+        as set) and make the connection a tunnel between client and target
+        (a WebSocket): from now on what the client sends goes to
+        C{tunnel.write}, and what L{write} gets is sent as it is.  The
+        connection closes when L{finish} is called.
+
+        @return: the client's transport, a producer to pause while the
+            target takes the client's bytes slower than they come.
+        """
+        self.started = True
+        self.keep_alive = False
+        self._no_body = self._chunked = False
+        self.channel.send(
+            _response_head(
+                self.code, self.code_message, self.responseHeaders._rawHeaders
+            )
+        )
+        return self.channel.tunnel_to(tunnel)
 
     def reset_response(self) -> None:
         """
@@ -398,6 +415,22 @@ class ProxyRequest:
         self._chunks = []
 
 
+def _response_head(code: int, message: bytes, raw: dict[bytes, list[bytes]]) -> bytes:
+    """
+    A response's status line and header lines, and the blank line after.
+    """
+    # (Joined at CRLF, as the lean client writes its requests: bytes
+    # %-formatting per header line cost more than the rest of this.)
+    lines = [b"HTTP/1.1 %d %s" % (code, message)]
+    append = lines.append
+    for name, values in raw.items():
+        for value in values:
+            append(name + b": " + value)
+    append(b"")
+    append(b"")
+    return b"\r\n".join(lines)
+
+
 class LentTimer:
     """
     One timer for a client connection, lent to the exchange in progress on
@@ -503,6 +536,8 @@ class ProxyChannel(Protocol):
         #: send buffer filled up.
         self.resumed_at = 0.0
         self._timer: LentTimer | None = None
+        # Where the client's bytes go once the connection is a tunnel.
+        self._tunnel: Any = None
 
     def lent_timer(self, clock: Any) -> LentTimer:
         """
@@ -535,7 +570,9 @@ class ProxyChannel(Protocol):
     def dataReceived(self, data: bytes) -> None:
         now = self.last_active = self.factory.seconds()
         if self.responding or self.refused:
-            if not self.refused:
+            if self._tunnel is not None:
+                self._tunnel.write(data)
+            elif not self.refused:
                 self._hold(data)
             return
         if not self.parser.received:
@@ -636,6 +673,7 @@ class ProxyChannel(Protocol):
         self.request = None
         self.responding = False
         self._producer = None
+        self._tunnel = None
         if not request.keep_alive or self.factory.draining:
             self.refused = True
             self.close()
@@ -648,6 +686,21 @@ class ProxyChannel(Protocol):
             self.transport.resumeProducing()  # type: ignore[union-attr]
         if held:
             self._feed(held)
+
+    def tunnel_to(self, tunnel: Any) -> Any:
+        """
+        Send what the client sends from now on to C{tunnel.write}, starting
+        with what it sent after the request (see L{ProxyRequest.switch}).
+        """
+        self._tunnel = tunnel
+        held, self._held = self._held, b""
+        transport: Any = self.transport
+        if self._read_paused:
+            self._read_paused = False
+            transport.resumeProducing()
+        if held:
+            tunnel.write(held)
+        return transport
 
     # -- writing responses -----------------------------------------------
 
@@ -784,7 +837,7 @@ class ProxyChannel(Protocol):
             self._closing.cancel()
         self._closing = None
         self._abandon(reason)
-        self._producer = None
+        self._producer = self._tunnel = None
         # The parser calls back into this channel: let go of it, so a closed
         # connection is freed by reference counting, not left to the
         # garbage collector.
