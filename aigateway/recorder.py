@@ -92,7 +92,7 @@ class Recorder(ExchangeObserver):
         series.latency.observe(elapsed * 1000)
         if exchange.proxy_latency is not None:
             series.proxy.observe(exchange.proxy_latency * 1000)
-        series.ingress += len(exchange.body)
+        series.ingress += exchange.bytes_in
         series.egress += exchange.bytes_out
         usage = exchange.usage
         if usage is not None and attempt is not None:
@@ -175,7 +175,7 @@ class Recorder(ExchangeObserver):
             exchange.status,
             exchange.attempts,
             tuple(exchange.tried),
-            len(exchange.body),
+            exchange.bytes_in,
             exchange.bytes_out,
             elapsed,
             exchange.upstream_latency,

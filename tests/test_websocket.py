@@ -18,7 +18,15 @@ from twisted.internet import reactor
 from aigateway.proxy._parser import RequestParser
 from aigateway.proxy._transport import unsent
 
-from .gatewaykit import TargetResource, address, listen, scrape, sleep, wait_for
+from .gatewaykit import (
+    TargetResource,
+    address,
+    listen,
+    sample,
+    scrape,
+    sleep,
+    wait_for,
+)
 from .test_proxy_answers import canned
 from .test_server import Conversation, connect
 from .wskit import CLOSE, EchoSockets, accept_for, frame, frames, handshake
@@ -102,8 +110,11 @@ async def test_a_websocket_is_relayed_both_ways(gateway, servers):
 
     # What the target sent in the same write as its 101 arrives too.
     assert await _messages(client, 1) == [b"hello"]
+    sent = 0
     for text in (b"one", b"two", b"three" * 100_000):
-        client.transport.write(frame(text))
+        data = frame(text)
+        sent += len(data)
+        client.transport.write(data)
     assert await _messages(client, 4) == [b"hello", b"one", b"two", b"three" * 100_000]
 
     line, headers = sockets.handshakes[-1]
@@ -117,10 +128,28 @@ async def test_a_websocket_is_relayed_both_ways(gateway, servers):
 
     # The client's close: the target answers and closes, and so does the
     # gateway, towards the client.
-    client.transport.write(frame(b"", CLOSE))
+    closing = frame(b"", CLOSE)
+    client.transport.write(closing)
     await wait_for(lambda: _async(client.is_closed), 5, 0.01)
     assert sockets.closed == 1
     assert await _counted(gateway, "101")
+    # The bytes each way are counted as the tunnel's body bytes.
+    samples = await scrape(gateway)
+    labels = {"service": "s", "route": _route_id(samples)}
+    bandwidth = "aigateway_bandwidth_bytes_total"
+    assert sample(samples, bandwidth, direction="ingress", **labels) == sent + len(
+        closing
+    )
+    assert sample(samples, bandwidth, direction="egress", **labels) == len(client.data)
+
+
+def _route_id(samples: Any) -> str:
+    (route,) = {
+        dict(labels)["route"]
+        for name, labels in samples
+        if name == "aigateway_bandwidth_bytes_total"
+    }
+    return route
 
 
 async def _async(value: Any) -> Any:

@@ -112,6 +112,10 @@ class Exchange:
     @ivar attempts: attempts made so far.
     @ivar tried: keys of the targets already tried, in the order tried.
     @ivar usage: the token usage the answer reported, if any.
+    @ivar bytes_in: bytes received from the client: the request body, and
+        what it sent through a tunnel (a WebSocket).
+    @ivar bytes_out: body bytes relayed to the client (through a tunnel,
+        every byte after the 101's head).
     """
 
     # Slots: one exchange is made per request, and at its thirtieth
@@ -136,6 +140,7 @@ class Exchange:
         "status",
         "upstream_latency",
         "proxy_latency",
+        "bytes_in",
         "bytes_out",
         "error",
         "usage",
@@ -184,6 +189,7 @@ class Exchange:
         self.status = 0
         self.upstream_latency: float | None = None
         self.proxy_latency: float | None = None
+        self.bytes_in = len(body)
         self.bytes_out = 0
         self.error: str | None = None
         self.usage: Usage | None = None

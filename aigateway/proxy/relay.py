@@ -214,7 +214,9 @@ class Tunnel(Relay):
         """
         Bytes from the client: on to the target.
         """
-        self.exchange.touch()
+        exchange = self.exchange
+        exchange.bytes_in += len(data)
+        exchange.touch()
         transport = self.transport
         if transport is not None:
             transport.write(data)
