@@ -8,6 +8,8 @@ from __future__ import annotations
 import gc
 import json
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlencode
 
@@ -17,6 +19,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.internet.task import deferLater
+from twisted.logger import globalLogPublisher
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
@@ -517,3 +520,22 @@ class AigatewayGarbage:
         finally:
             gc.set_debug(0)
             gc.garbage.clear()
+
+
+@contextmanager
+def log_events(namespace: str | None = None) -> Iterator[list[dict]]:
+    """
+    The events logged while the block runs: those of C{namespace} (a
+    module's logger, C{"aigateway.feed"}), or every one.
+    """
+    events: list[dict] = []
+
+    def observe(event: dict) -> None:
+        if namespace is None or event.get("log_namespace") == namespace:
+            events.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        yield events
+    finally:
+        globalLogPublisher.removeObserver(observe)

@@ -103,6 +103,18 @@ def snapshot(
     return ConfigSnapshot.build(version, records)
 
 
+def one_upstream(version: int, keys: dict[str, int], **checks: Any) -> ConfigSnapshot:
+    """
+    A snapshot of upstream C{u1} (C{llm}) with health C{checks} and targets
+    C{{key: weight}}.
+    """
+    return snapshot(
+        version,
+        [upstream_record("u1", name="llm", **checks)],
+        [target_record(k, "u1", w) for k, w in keys.items()],
+    )
+
+
 @implementer(IProber)
 class FakeProber:
     """

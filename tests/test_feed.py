@@ -8,8 +8,6 @@ several processes on one new database file.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -18,7 +16,6 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.task import Clock
-from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
@@ -40,6 +37,7 @@ from .gatewaykit import (
     TargetResource,
     address,
     listen,
+    log_events,
     sample,
     scrape,
     wait_for,
@@ -115,27 +113,9 @@ def test_feed_survives_a_failing_store():
     feed.stop()
 
 
-@contextmanager
-def _feed_log() -> Iterator[list[dict]]:
-    """
-    What L{aigateway.feed} logs while the block runs.
-    """
-    events: list[dict] = []
-
-    def observe(event: dict) -> None:
-        if event.get("log_namespace") == "aigateway.feed":
-            events.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    try:
-        yield events
-    finally:
-        globalLogPublisher.removeObserver(observe)
-
-
 def test_an_outage_is_logged_once_and_its_end_once():
     outage = Outage()
-    with _feed_log() as logged:
+    with log_events("aigateway.feed") as logged:
         for _ in range(3):
             outage.failed(Failure(StoreUnavailable("server gone")))
         assert outage.failing
@@ -425,7 +405,7 @@ async def test_postgres_out_of_reach_admin_503_proxy_serves_then_recovers(
 ):
     servers.append(port := listen(TargetResource("t")))
     node = await Gateway(postgres_url, db_update_frequency=0.1).start()
-    with _feed_log() as logged:
+    with log_events("aigateway.feed") as logged:
         await _outage_and_recovery(node, port, postgres_url)
     outages = [e for e in logged if "unavailable" in e.get("log_format", "")]
     assert len(outages) == 1
@@ -636,7 +616,7 @@ def test_an_admin_call_that_fails_is_answered_500():
 
 def test_failures_that_are_not_outages_are_logged_every_time():
     outage = Outage()
-    with _feed_log() as logged:
+    with log_events("aigateway.feed") as logged:
         for _ in range(3):
             outage.failed(Failure(ValueError("a record this node cannot read")))
         assert not outage.failing

@@ -11,8 +11,7 @@ alike) if the store answers later.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import attrs
@@ -20,7 +19,6 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.task import Clock
-from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
 from aigateway.admin.entities import PATIENCE, WRITE_PATIENCE, Entities
@@ -36,11 +34,11 @@ from .gatewaykit import (
     TargetResource,
     address,
     listen,
+    log_events,
     sample,
     scrape,
     wait_for,
 )
-from .test_feed import _feed_log
 
 
 class _Holding:
@@ -140,7 +138,7 @@ async def on_clock(tmp_path) -> AsyncIterator[_Node]:
 @pytest_twisted.ensureDeferred
 async def test_a_look_left_unanswered_is_an_outage_until_it_answers(on_clock):
     store, clock, entities = on_clock.store, on_clock.clock, on_clock.entities
-    with _feed_log() as logged:
+    with log_events("aigateway.feed") as logged:
         store.holding.hung = True
         clock.advance(1.0)  # the feed's first look
         assert len(store.holding.held) == 1
@@ -181,7 +179,7 @@ async def test_a_write_left_unanswered_holds_the_feed_and_is_noticed(on_clock):
     all the same, and the write's late answer ends it.
     """
     store, clock, entities = on_clock.store, on_clock.clock, on_clock.entities
-    with _feed_log() as logged:
+    with log_events("aigateway.feed") as logged:
         store.holding.hung = True
         created = entities.create("upstreams", {"name": "b"}, True)
         clock.advance(1.0)  # the feed's look, behind the write
@@ -218,7 +216,7 @@ async def test_the_metric_says_a_silent_store_is_unreachable(
 
     try:
         await node.configure("up", {address(port): 100})
-        with _feed_log() as logged:
+        with log_events("aigateway.feed") as logged:
             holding.hung = True
             took = await wait_for(lambda: succeed(outage.failing), 5.0, 0.05)
             assert took >= PATIENCE - 0.2
@@ -248,7 +246,7 @@ async def test_postgres_that_stops_answering_is_noticed(postgres_url):
     outage = node.service.parts.outage
     try:
         assert (await node.admin.post("/upstreams", form={"name": "a"})).code == 201
-        with _feed_log() as logged:
+        with log_events("aigateway.feed") as logged:
             with psycopg.connect(postgres_url) as holder:
                 holder.execute("LOCK TABLE meta IN ACCESS EXCLUSIVE MODE")
                 took = await wait_for(lambda: succeed(outage.failing), 4.5, 0.05)
@@ -266,24 +264,6 @@ async def test_postgres_that_stops_answering_is_noticed(postgres_url):
 
 
 # -- a write the store does not answer ------------------------------------------
-
-
-@contextmanager
-def _entities_log() -> Iterator[list[dict]]:
-    """
-    What L{aigateway.admin.entities} logs while the block runs.
-    """
-    events: list[dict] = []
-
-    def observe(event: dict) -> None:
-        if event.get("log_namespace") == "aigateway.admin.entities":
-            events.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    try:
-        yield events
-    finally:
-        globalLogPublisher.removeObserver(observe)
 
 
 def _outcome(d: Deferred[Any]) -> list[Any]:
@@ -314,7 +294,7 @@ async def test_a_write_left_unanswered_is_answered_503_and_lands_later(on_clock)
     store and in force alike, and the log says so.
     """
     store, clock, entities = on_clock.store, on_clock.clock, on_clock.entities
-    with _feed_log(), _entities_log() as logged:
+    with log_events("aigateway.feed"), log_events("aigateway.admin.entities") as logged:
         store.holding.hung = True
         first = _outcome(entities.create("upstreams", {"name": "b"}, True))
         clock.advance(WRITE_PATIENCE - 0.1)
@@ -331,11 +311,7 @@ async def test_a_write_left_unanswered_is_answered_503_and_lands_later(on_clock)
         assert len(store.holding.held) == 1  # the second never reached it
 
         store.holding.answer()
-        await wait_for(lambda: succeed(not entities._lock.locked), 5.0, 0.01)
-        version, records = await store.load()
-        assert [r["name"] for r in records["upstreams"].values()] == ["b"]
-        assert entities.snapshot.version == version
-        assert [u.name for u in entities.snapshot.upstreams.values()] == ["b"]
+        await _in_force(store, entities, ["b"])
         assert not entities.outage.failing
     assert ["saved after all" in e["log_format"] for e in logged] == [True]
 
@@ -353,11 +329,19 @@ async def test_a_write_its_caller_gave_up_on_lands_in_force_too(on_clock):
     created.addErrback(lambda failure: failure.trap(CancelledError))
     created.cancel()
     store.holding.answer()
+    await _in_force(store, entities, ["b"])
+
+
+async def _in_force(store: Any, entities: Entities, names: list[str]) -> None:
+    """
+    Once the writes are over, the store holds the upstreams C{names}, and
+    so does the configuration in force, at the store's version.
+    """
     await wait_for(lambda: succeed(not entities._lock.locked), 5.0, 0.01)
     version, records = await store.load()
-    assert [r["name"] for r in records["upstreams"].values()] == ["b"]
+    assert [r["name"] for r in records["upstreams"].values()] == names
     assert entities.snapshot.version == version
-    assert [u.name for u in entities.snapshot.upstreams.values()] == ["b"]
+    assert [u.name for u in entities.snapshot.upstreams.values()] == names
 
 
 @pytest_twisted.ensureDeferred

@@ -31,10 +31,9 @@ from .gatewaykit import HoldingTarget, address, listen, sample, scrape
 from .healthkit import (
     FakeProber,
     Names,
+    one_upstream,
     snapshot,
     target,
-    target_record,
-    upstream_record,
 )
 
 NAME, IP = "api.test:443", "10.0.0.9:443"
@@ -59,11 +58,7 @@ class LookupMixin:
         self, version: int, keys: dict[str, int] | None = None, /, **checks: Any
     ) -> ConfigSnapshot:
         keys = {NAME: 100} if keys is None else keys
-        snap = snapshot(
-            version,
-            [upstream_record("u1", name="llm", **checks)],
-            [target_record(k, "u1", w) for k, w in keys.items()],
-        )
+        snap = one_upstream(version, keys, **checks)
         self.manager.update(snap)
         return snap
 

@@ -22,10 +22,8 @@ from aigateway.health.state import Health
 from .healthkit import (
     AnsweringProber,
     FakeProber,
-    snapshot,
+    one_upstream,
     target,
-    target_record,
-    upstream_record,
 )
 
 A, B, C = "10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"
@@ -57,11 +55,7 @@ class ManagerMixin:
         Upstream C{u1} with C{checks} and targets C{{key: weight}}.
         """
         keys = {A: 100, B: 100} if keys is None else keys
-        snap = snapshot(
-            version,
-            [upstream_record("u1", name="llm", **checks)],
-            [target_record(k, "u1", w) for k, w in keys.items()],
-        )
+        snap = one_upstream(version, keys, **checks)
         self.manager.update(snap)
         return snap
 

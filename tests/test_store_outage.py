@@ -7,33 +7,17 @@ a rollback that fails on a connection still up is still logged.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import succeed
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 
 from aigateway.store.interfaces import StoreUnavailable
 from aigateway.store.postgres import PostgresStore
 
-from .gatewaykit import Gateway, wait_for
+from .gatewaykit import Gateway, log_events, wait_for
 from .test_feed import _admit
-
-
-@contextmanager
-def _everything_logged() -> Iterator[list[dict]]:
-    """
-    Every event logged while the block runs.
-    """
-    events: list[dict] = []
-    globalLogPublisher.addObserver(events.append)
-    try:
-        yield events
-    finally:
-        globalLogPublisher.removeObserver(events.append)
 
 
 def _tracebacks(events: list[dict]) -> list[str]:
@@ -60,7 +44,7 @@ async def test_a_lost_connection_is_replaced_without_tracebacks(postgres_url):
     try:
         await store.start()
         assert await store.write([("upstreams", {"id": "u1", "name": "a"})], []) == 1
-        with _everything_logged() as logged:
+        with log_events() as logged:
             _admit(postgres_url, False)
             try:
                 # The connection is found dead, then new ones are refused.
@@ -77,7 +61,7 @@ async def test_a_lost_connection_is_replaced_without_tracebacks(postgres_url):
         assert _tracebacks(logged) == []
 
         # Ended once more, and let in at once: the next call but one works.
-        with _everything_logged() as logged:
+        with log_events() as logged:
             _admit(postgres_url, False)
             _admit(postgres_url, True)
             with pytest.raises(StoreUnavailable):
@@ -109,7 +93,7 @@ async def test_a_rollback_failing_on_a_live_connection_is_still_logged(postgres_
 
     try:
         await store.start()
-        with _everything_logged() as logged, pytest.raises(ValueError, match="own"):
+        with log_events() as logged, pytest.raises(ValueError, match="own"):
             await store._run(broken)
         assert any("Rollback failed" in text for text in _tracebacks(logged))
         assert await store.version() == 0
@@ -128,7 +112,7 @@ async def test_a_node_logs_an_outage_in_two_lines(postgres_url):
     outage = node.service.parts.outage
     try:
         assert (await node.admin.post("/upstreams", form={"name": "a"})).code == 201
-        with _everything_logged() as logged:
+        with log_events() as logged:
             _admit(postgres_url, False)
             try:
                 await wait_for(lambda: succeed(outage.failing), 5.0, 0.05)
