@@ -39,6 +39,7 @@ from .gatewaykit import (
     scrape,
     wait_for,
 )
+from .test_server import connect
 
 
 class _Holding:
@@ -384,6 +385,47 @@ async def test_an_admin_write_the_store_holds_is_answered_in_time(
         await wait_for(landed, 5.0, 0.05)
         _, records = await node.service.store.load()
         assert [r["name"] for r in records["upstreams"].values()] == ["b"]
+    finally:
+        holding.answer()
+        await node.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_admin_client_hanging_up_mid_write_is_not_an_error(
+    tmp_path, monkeypatch
+):
+    """
+    A client that hangs up while its write waits on the store: the write
+    lands, and nothing is logged as a failed request (it did not fail).
+    """
+    holding = _Holding()
+    writes = SQLiteStore.write
+    monkeypatch.setattr(
+        SQLiteStore,
+        "write",
+        lambda self, *a: holding.hold(lambda: writes(self, *a)),
+    )
+    node = await Gateway(str(tmp_path / "held.db")).start()
+    try:
+        with log_events("aigateway.admin.app") as logged:
+            holding.hung = True
+            client = await connect(node.service.admin_port.getHost().port)
+            client.transport.write(
+                b"POST /upstreams HTTP/1.1\r\nHost: a\r\n"
+                b"Content-Type: application/x-www-form-urlencoded\r\n"
+                b"Content-Length: 6\r\n\r\nname=b"
+            )
+            await wait_for(lambda: succeed(bool(holding.held)), 5.0, 0.01)
+            client.transport.loseConnection()
+            await client.closed
+            holding.answer()
+
+            async def landed() -> bool:
+                reply = await node.admin.get("/upstreams")
+                return [u["name"] for u in reply.json["data"]] == ["b"]
+
+            await wait_for(landed, 5.0, 0.05)
+        assert [e["log_format"] for e in logged] == []
     finally:
         holding.answer()
         await node.stop()

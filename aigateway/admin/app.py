@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from klein import Klein
+from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import MethodNotAllowed, NotFound
@@ -65,6 +66,10 @@ def endpoint(handler: Handler) -> Callable[..., Any]:
                 "may not have been saved: read it back before trying again"
             )
             return answer(request, 503, {"message": message})
+        except CancelledError:
+            # The client hung up (Klein cancels the handler): nobody to
+            # answer, and nothing failed.
+            raise
         except Exception:
             _log.failure(
                 "Admin API request failed: {method} {uri}",
