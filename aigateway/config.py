@@ -15,9 +15,10 @@ from typing import Any
 
 import attrs
 
+from .cacerts import service_trusts
 from .model import Route, Service, Target, Upstream
 
-KINDS = ("upstreams", "targets", "services", "routes")
+KINDS = ("upstreams", "targets", "services", "routes", "ca_certificates")
 Records = Mapping[str, Mapping[str, Mapping[str, Any]]]
 
 
@@ -52,6 +53,12 @@ class ConfigSnapshot:
         Index C{records} into a snapshot.
         """
         upstreams = [Upstream.from_record(r) for r in records["upstreams"].values()]
+        # Trust roots are made here, once per snapshot, so a request only
+        # reads one off its service.  (Records from before CA
+        # certificates existed have none.)
+        trusts = service_trusts(
+            records["services"].values(), records.get("ca_certificates", {})
+        )
         targets: dict[str, list[Target]] = {u.id: [] for u in upstreams}
         for rec in records["targets"].values():
             target = Target.from_record(rec)
@@ -66,7 +73,8 @@ class ConfigSnapshot:
                 for uid, ts in targets.items()
             },
             services={
-                sid: Service.from_record(r) for sid, r in records["services"].items()
+                sid: Service.from_record(r, trusts.get(sid))
+                for sid, r in records["services"].items()
             },
             routes=tuple(Route.from_record(r) for r in records["routes"].values()),
         )

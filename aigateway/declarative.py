@@ -14,6 +14,9 @@ Declarative configuration: Kong's format (a subset), as YAML or JSON.
       host: llm
       routes:
       - paths: [/v1]
+    ca_certificates:          # services name them by id
+    - id: 6f1c55d6-5a3b-4d5e-9d1e-3f0b9c1f2a44
+      cert: "-----BEGIN CERTIFICATE-----..."
 
 A document is validated whole, every error reported with its place in the
 document, before anything is stored; it then replaces the stored
@@ -43,6 +46,10 @@ from .schema import flatten
 
 FORMAT_VERSIONS = ("1.1", "2.1", "3.0")
 _NESTED = {"upstreams": ("targets", "upstream"), "services": ("routes", "service")}
+#: The top-level kind with no children: CA certificates, which services
+#: name by id (so their ids are always in an export).
+_FLAT = "ca_certificates"
+_TOP = ("upstreams", "services", _FLAT)
 MASK = "…"
 
 #: What an entity is known by across loads: its kind, the name of its
@@ -126,13 +133,18 @@ def load(
     if str(version) not in FORMAT_VERSIONS:
         errors.append(f"_format_version: expected one of: {', '.join(FORMAT_VERSIONS)}")
     for key in document:
-        if key not in ("_format_version", "_transform", "upstreams", "services"):
+        if key not in ("_format_version", "_transform", *_TOP):
             errors.append(f"{key}: unknown field")
+    # CA certificates first: services name them.
+    for where, entry in _entries(document.get(_FLAT), _FLAT, errors):
+        loader.add(_FLAT, entry, where, None)
     for kind in ("upstreams", "services"):
         child_kind, parent_field = _NESTED[kind]
         for where, entry in _entries(document.get(kind), kind, errors):
             body = {k: v for k, v in entry.items() if k != child_kind}
             parent = loader.add(kind, body, where, None)
+            if kind == "services" and parent is not None:
+                loader.check_ca_certificates(parent, where)
             children = entry.get(child_kind)
             for there, child in _entries(children, f"{where}.{child_kind}", errors):
                 child = dict(child)
@@ -197,7 +209,7 @@ def _given_ids(document: Mapping[str, Any]) -> set[str]:
     all kinds under one primary key, so an id taken over from the entity in
     force must differ from all of them.
     """
-    given = []
+    given = [entry.get("id") for _, entry in _entries(document.get(_FLAT), _FLAT, [])]
     for kind, (child_kind, _) in _NESTED.items():
         for _, entry in _entries(document.get(kind), kind, []):
             given.append(entry.get("id"))
@@ -322,6 +334,19 @@ class _Loader:
         self.records[kind][record["id"]] = record
         return record
 
+    def check_ca_certificates(self, service: Mapping[str, Any], where: str) -> None:
+        """
+        Report each CA certificate id C{service} names that no entry of
+        the document has (they are all loaded before the services).
+        """
+        known = self.records[_FLAT]
+        for i, id in enumerate(service.get("ca_certificates") or ()):
+            if id not in known:
+                self.errors.append(
+                    f"{where}.ca_certificates[{i}]: {id} does not reference an "
+                    "existing 'ca_certificates' entity"
+                )
+
     def _take(self, match: Mapping[str, Any] | None) -> str:
         """
         The id of C{match}, the entity in force an entry without an id is,
@@ -342,10 +367,11 @@ def export(records: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str, 
         record: Mapping[str, Any], kind: str, drop: str | None = None
     ) -> dict[str, Any]:
         out = {k: v for k, v in record.items() if k not in SERVER_FIELDS and k != drop}
-        if record.get(UNIQUE[kind]) is None:
-            # Nothing else names it (a route or service without a name):
-            # its id is how loading the document back finds it again, so
-            # its id and metric series stay.
+        if kind == _FLAT or record.get(UNIQUE[kind]) is None:
+            # Nothing else names it (a route or service without a name),
+            # or services name it by id (a CA certificate): its id is how
+            # loading the document back finds it again, so its id, metric
+            # series and the references to it stay.
             out["id"] = record["id"]
         if "headers" in out and drop == "upstream":
             out["headers"] = {k: mask(v) for k, v in out["headers"].items()}
@@ -369,6 +395,11 @@ def export(records: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str, 
             entry[child_kind] = ordered(children, UNIQUE[child_kind])
             entries.append(entry)
         document[kind] = ordered(entries, "name")
+    certificates = [clean(r, _FLAT) for r in records.get(_FLAT, {}).values()]
+    if certificates:
+        # Left out when there are none, so a configuration without them
+        # exports as it did before they existed.
+        document[_FLAT] = ordered(certificates, UNIQUE[_FLAT])
     return document
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import attrs
 
 from .addresses import parse_target
+from .cacerts import CATrust
 from .health.config import Healthchecks
 
 
@@ -96,6 +97,10 @@ class Target:
 class Service:
     """
     Where matched requests go: an upstream by name, or a plain host.
+
+    @ivar ca_trust: the CAs its C{https} targets are verified against,
+        instead of the system's (its C{ca_certificates}); L{None} for the
+        system's, or when nothing is verified.
     """
 
     id: str
@@ -111,11 +116,17 @@ class Service:
     retry_on_statuses: frozenset[int]
     enabled: bool = True
     tls_verify: bool = True
+    ca_trust: CATrust | None = None
 
     @classmethod
-    def from_record(cls, rec: Mapping[str, Any]) -> Service:
+    def from_record(
+        cls, rec: Mapping[str, Any], ca_trust: CATrust | None = None
+    ) -> Service:
         """
         Build from a stored record; timeouts become seconds.
+
+        @param ca_trust: its CA certificates, made for the snapshot (see
+            L{aigateway.cacerts.service_trusts}).
         """
         return cls(
             id=rec["id"],
@@ -131,6 +142,7 @@ class Service:
             retry_on_statuses=frozenset(rec["retry_on_statuses"]),
             enabled=rec.get("enabled", True),
             tls_verify=rec.get("tls_verify", True),
+            ca_trust=ca_trust,
         )
 
 

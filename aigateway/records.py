@@ -18,7 +18,9 @@ from urllib.parse import urlsplit
 
 from .addresses import HOSTNAME, check_host, format_target, parse_target
 from .balancer import registry
+from .cacerts import cert_digest, check_cert
 from .health.config import SCHEMA as HEALTHCHECKS
+from .ids import is_uuid
 from .schema import (
     REQUIRED,
     Errors,
@@ -69,6 +71,10 @@ def _upstream_name(value: str) -> str | None:
         if HOSTNAME.match(value):
             return None
     return f"Invalid name ({value!r}); must be a valid hostname"
+
+
+def _uuid(value: str) -> str | None:
+    return None if is_uuid(value) else "expected a valid UUID"
 
 
 def _route_host(value: str) -> str | None:
@@ -183,6 +189,9 @@ SERVICE = {
     ),
     "enabled": Field("boolean", default=True),
     "tls_verify": Field("boolean", default=True),
+    "ca_certificates": Field(
+        "array", elements=Field("string", check=_uuid), unique=True
+    ),
     "tags": _TAGS,
     "created_at": Field("integer"),
     "updated_at": Field("integer"),
@@ -210,11 +219,22 @@ ROUTE = {
     "updated_at": Field("integer"),
 }
 
+CA_CERTIFICATE = {
+    "id": Field("string"),
+    "cert": Field("string", default=REQUIRED, check=check_cert),
+    # Computed (check_ca_certificate): what a client sends is replaced.
+    "cert_digest": Field("string"),
+    "tags": _TAGS,
+    "created_at": Field("integer"),
+    "updated_at": Field("integer"),
+}
+
 SCHEMAS: Mapping[str, Mapping[str, Field]] = {
     "upstreams": UPSTREAM,
     "targets": TARGET,
     "services": SERVICE,
     "routes": ROUTE,
+    "ca_certificates": CA_CERTIFICATE,
 }
 
 
@@ -296,6 +316,16 @@ def check_service(rec: dict[str, Any], given: Mapping[str, Any]) -> Errors:
     return {}
 
 
+def check_ca_certificate(rec: dict[str, Any], given: Mapping[str, Any]) -> Errors:
+    """
+    A CA certificate's C{cert_digest} is the digest of its C{cert}, never
+    what a client sent: it is the certificate's identity (unique, and how
+    a declarative document finds the stored entity again).
+    """
+    rec["cert_digest"] = cert_digest(rec["cert"])
+    return {}
+
+
 #: Fields the gateway sets, never taken from a request body as they are.
 SERVER_FIELDS = ("id", "created_at", "updated_at")
 #: Each kind's unique key, within its parent for targets and routes.
@@ -304,6 +334,8 @@ UNIQUE = {
     "services": "name",
     "routes": "name",
     "targets": "target",
+    # Kong's: the same CA twice is one CA.
+    "ca_certificates": "cert_digest",
 }
 #: The field by which a target or route refers to its parent.
 PARENT = {"targets": "upstream", "routes": "service"}
@@ -331,6 +363,7 @@ CHECKS = {
     "targets": check_target,
     "services": check_service,
     "routes": check_route,
+    "ca_certificates": check_ca_certificate,
 }
 
 

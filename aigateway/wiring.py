@@ -18,8 +18,8 @@ from twisted.internet.defer import TimeoutError
 
 from . import declarative
 from .accesslog import AccessLog
+from .admin import certificates, services, status, upstreams
 from .admin import declarative as config
-from .admin import services, status, upstreams
 from .admin.app import handle_routing_errors
 from .admin.declarative import apply_document
 from .admin.entities import Entities
@@ -104,6 +104,7 @@ def build(reactor: Any, node: Any) -> Parts:
     app = Klein()
     upstreams.register(app, entities, health, node.node_id)
     services.register(app, entities)
+    certificates.register(app, entities)
 
     # A status probe waits at most a second on the database, and probes
     # that come while one ping is out share it.

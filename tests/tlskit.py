@@ -1,11 +1,13 @@
 """
-Certificates for TLS tests: self-signed, each its own CA, made fresh.
+Certificates for TLS tests, made fresh: self-signed, each its own CA
+(L{certificate}), and ones a CA of those signs (L{signed}).
 """
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -18,8 +20,29 @@ def certificate(*names: str) -> tuple[bytes, bytes]:
     A self-signed certificate (its own CA) for C{names}: DNS names, or IP
     addresses.
     """
+    return _make(names, None, ca=True)
+
+
+def signed(issuer: tuple[bytes, bytes], *names: str) -> tuple[bytes, bytes]:
+    """
+    A certificate for C{names} that is not a CA, signed by C{issuer} (a
+    certificate and key from L{certificate}), as a private CA signs a
+    model server's.
+    """
+    return _make(names, issuer, ca=False)
+
+
+def _make(
+    names: tuple[str, ...], issuer: tuple[bytes, bytes] | None, ca: bool
+) -> tuple[bytes, bytes]:
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
+    # An EC key from certificate(), either way.
+    signer: Any = key
+    issuer_name = subject
+    if issuer is not None:
+        issuer_name = x509.load_pem_x509_certificate(issuer[0]).subject
+        signer = serialization.load_pem_private_key(issuer[1], None)
     now = datetime.datetime.now(datetime.timezone.utc)
     alternatives: list[x509.GeneralName] = []
     for name in names:
@@ -30,14 +53,14 @@ def certificate(*names: str) -> tuple[bytes, bytes]:
     cert = (
         x509.CertificateBuilder()
         .subject_name(subject)
-        .issuer_name(subject)
+        .issuer_name(issuer_name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(days=1))
         .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(x509.SubjectAlternativeName(alternatives), False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-        .sign(key, hashes.SHA256())
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), True)
+        .sign(signer, hashes.SHA256())
     )
     return cert.public_bytes(serialization.Encoding.PEM), key.private_bytes(
         serialization.Encoding.PEM,

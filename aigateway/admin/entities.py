@@ -254,6 +254,10 @@ class Entities:
             if old is None:
                 if is_uuid(ref):
                     body["id"] = ref
+                elif kind == "ca_certificates":
+                    # Nothing names a CA certificate: its digest is made
+                    # from its cert, and cannot be chosen in the URL.
+                    raise schema_violation({"id": "expected a valid UUID"})
                 else:
                     body.setdefault(UNIQUE[kind], ref)
                 return self._create(kind, body, coerce, parent)
@@ -266,7 +270,8 @@ class Entities:
     def delete(self, kind: str, ref: str, parent: str | None = None) -> Deferred[None]:
         """
         Delete an entity; an upstream takes its targets with it, and a
-        service still used by routes is refused.
+        service still used by routes, or a CA certificate still trusted by
+        a service, is refused.
         """
 
         def remove() -> Deferred[None]:
@@ -280,6 +285,15 @@ class Entities:
                 raise foreign_key_violation(
                     "an existing 'routes' entity references this 'services' entity",
                     {"@referenced_by": "routes"},
+                )
+            if kind == "ca_certificates" and any(
+                record["id"] in (s.get("ca_certificates") or ())
+                for s in self.snapshot.records["services"].values()
+            ):
+                raise foreign_key_violation(
+                    "an existing 'services' entity references this "
+                    "'ca_certificates' entity",
+                    {"@referenced_by": "services"},
                 )
             return self._commit([], deletes).addCallback(lambda _: None)
 
@@ -548,6 +562,8 @@ class Entities:
                 ) from None
 
     def _check_references(self, kind: str, record: Record) -> None:
+        if kind == "services":
+            self._check_ca_certificates(record)
         parent_kind = _OWNER.get(kind)
         if parent_kind is None:
             return
@@ -560,6 +576,20 @@ class Entities:
                 f"existing '{parent_kind}' entity.",
                 {PARENT[kind]: {"id": owner}},
             )
+
+    def _check_ca_certificates(self, record: Record) -> None:
+        """
+        A service trusts CA certificates that exist: one that names a
+        missing id would otherwise trust nothing, and fail every request.
+        """
+        stored = self.snapshot.records["ca_certificates"]
+        for id in record.get("ca_certificates") or ():
+            if id not in stored:
+                raise foreign_key_violation(
+                    f"the foreign key '{{id=\"{id}\"}}' does not reference an "
+                    "existing 'ca_certificates' entity.",
+                    {"ca_certificates": {"id": id}},
+                )
 
     def _check_unique(self, kind: str, record: Record) -> None:
         key = UNIQUE[kind]
@@ -579,6 +609,8 @@ class Entities:
             ):
                 if kind == "targets":
                     hint = f"use PATCH /upstreams/{{upstream}}/targets/{value} to change it"
+                elif kind == "ca_certificates":
+                    hint = f"this certificate is stored already, as {other['id']}"
                 else:
                     hint = (
                         f"use PATCH /{kind}/{value} or PUT /{kind}/{value} to change it"

@@ -38,8 +38,9 @@ _CLOSED = 3  # dropped: nothing it receives matters any more
 _TUNNEL = 4  # switched protocols (101): bytes both ways until it closes
 
 #: (scheme, authority), and for TLS to a name other than the authority's
-#: host or without verification, (scheme, authority, (server name,
-#: verify)): a connection is reused only for what it was opened for.
+#: host, without verification or against a service's own CAs, (scheme,
+#: authority, (server name, verify, CA trust or None)): a connection is
+#: reused only for what it was opened for.
 Key = tuple[Any, ...]
 """
 What pooled connections are kept by: the scheme and the authority

@@ -108,7 +108,7 @@ class TargetEndpoints:
     """
     Endpoints for targets: direct TCP for IP addresses, TLS with SNI and
     certificate verification for C{https} (against the URI's C{tls} name
-    when it has one).
+    and CAs when it has them: see L{aigateway.proxy.forward._tls_for}).
 
     @param trust_root: the CAs that sign targets' certificates (the
         platform's by default; tests pass their own).
@@ -143,9 +143,16 @@ class TargetEndpoints:
             # The name the gateway sends as Host (an upstream's host_header,
             # a preserved client Host), as Kong and the active probes do;
             # the lean agent says so when it is not the target's host.
-            name, verify = getattr(uri, "tls", None) or (host, self._verify)
+            # The service's own CAs (its ca_certificates) replace the
+            # platform's; their trust root was made with the snapshot.
+            name, verify, trust = getattr(uri, "tls", None) or (
+                host,
+                self._verify,
+                None,
+            )
             if verify:
-                options: Any = optionsForClientTLS(name, trustRoot=self._trust_root)
+                root = self._trust_root if trust is None else trust.root
+                options: Any = optionsForClientTLS(name, trustRoot=root)
             else:
                 options = CertificateOptions(verify=False)
             return _Handshaken(

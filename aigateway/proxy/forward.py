@@ -33,6 +33,7 @@ from .usage import Usage
 if TYPE_CHECKING:
     from ..balancer.context import PickContext
     from ..balancer.interfaces import IBalancer
+    from ..cacerts import CATrust
     from ..model import Route, Service, Upstream
     from .client import Agents
     from .server import ProxyRequest
@@ -294,7 +295,7 @@ class Exchange:
         if isinstance(agent, LeanAgent):
             tls = None
             if scheme == b"https":
-                tls = _tls_for(host, target.host, service.tls_verify)
+                tls = _tls_for(host, target.host, service.tls_verify, service.ca_trust)
             upgrade = request.upgrade
             if upgrade is not None:
                 # A WebSocket handshake: the hop-by-hop pair that asks for
@@ -588,17 +589,26 @@ class Exchange:
 
 
 @functools.lru_cache(maxsize=4096)
-def _tls_for(host: bytes, target_host: str, verify: bool) -> tuple[str, bool] | None:
+def _tls_for(
+    host: bytes, target_host: str, verify: bool, trust: CATrust | None
+) -> tuple[str, bool, CATrust | None] | None:
     """
     What a TLS connection to a target is for, when it is not the default
-    (the target's own name, verified): the name in the C{Host} sent (an
-    upstream's C{host_header}, a preserved client C{Host}), which is the
-    name its certificate is for, and whether to verify it.
+    (the target's own name, verified against the system's CAs): the name
+    in the C{Host} sent (an upstream's C{host_header}, a preserved client
+    C{Host}), which is the name its certificate is for, whether to verify
+    it, and against which CAs (the service's C{ca_certificates}; L{None}
+    for the system's).  It is part of the pooled connections' key, so a
+    connection is lent only to requests that would have verified it the
+    same way.
     """
     name = _hostname(host).decode("ascii", "replace").strip("[]")
-    if name == target_host and verify:
+    if not verify:
+        # Nothing is checked: which CAs would have been does not matter.
+        return (name, False, None)
+    if name == target_host and trust is None:
         return None
-    return (name, verify)
+    return (name, True, trust)
 
 
 @functools.lru_cache(maxsize=4096)

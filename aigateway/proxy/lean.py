@@ -272,7 +272,7 @@ class LeanAgent:
         headers: Headers | None,
         bodyProducer: IBodyProducer | None,
         receiver: Receiver,
-        tls: tuple[str, bool] | None = None,
+        tls: tuple[str, bool, Any] | None = None,
         upgrade: bool = False,
     ) -> LeanRequest | None:
         """
@@ -282,8 +282,10 @@ class LeanAgent:
         L{request}.
 
         @param tls: for C{https}, the name to send as SNI and to verify the
-            certificate against, and whether to verify it, when not the
-            authority's host and C{True}.
+            certificate against, whether to verify it, and the CAs to
+            verify it with (an L{aigateway.cacerts.CATrust}, or L{None}
+            for the system's), when not the authority's host, C{True} and
+            L{None}.
         @param upgrade: the headers ask to switch protocols (a WebSocket
             handshake): a C{101} answer makes the connection a tunnel
             (L{LeanResponse.write} sends to the target) instead of an
