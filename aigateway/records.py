@@ -10,6 +10,7 @@ L{aigateway.model} builds the frozen values the proxy reads from it.
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 import re
 from collections.abc import Mapping
@@ -26,6 +27,7 @@ from .schema import (
     Errors,
     Field,
     absolute_path,
+    defaults,
     header_map,
     no_controls,
     token,
@@ -396,6 +398,34 @@ def expand_service_url(data: dict[str, Any]) -> Errors:
     # not keep the old service's path.
     data["path"] = parts.path or None
     return {}
+
+
+# Every kind's record with each field at its default.
+_DEFAULTS = {kind: defaults(schema) for kind, schema in SCHEMAS.items()}
+
+
+def with_defaults(
+    records: Mapping[str, Mapping[str, Mapping[str, Any]]],
+) -> dict[str, dict[str, Mapping[str, Any]]]:
+    """
+    C{records} (by kind, then id) as the current schema has them: a field
+    added since a record was stored (a service's C{tls_verify},
+    C{ca_certificates}) gets its default, as Kong shows every field, so
+    neither Admin API clients nor the gateway meet a record without one.
+    Records that lack nothing are kept as they are.
+    """
+    upgraded: dict[str, dict[str, Mapping[str, Any]]] = {}
+    for kind, by_id in records.items():
+        fields = _DEFAULTS.get(kind)
+        upgraded[kind] = kept = dict(by_id)
+        if fields is None:
+            continue
+        for id, record in by_id.items():
+            missing = fields.keys() - record.keys()
+            if missing:
+                filled = {name: copy.deepcopy(fields[name]) for name in missing}
+                kept[id] = {**record, **filled}
+    return upgraded
 
 
 def build_record(

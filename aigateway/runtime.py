@@ -20,6 +20,7 @@ from .balancer.interfaces import IBalancer, IHealthView
 from .config import ConfigSnapshot
 from .model import Target, Upstream
 from .proxy.router import Router
+from .records import with_defaults
 
 BalancerBuilder = Callable[[Upstream, "tuple[Target, ...]", IHealthView], IBalancer]
 
@@ -69,7 +70,7 @@ class Runtime:
         Put in force the configuration read from (or just written to) the
         store at C{version}.
         """
-        self.apply(ConfigSnapshot.build(version, records))
+        self.apply(ConfigSnapshot.build(version, with_defaults(records)))
 
     def apply(self, snapshot: ConfigSnapshot) -> None:
         """

@@ -419,6 +419,9 @@ async def test_a_database_from_before_opens(tmp_path, servers):
     again = await Gateway(path).start()
     try:
         assert (await again.admin.get("/ca_certificates")).json["data"] == []
+        # Shown with its default, as every field of the schema in force.
+        service = (await again.admin.get("/services/old")).json
+        assert "ca_certificates" in service and service["ca_certificates"] is None
         assert (await again.proxy.get("/old")).code == 502
         record = await _add_ca(again, ca[0])
         reply = await again.admin.patch(
