@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
+from twisted.internet import reactor, ssl
+from twisted.internet.error import ConnectionDone
 
 from aigateway.proxy._parser import RequestParser
 from aigateway.proxy._transport import unsent
@@ -22,6 +23,7 @@ from .gatewaykit import (
     TargetResource,
     address,
     listen,
+    log_events,
     sample,
     scrape,
     sleep,
@@ -29,7 +31,16 @@ from .gatewaykit import (
 )
 from .test_proxy_answers import canned
 from .test_server import Conversation, connect
-from .wskit import CLOSE, EchoSockets, accept_for, frame, frames, handshake
+from .tlskit import certificate
+from .wskit import (
+    CLOSE,
+    EchoSockets,
+    StubbornSockets,
+    accept_for,
+    frame,
+    frames,
+    handshake,
+)
 
 
 async def _route(gateway: Any, target: str, **service: str) -> None:
@@ -51,9 +62,24 @@ async def _route(gateway: Any, target: str, **service: str) -> None:
     assert (await admin.post("/services/s/routes", form={"paths[]": "/"})).code == 201
 
 
-def _echo(servers: list[Any]) -> tuple[EchoSockets, str]:
-    sockets = EchoSockets()
+def _echo(
+    servers: list[Any], kind: type[EchoSockets] = EchoSockets
+) -> tuple[EchoSockets, str]:
+    sockets = kind()
     port = reactor.listenTCP(0, sockets, interface="127.0.0.1")
+    servers.append(port)
+    return sockets, address(port)
+
+
+def _echo_tls(servers: list[Any]) -> tuple[EchoSockets, str]:
+    """
+    An echo target behind TLS (for a service with C{protocol=https} and
+    C{tls_verify=false}).
+    """
+    sockets = EchoSockets()
+    cert, key = certificate("127.0.0.1")
+    options = ssl.PrivateCertificate.loadPEM(cert + key).options()
+    port = reactor.listenSSL(0, sockets, options, interface="127.0.0.1")
     servers.append(port)
     return sockets, address(port)
 
@@ -77,6 +103,20 @@ async def _messages(client: Conversation, count: int) -> list[bytes]:
 
     await wait_for(enough, 5, 0.01)
     return [payload for _, payload in frames(client.data)[0]]
+
+
+async def _deaf(gateway: Any, sockets: EchoSockets) -> tuple[Conversation, Any]:
+    """
+    A client's tunnel through the gateway to a target connection (of
+    C{sockets}) that stops reading until it is resumed, and from then on
+    only counts what it gets.
+    """
+    client, _ = await _open(gateway)
+    await _messages(client, 1)
+    socket = sockets.connections[-1]
+    socket.counting = True
+    socket.transport.pauseProducing()
+    return client, socket
 
 
 def _header(head: bytes, name: bytes) -> bytes | None:
@@ -168,6 +208,60 @@ async def test_the_client_leaving_closes_the_target_side(gateway, servers):
     # Nothing was blamed on the target.
     health = (await gateway.admin.get("/upstreams/up/health")).json["data"][0]
     assert health["health"] == "HEALTHY"
+    assert set(health["counters"].values()) == {0}
+
+
+@pytest.mark.parametrize("tls", [False, True])
+@pytest_twisted.ensureDeferred
+async def test_what_the_client_sent_before_leaving_reaches_the_target(
+    gateway, servers, tls
+):
+    """
+    A client that sends its last messages and a close frame and hangs up at
+    once: the gateway reads the end of its stream while some of those bytes
+    still wait for the target, which gets them all, then a clean close (as
+    through nginx; TLS's close_notify to a TLS target), not a reset that
+    throws them away.
+    """
+    if tls:
+        sockets, target = _echo_tls(servers)
+        await _route(gateway, target, protocol="https", tls_verify="false")
+    else:
+        sockets, target = _echo(servers)
+        await _route(gateway, target)
+    client, socket = await _deaf(gateway, sockets)
+    before = socket.received
+    data = frame(b"y" * 1024) * (8 * 1024) + frame(b"", CLOSE)
+    with log_events() as events:
+        client.transport.write(data)
+        client.transport.loseConnection()
+        await sleep(0.5)
+        socket.transport.resumeProducing()
+        await wait_for(lambda: _async(sockets.closed == 1), 10, 0.05)
+        await sleep(0.1)
+    assert socket.received - before == len(data)
+    assert sockets.reasons == [ConnectionDone]
+    assert not [event for event in events if event.get("isError")]
+    health = (await gateway.admin.get("/upstreams/up/health")).json["data"][0]
+    assert set(health["counters"].values()) == {0}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_target_that_talks_on_after_the_client_left_is_cut(gateway, servers):
+    """
+    Once the client has left, the target's side is ended, and what the
+    target still sends is dropped and does not keep the tunnel alive: a
+    target that neither closes nor goes quiet is cut after the service's
+    read_timeout, not kept for ever.
+    """
+    sockets, target = _echo(servers, StubbornSockets)
+    await _route(gateway, target, read_timeout="400")
+    client, _ = await _open(gateway)
+    await _messages(client, 1)
+    client.transport.loseConnection()
+    took = await wait_for(lambda: _async(sockets.closed == 1), 5, 0.05)
+    assert took >= 0.3
+    health = (await gateway.admin.get("/upstreams/up/health")).json["data"][0]
     assert set(health["counters"].values()) == {0}
 
 
@@ -290,11 +384,7 @@ async def test_a_target_that_stops_reading_stops_the_client(gateway, servers):
     """
     sockets, target = _echo(servers)
     await _route(gateway, target)
-    client, _ = await _open(gateway)
-    await _messages(client, 1)
-    socket = sockets.connections[-1]
-    socket.counting = True
-    socket.transport.pauseProducing()
+    client, socket = await _deaf(gateway, sockets)
     before = socket.received
     data = frame(b"y" * 1024) * (32 * 1024)
     client.transport.write(data)

@@ -12,7 +12,10 @@ import os
 import struct
 from typing import Any
 
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import LoopingCall
+from zope.interface import implementer
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 TEXT, CLOSE = 0x1, 0x8
@@ -145,7 +148,9 @@ class _EchoSocket(Protocol):
                 self.transport.write(frame(payload, masked=False))
 
     def connectionLost(self, reason: Any) -> None:
-        self.factory.closed += 1  # type: ignore[attr-defined]
+        factory: EchoSockets = self.factory  # type: ignore[assignment]
+        factory.closed += 1
+        factory.reasons.append(reason.type)
 
 
 class EchoSockets(Factory):
@@ -158,6 +163,9 @@ class EchoSockets(Factory):
     def __init__(self) -> None:
         self.handshakes: list[tuple[bytes, dict[bytes, bytes]]] = []
         self.closed = 0
+        #: How each connection ended (ConnectionDone: its peer closed it
+        #: cleanly; ConnectionLost: it was reset).
+        self.reasons: list[type] = []
         self.received = 0
         self.connections: list[_EchoSocket] = []
 
@@ -166,3 +174,34 @@ class EchoSockets(Factory):
         assert protocol is not None
         self.connections.append(protocol)  # type: ignore[arg-type]
         return protocol
+
+
+@implementer(IHalfCloseableProtocol)
+class _Stubborn(_EchoSocket):
+    """
+    An L{_EchoSocket} that, when its peer ends its side, neither closes
+    its own nor stops talking: it sends a frame every 100 ms instead.
+    """
+
+    def readConnectionLost(self) -> None:
+        self.talking = LoopingCall(
+            self.transport.write, frame(b"still here", masked=False)
+        )
+        self.talking.start(0.1)
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Any) -> None:
+        talking = getattr(self, "talking", None)
+        if talking is not None and talking.running:
+            talking.stop()
+        super().connectionLost(reason)
+
+
+class StubbornSockets(EchoSockets):
+    """
+    The factory of L{_Stubborn}s.
+    """
+
+    protocol = _Stubborn

@@ -25,7 +25,7 @@ from twisted.web.iweb import IResponse
 from zope.interface import implementer
 
 from ._parser import BadResponse, ResponseHead, ResponseParser
-from ._transport import queued, send
+from ._transport import plain, queued, send
 
 if TYPE_CHECKING:
     from .lean import LeanRequest
@@ -375,6 +375,31 @@ class LeanResponse:
         connection = self._connection
         if connection is not None:
             connection.transport.registerProducer(producer, True)  # type: ignore[union-attr]
+
+    def close_write(self) -> None:
+        """
+        End what L{write} sends to the target, once all of it is written:
+        a TCP FIN (TLS's close_notify), reading on until the target closes
+        its side too.  An abort would reset the connection and lose what
+        is still queued for the target, and so would closing a socket with
+        unread bytes in it.
+        """
+        connection = self._connection
+        if connection is None:
+            return
+        transport: Any = connection.transport
+        # Twisted resumes a paused producer (the client's transport, see
+        # pace) instead of closing once the write buffer drains.
+        transport.unregisterProducer()
+        if connection.paused:
+            connection.paused = False
+            transport.resumeProducing()
+        if plain(transport):
+            transport.loseWriteConnection()
+        else:
+            # TLS: its close_notify, then the target's is waited for (its
+            # loseWriteConnection would half-close the TCP under it).
+            transport.loseConnection()
 
     def pauseProducing(self) -> None:
         connection = self._connection

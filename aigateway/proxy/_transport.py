@@ -41,6 +41,15 @@ def send(transport: Any, data: bytes) -> bool:
     return False
 
 
+def plain(transport: Any) -> bool:
+    """
+    Whether C{transport} is a TCP connection itself, not TLS over one
+    (whose transport copies the interfaces of the one under it, so that
+    C{providedBy} cannot tell them apart).
+    """
+    return transport.__class__ in _PLAIN
+
+
 def _tcp(transport: Any) -> tcp.Connection | None:
     """
     The TCP connection under C{transport}, looking through wrapping

@@ -416,10 +416,12 @@ class Exchange:
             self._arm(timeout)
             return
         if self._relay is not None:
-            if self.request.client_stalled():
+            if self.request.client_stalled() and not self.gone:
                 # The target is paused because the client takes nothing:
                 # not the target's silence.  (The proxy's channel drops a
-                # client that takes nothing for its idle timeout.)
+                # client that takes nothing for its idle timeout.  One
+                # that is gone, as a tunnel's may be before its target
+                # closes, pauses nothing.)
                 self._arm(timeout)
                 return
             # The target's silence counts from when it could send again.

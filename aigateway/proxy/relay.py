@@ -210,6 +210,22 @@ class Tunnel(Relay):
         client = self.exchange.request.switch(self)
         self.transport.pace(client)  # type: ignore[union-attr]
 
+    def dataReceived(self, data: bytes) -> None:
+        # Once the client has left, what the target still sends is read
+        # and dropped, and is no sign of life: a target that does not
+        # close its side within read_timeout is cut (see stop).
+        if not self.exchange.gone:
+            super().dataReceived(data)
+
+    def stop(self) -> None:
+        """
+        The client closed, or lost, its side: close the target's once what
+        the client sent before is written to it (its last messages, its
+        close frame), as nginx does, rather than reset it and lose them.
+        """
+        if self.transport is not None:
+            self.transport.close_write()  # type: ignore[attr-defined]
+
     def write(self, data: bytes) -> None:
         """
         Bytes from the client: on to the target.
