@@ -12,6 +12,7 @@ loopback with that resolver installed in the reactor, as the proxy uses it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, cast
 
 import pytest_twisted
@@ -42,7 +43,14 @@ HEALTH = "aigateway_upstream_target_health"
 
 
 class LookupMixin:
-    def make(self, names: Names) -> HealthManager:
+    def make(
+        self, names: Names, jitter: Callable[[], float] = lambda: 0.0
+    ) -> HealthManager:
+        """
+        A manager that looks names up with C{names}; its refreshes are
+        spread by C{jitter}, by default not at all (every
+        L{LOOKUP_REFRESH} seconds exactly).
+        """
         self.clock = task.Clock()
         self.names = names
         self.logged: list[dict[str, Any]] = []
@@ -51,6 +59,7 @@ class LookupMixin:
             FakeProber(),
             log=Logger(observer=cast(ILogObserver, self.logged.append)),
             resolver=names,
+            jitter=jitter,
         )
         return self.manager
 
@@ -303,14 +312,43 @@ class LifecycleTests(LookupMixin, SynchronousTestCase):
         self.manager.update(snapshot(2, [], []))
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
-    def test_stop_and_update_again(self) -> None:
-        self.make(Names({"api.test": ["10.1.0.1"]}))
+    def test_stopped_for_good(self) -> None:
+        """
+        A configuration put in force after L{HealthManager.stop} (a store's
+        late answer on a stopping node) updates the states, but looks no
+        name up and starts no active check.
+        """
+        self.make(Names({"api.test": ["10.1.0.1"], "new.test": ["10.1.0.2"]}))
         self.config(1)
         self.manager.stop()
         self.assertEqual(self.clock.getDelayedCalls(), [])
-        self.config(2)
-        self.assertEqual(len(self.names.asked), 2)
-        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.config(2, {NAME: 100, "new.test:80": 100}, **ACTIVE_ON)
+        self.assertEqual(self.names.asked, ["api.test"])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.health(), "HEALTHY")  # checks on, kept
+        self.assertEqual(self.health("new.test:80"), "DNS_PENDING")
+
+    def test_hung_lookup_remembered_across_stop(self) -> None:
+        """
+        A lookup still out when lookups stop holds its thread until it
+        answers: the name watched again meanwhile waits for that answer,
+        and is not asked a second time; its deadline still runs from when
+        it was sent.
+        """
+        manager = self.make(Names({"api.test": ["10.1.0.1"]}, hold=True))
+        self.config(1)
+        lookups = manager._lookups
+        lookups.stop()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(4)
+        lookups.watch(manager._states["u1"][NAME])
+        self.assertEqual(len(self.names.asked), 1)
+        self.clock.advance(LOOKUP_TIMEOUT - 4)
+        self.assertEqual(self.health(), "DNS_ERROR")
+        self.names.release()
+        self.assertEqual(self.health(), "HEALTHCHECKS_OFF")
+        self.assertEqual(self.addresses(), ("10.1.0.1",))
+        self.assertEqual(len(self.names.asked), 1)
 
     def test_reactor_names(self) -> None:
         """
@@ -409,6 +447,35 @@ async def test_not_looked_up_yet_is_not_healthy(gateway, servers):
         assert (await _balancer(gateway, "slow"))["balancer_health"] == "HEALTHY"
         assert _states(await scrape(gateway), "slow", key) == ["healthy"]
     finally:
+        reactor.installNameResolver(previous)
+
+
+@pytest_twisted.ensureDeferred
+async def test_pending_without_checks_is_healthchecks_off(gateway, servers):
+    """
+    C{?balancer_health=1} on an upstream with every check off: a target
+    whose name is not looked up yet takes traffic unchecked as much as a
+    resolved one, so the upstream shows C{HEALTHCHECKS_OFF} meanwhile (after
+    every restart, and with each new name), not C{UNHEALTHY}; its weight is
+    still not available until the name resolves.
+    """
+    servers.append(port := listen(HoldingTarget("a")))
+    key = f"slow.test:{port.getHost().port}"
+    names = Names({"slow.test": ["127.0.0.1"]}, hold=True)
+    previous = reactor.installNameResolver(names)
+    try:
+        await gateway.configure("off", {key: 100})
+        balancer = await _balancer(gateway, "off")
+        assert balancer["health"] == "HEALTHCHECKS_OFF"
+        assert balancer["balancer_health"] == "HEALTHCHECKS_OFF"
+        assert balancer["details"]["weight"]["available"] == 0
+        names.release()
+        balancer = await _balancer(gateway, "off")
+        assert balancer["health"] == "HEALTHCHECKS_OFF"
+        assert balancer["balancer_health"] == "HEALTHCHECKS_OFF"
+        assert balancer["details"]["weight"]["available"] == 100
+    finally:
+        names.release()
         reactor.installNameResolver(previous)
 
 

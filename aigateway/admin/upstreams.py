@@ -11,6 +11,7 @@ from klein import Klein
 from twisted.web.iweb import IRequest
 
 from ..declarative import mask
+from ..health.config import Healthchecks
 from ..model import Target
 from .app import crud, endpoint, paginate
 from .entities import Entities, Record
@@ -123,9 +124,25 @@ def register(app: Klein, entities: Entities, health: Any, node_id: str) -> None:
 
 
 def _balancer_health(upstream: Record, targets: list[Target], health: Any) -> Record:
+    """
+    C{?balancer_health=1}: the upstream's health, and whether its available
+    weight exceeds its threshold.
+
+    Targets whose names are not looked up yet (C{DNS_PENDING}) are never
+    available weight, checks on or off: nobody knows the names resolve.
+    With checks off they count as C{HEALTHCHECKS_OFF} for the upstream's
+    health, as they take traffic unchecked as much as resolved ones: else
+    an upstream without checks would be C{UNHEALTHY} after every restart
+    (and with every new name) until its lookups answer, its traffic
+    flowing.  With checks on a pending target stands for a C{HEALTHY} one
+    whose addresses nobody has seen: the upstream is C{UNHEALTHY} unless
+    another target is available, as its threshold is reckoned.
+    """
     total = sum(t.weight for t in targets)
     available = sum(t.weight for t in targets if health.is_available(t))
     states = {health.describe(t)["health"] for t in targets}
+    if not Healthchecks.from_record(upstream["healthchecks"]).enabled:
+        states = {"HEALTHCHECKS_OFF" if s == "DNS_PENDING" else s for s in states}
     if states == {"HEALTHCHECKS_OFF"}:
         overall = "HEALTHCHECKS_OFF"
     else:

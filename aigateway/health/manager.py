@@ -7,6 +7,7 @@ health, and each new configuration snapshot is handed to it.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from typing import Any, Union
 
@@ -69,8 +70,9 @@ class HealthManager:
     no traffic and no probes, and is described as C{HEALTHCHECKS_OFF}.
     Targets are known by upstream id and C{host:port}, so a target's health
     survives configuration changes that keep it.  The host name of a
-    checked target is looked up as soon as the target is known, and kept
-    looked up (L{NameLookups}).
+    checked target is looked up as soon as the target is known (a few
+    names at a time, the others queued), and kept looked up, once for every
+    target that uses it (L{NameLookups}).
     """
 
     def __init__(
@@ -79,6 +81,7 @@ class HealthManager:
         prober: IProber,
         log: Logger | None = None,
         resolver: IHostnameResolver | None = None,
+        jitter: Callable[[], float] = random.random,
     ) -> None:
         """
         @param clock: the reactor, or a L{task.Clock} in tests.
@@ -87,25 +90,29 @@ class HealthManager:
         @param resolver: what targets' host names are looked up with
             (L{aigateway.health.dns.ReactorNames} in production); without
             one, names are never looked up and stay C{DNS_PENDING}.
+        @param jitter: what spreads the refreshes of names (see
+            L{NameLookups}); tests pass a constant.
         """
         self._clock = clock
         self._prober = prober
         self._log = log or Logger()
-        self._lookups = NameLookups(clock, resolver, self._log)
+        self._lookups = NameLookups(clock, resolver, self._log, jitter)
         self._upstreams: dict[str, Upstream] = {}
         # Target states by upstream id, then key; each ActiveChecker reads
         # its upstream's dict, so it is changed in place, never replaced.
         self._states: dict[str, dict[str, TargetHealth]] = {}
         self._checkers: dict[str, ActiveChecker] = {}
         self._observers: list[Observer] = []
+        self._stopped = False
 
     def update(self, snapshot: ConfigSnapshot) -> None:
         """
         Follow a new configuration: new targets start healthy (or
-        C{HEALTHCHECKS_OFF}) and their names are looked up at once,
+        C{HEALTHCHECKS_OFF}) and their names are looked up (in turn),
         unchanged ones keep their state, removed ones are forgotten and
         their probes and lookups abandoned, and active checks are started,
-        stopped or rescheduled as the upstreams now say.
+        stopped or rescheduled as the upstreams now say.  After L{stop}
+        the states follow the configuration still, but nothing is started.
         """
         lookups = self._lookups
         for uid in [u for u in self._upstreams if u not in snapshot.upstreams_by_id]:
@@ -130,9 +137,11 @@ class HealthManager:
                 else:
                     state = known
                     state.reconfigure(target, upstream)
-                # (Again after stop(): watching a watched target does nothing.)
-                lookups.watch(state)
-            self._update_checker(upstream, states)
+                if not self._stopped:
+                    # (Watching a watched target does nothing.)
+                    lookups.watch(state)
+            if not self._stopped:
+                self._update_checker(upstream, states)
 
     def _update_checker(
         self, upstream: Upstream, states: dict[str, TargetHealth]
@@ -310,9 +319,11 @@ class HealthManager:
     def stop(self) -> None:
         """
         Stop every active check and name lookup and abandon the probes in
-        flight; states are kept, and a later L{update} starts the checks
-        and lookups again.
+        flight, for good: the node is stopping.  States are kept, and a
+        configuration put in force later (a store's late answer) still
+        updates them, but starts no check and no lookup.
         """
+        self._stopped = True
         checkers, self._checkers = self._checkers, {}
         for checker in checkers.values():
             checker.stop()
