@@ -227,7 +227,8 @@ class GatewayService(MultiService):
 
         # (A database that does not answer is not waited on for more than a
         # few seconds: the node is closed, so a late answer is not put in
-        # force anyway.)
+        # force anyway; a write it answers late is stored, and the next
+        # start loads it.)
         settled = self.parts.entities.close().addTimeout(5, self.reactor)
         stops.append(settled.addBoth(configuration_settled))
         return DeferredList(stops, consumeErrors=True)

@@ -134,7 +134,10 @@ def build(reactor: Any, node: Any) -> Parts:
     async def load_declarative(path: str) -> None:
         with open(path, encoding="utf-8") as f:
             document = declarative.parse(f.read())
-        await apply_document(entities, reactor, document)
+        # Not bounded as an admin write is: a slow store (a big document
+        # on a remote database) delays the start, and giving up would not
+        # stop the replacement from landing.
+        await apply_document(entities, reactor, document, bounded=False)
 
     def stop() -> None:
         health.stop()

@@ -9,13 +9,25 @@ and URLs, pagination filters, error codes) is what ours does.
 from __future__ import annotations
 
 import json
+from typing import Any
 
+import pytest
 import pytest_twisted
-from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet import reactor, ssl
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import (
+    TCP4ClientEndpoint,
+    connectProtocol,
+    wrapClientTLS,
+)
+from twisted.web.resource import Resource
 
-from .gatewaykit import TargetResource, address, listen, raw_request
+from aigateway.admin.site import AdminChannel, AdminSite
+
+from .gatewaykit import TargetResource, address, listen, raw_request, wait_for
 from .test_admin import dump
+from .test_server import Conversation, connect
+from .tlskit import certificate
 
 
 async def _upstream_with_target(admin, name: str = "up") -> None:
@@ -407,3 +419,86 @@ async def test_a_url_just_under_the_limit_is_served(gateway):
     assert status == 404
     assert answered[b"content-type"] == b"application/json; charset=utf-8"
     assert b'"Not found"' in body
+
+
+class _Big(Resource):
+    """
+    An answer larger than a connection's kernel buffers hold.
+    """
+
+    isLeaf = True
+
+    def render_GET(self, request: Any) -> bytes:
+        return b"x" * 8_000_000
+
+
+def _lingering_site() -> tuple[AdminSite, list[AdminChannel]]:
+    """
+    An L{AdminSite} whose channels linger 0.2 s after a refusal, and the
+    list of those whose connection ended.
+    """
+    ended: list[AdminChannel] = []
+
+    class Channel(AdminChannel):
+        lingering = 0.2
+
+        def connectionLost(self, reason: Any) -> None:
+            ended.append(self)
+            super().connectionLost(reason)
+
+    site = AdminSite(_Big())
+    site.protocol = Channel  # type: ignore[assignment]
+    return site, ended
+
+
+_LONG_URL = b"GET /" + b"a" * 20_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_connection_ends_though_the_client_reads_nothing():
+    """
+    A URL too long, pipelined behind a request with a large answer, from a
+    client that reads nothing: the answers cannot all be sent, and the
+    connection ends all the same once the lingering is over (it used to
+    wait for the client to read them, for ever).
+    """
+    site, ended = _lingering_site()
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    client = await connect(port.getHost().port)
+    try:
+        client.transport.pauseProducing()
+        client.transport.write(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n" + _LONG_URL)
+        await wait_for(lambda: succeed(bool(ended)), 3.0, 0.05)
+        assert ended[0]._refused
+    finally:
+        client.transport.abortConnection()
+        await port.stopListening()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:OpenSSL.*")
+@pytest_twisted.ensureDeferred
+async def test_a_refused_tls_connection_ends_though_the_client_stays():
+    """
+    On a TLS listener (C{--admin ssl:...}), a client that reads the 414
+    and then neither reads nor closes: the connection ends once the
+    lingering is over (a TLS close would wait for the client's
+    close_notify, for ever).
+    """
+    cert, key = certificate("127.0.0.1")
+    options = ssl.PrivateCertificate.loadPEM(cert + key).options()
+    site, ended = _lingering_site()
+    port = reactor.listenSSL(0, site, options, interface="127.0.0.1")
+    endpoint = wrapClientTLS(
+        ssl.optionsForClientTLS("127.0.0.1", ssl.Certificate.loadPEM(cert)),
+        TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port),
+    )
+    client = await connectProtocol(endpoint, Conversation())
+    try:
+        client.transport.write(_LONG_URL)
+        await client.until(b"HTTP/1.1 414")
+        assert client.data.startswith(b"HTTP/1.1 414 ")
+        client.transport.pauseProducing()
+        await wait_for(lambda: succeed(bool(ended)), 3.0, 0.05)
+    finally:
+        client.transport.abortConnection()
+        await port.stopListening()

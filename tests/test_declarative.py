@@ -5,15 +5,20 @@ Declarative configuration: load, export, round trip, and all-or-nothing.
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import pytest
 import pytest_twisted
 import yaml
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
 
 from aigateway import declarative
+from aigateway.admin.entities import Entities
 from aigateway.ids import is_uuid
+from aigateway.store.sqlite import SQLiteStore
 
-from .gatewaykit import Gateway, TargetResource, address, health_of, listen
+from .gatewaykit import Gateway, TargetResource, address, health_of, listen, wait_for
 
 DOCUMENT = """
 _format_version: "3.0"
@@ -373,6 +378,46 @@ async def test_invalid_config_file_stops_start(tmp_path):
     try:
         names = [u["name"] for u in (await node.admin.get("/upstreams")).json["data"]]
         assert names == ["kept"]
+    finally:
+        await node.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_slow_store_delays_the_start_but_not_a_post(tmp_path, monkeypatch):
+    """
+    A store slower than an admin write's patience (a big document on a
+    remote database): start-up's --config waits for it, instead of failing
+    the start while the replacement lands all the same; POST /config is
+    still answered 503 in time, and lands later.
+    """
+    monkeypatch.setattr(Entities, "write_patience", 0.2)
+    replace = SQLiteStore.replace
+
+    def slow(self: SQLiteStore, *args: Any) -> Any:
+        waited = deferLater(reactor, 0.5, lambda: None)
+        return waited.addCallback(lambda _: replace(self, *args))
+
+    monkeypatch.setattr(SQLiteStore, "replace", slow)
+    path = tmp_path / "gateway.yaml"
+    path.write_text("_format_version: '3.0'\nupstreams:\n- name: at-start\n")
+    node = await Gateway(str(tmp_path / "slow.db"), config=str(path)).start()
+
+    async def names() -> list[str]:
+        reply = await node.admin.get("/upstreams")
+        return [u["name"] for u in reply.json["data"]]
+
+    try:
+        assert await names() == ["at-start"]
+        posted = await node.admin.post(
+            "/config", body=b"_format_version: '3.0'\nupstreams:\n- name: posted\n"
+        )
+        assert posted.code == 503, posted.body
+        assert "may or may not have been saved" in posted.json["message"]
+
+        async def landed() -> bool:
+            return await names() == ["posted"]
+
+        await wait_for(landed, 5.0, 0.05)
     finally:
         await node.stop()
 

@@ -15,12 +15,14 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import attrs
+import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
+from aigateway.admin.declarative import apply_document
 from aigateway.admin.entities import PATIENCE, WRITE_PATIENCE, Entities
 from aigateway.admin.errors import AdminError
 from aigateway.balancer.backup import build_balancer
@@ -37,6 +39,7 @@ from .gatewaykit import (
     log_events,
     sample,
     scrape,
+    sleep,
     wait_for,
 )
 from .test_server import connect
@@ -87,16 +90,20 @@ class _Hung(SQLiteStore):
             lambda: SQLiteStore.write(self, puts, deletes, expected)
         )
 
+    def replace(self, records, expected=None):
+        return self.holding.hold(lambda: SQLiteStore.replace(self, records, expected))
 
-async def _write_elsewhere(path: str, name: str) -> None:
+
+async def _write_elsewhere(path: str, name: str, **fields: Any) -> None:
     """
-    Another node creates upstream C{name} in the store at C{path}.
+    Another node creates upstream C{name} (or sets C{fields} on it) in the
+    store at C{path}.
     """
     other = SQLiteStore(reactor, path)
     await other.start()
     writer = Entities(other, Runtime(build_health(reactor), build_balancer), reactor)
     try:
-        await writer.create("upstreams", {"name": name}, True)
+        await writer.create_or_update("upstreams", {"name": name, **fields}, True)
     finally:
         await writer.close()
         await other.close()
@@ -331,6 +338,76 @@ async def test_a_write_its_caller_gave_up_on_lands_in_force_too(on_clock):
     created.cancel()
     store.holding.answer()
     await _in_force(store, entities, ["b"])
+
+
+@pytest.mark.parametrize("answered", ["timed out", "hung up"])
+@pytest_twisted.ensureDeferred
+async def test_a_write_whose_caller_was_answered_is_not_tried_again(on_clock, answered):
+    """
+    A write the store holds, whose caller was answered before it was over
+    (told it may or may not have been saved, or gone), and that meets
+    another node's change once the store answers: it is not validated and
+    committed again on top of a change its caller never saw (which it
+    would overwrite), but fails, and the log says it was not saved.
+    """
+    store, clock, entities = on_clock.store, on_clock.clock, on_clock.entities
+    await entities.create("upstreams", {"name": "u", "tags": ["first"]}, True)
+    with log_events("aigateway.feed"), log_events("aigateway.admin.entities") as logged:
+        store.holding.hung = True
+        late = entities.update("upstreams", "u", {"tags": ["late"]}, True)
+        if answered == "timed out":
+            told = _outcome(late)
+            clock.advance(WRITE_PATIENCE)
+            assert "may or may not have been saved" in _refusal(told)["message"]
+        else:
+            late.addErrback(lambda failure: failure.trap(CancelledError))
+            late.cancel()
+        # Its client reads it back on another node, and writes there.
+        await _write_elsewhere(store.path, "u", tags=["newer"])
+        store.holding.answer()
+        for _ in range(100):  # (waits between attempts are on the clock)
+            if not entities._lock.locked:
+                break
+            clock.advance(0.05)
+            await sleep(0.01)
+        assert not entities._lock.locked
+        _, records = await store.load()
+        assert [r["tags"] for r in records["upstreams"].values()] == [["newer"]]
+        assert entities.find("upstreams", "u")["tags"] == ["newer"]
+        assert not entities.outage.failing
+    (event,) = [e for e in logged if "no longer waited" in e["log_format"]]
+    assert "was not saved" in event["log_format"]
+    assert "not tried again" in str(event["error"])
+
+
+@pytest.mark.parametrize("write", ["create", "replace"])
+@pytest_twisted.ensureDeferred
+async def test_a_write_that_lands_once_closed_is_not_put_in_force(on_clock, write):
+    """
+    A write the store answers only after the node closed (the service
+    stops waiting for it) is stored, for the next start to load, but not
+    put in force: that would start health checks again on a stopped node.
+    """
+    store, clock, entities = on_clock.store, on_clock.clock, on_clock.entities
+    before = entities.snapshot.version
+    with log_events("aigateway.feed"), log_events("aigateway.admin.entities") as logged:
+        store.holding.hung = True
+        if write == "create":
+            late = entities.create("upstreams", {"name": "b"}, True)
+        else:
+            document = {"_format_version": "3.0", "upstreams": [{"name": "b"}]}
+            late = Deferred.fromCoroutine(apply_document(entities, clock, document))
+        told = _outcome(late)
+        clock.advance(WRITE_PATIENCE)
+        _refusal(told)
+        closed = entities.close()
+        store.holding.answer()
+        await closed
+        _, records = await store.load()
+    assert [r["name"] for r in records["upstreams"].values()] == ["b"]
+    assert entities.snapshot.version == before
+    assert entities.snapshot.upstreams == {}
+    assert ["once this node had closed" in e["log_format"] for e in logged] == [True]
 
 
 async def _in_force(store: Any, entities: Entities, names: list[str]) -> None:

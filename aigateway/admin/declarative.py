@@ -32,11 +32,15 @@ def invalid(error: declarative.InvalidDocument) -> AdminError:
     )
 
 
-async def apply_document(entities: Entities, clock: Any, document: Any) -> None:
+async def apply_document(
+    entities: Entities, clock: Any, document: Any, bounded: bool = True
+) -> None:
     """
     Validate C{document} whole and, only if it is valid, replace the
     configuration with it in one transaction.
 
+    @param bounded: whether to give up waiting on a store that does not
+        answer in time (see L{Entities.replace}).
     @raise declarative.InvalidDocument: with every error found.
     """
     # Validated now, so an invalid document is refused before the store is
@@ -44,7 +48,8 @@ async def apply_document(entities: Entities, clock: Any, document: Any) -> None:
     # kept and the secrets restored are those of the configuration replaced.
     declarative.load(document, clock.seconds(), entities.snapshot.records)
     await entities.replace(
-        lambda current: declarative.load(document, clock.seconds(), current)
+        lambda current: declarative.load(document, clock.seconds(), current),
+        bounded,
     )
 
 

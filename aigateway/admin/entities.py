@@ -10,8 +10,9 @@ running gateway as they were.
 Other gateway processes may share the store.  A write commits only if the
 stored configuration is still the version it was validated against; when
 it is not, the stored configuration is loaded and put in force, and the
-write is validated and tried again, so a name taken on another node is
-refused here too and no change made there is overwritten.
+write is validated and tried again (while its caller still waits for
+it), so a name taken on another node is refused here too and no change
+made there is overwritten.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from contextlib import suppress
 from typing import Any
 
+import attrs
 from twisted.internet.defer import CancelledError, Deferred, DeferredLock, succeed
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -300,7 +302,10 @@ class Entities:
         return self._locked(remove)
 
     def _locked(
-        self, function: Callable[..., Deferred[Any]], *args: Any
+        self,
+        function: Callable[..., Deferred[Any]],
+        *args: Any,
+        bounded: bool = True,
     ) -> Deferred[Any]:
         """
         Run C{function} (which validates and commits) alone, again after
@@ -310,14 +315,33 @@ class Entities:
         Each attempt gets its own copy of C{args}: an attempt may change
         what it was given (a create takes the C{id} out of its data), and
         the next must start from what the client sent.
+
+        A write is tried again only while its caller waits for it.  One
+        whose caller was answered without its outcome (told it may or may
+        not have been saved, and to read it back) and that then meets
+        another node's change is let fail: tried again, it would be
+        validated and committed on top of a configuration its caller never
+        saw, and overwrite that change (which may be the caller's own,
+        made on another node after reading back).
+
+        @param bounded: whether the caller is answered within
+            L{write_patience}; start-up's C{--config} waits for the store
+            instead, as long as it takes (a slow store is not a reason not
+            to start, when the write lands all the same).
         """
-        started: list[bool] = []
+        write = _Write()
 
         async def run() -> Any:
-            started.append(True)
+            write.started = True
             for attempt in range(_ATTEMPTS):
                 if self._closed:
                     raise StoreUnavailable("this node is shutting down")
+                if write.answered:  # (only ever after a StaleConfiguration)
+                    raise StoreUnavailable(
+                        "the configuration was changed on another node first, "
+                        "and the write was not tried again on top of it: its "
+                        "caller had been answered already"
+                    )
                 try:
                     result = await function(*copy.deepcopy(args))
                 except StaleConfiguration:
@@ -342,11 +366,9 @@ class Entities:
             )
 
         work = self._lock.run(lambda: Deferred.fromCoroutine(run()))
-        return self._bounded(work, lambda: bool(started))
+        return self._bounded(work, write) if bounded else work
 
-    def _bounded(
-        self, work: Deferred[Any], started: Callable[[], bool]
-    ) -> Deferred[Any]:
+    def _bounded(self, work: Deferred[Any], write: _Write) -> Deferred[Any]:
         """
         The outcome of C{work}, or, once L{write_patience} has passed,
         L{write_unanswered}: a store that accepts a connection and never
@@ -359,20 +381,22 @@ class Entities:
         write's, so the store and the gateway agree (and the lock keeps
         every other write behind it until then).  Its caller is told it
         may or may not have been saved, and the log says which once it is
-        known.  The same holds for a caller that stops waiting (an Admin
-        API client that hangs up).
+        known; it is not tried again (see L{_locked}).  The same holds for
+        a caller that stops waiting (an Admin API client that hangs up).
         """
 
         def cancel(_: Deferred[Any]) -> None:
+            write.answered = True
             if timer.active():
                 timer.cancel()
-            if not started():
+            if not write.started:
                 work.cancel()
 
         result: Deferred[Any] = Deferred(cancel)
 
         def give_up() -> None:
-            reached = started()
+            write.answered = True
+            reached = write.started
             result.errback(write_unanswered(self.write_patience, reached))
             if reached:
                 silent = StoreUnavailable(
@@ -393,11 +417,18 @@ class Entities:
                 else:
                     result.callback(outcome)
             elif not isinstance(outcome, Failure):
-                _log.info(
-                    "a write its caller no longer waited for was saved after "
-                    "all (configuration version {version})",
-                    version=self.snapshot.version,
-                )
+                if self._closed:
+                    _log.info(
+                        "a write its caller no longer waited for was saved after "
+                        "all, once this node had closed: the next start puts it "
+                        "in force"
+                    )
+                else:
+                    _log.info(
+                        "a write its caller no longer waited for was saved after "
+                        "all (configuration version {version})",
+                        version=self.snapshot.version,
+                    )
             elif outcome.check(AdminError, StoreUnavailable):
                 _log.info(
                     "a write its caller no longer waited for was not saved: {error}",
@@ -473,9 +504,10 @@ class Entities:
 
     def close(self) -> Deferred[None]:
         """
-        Take no more calls, and fire once the one in progress (a write, a
-        look at the store) is over: after that nothing puts a configuration
-        in force, so a stopped node's health checks stay stopped.
+        Take no more calls, and put nothing more in force, so a stopped
+        node's health checks stay stopped (a write the store answers from
+        now on is stored only: the next start loads it); fire once the call
+        in progress (a write, a look at the store) is over.
         """
         self._closed = True
         return self._lock.run(lambda: succeed(None))
@@ -628,11 +660,25 @@ class Entities:
 
         expected = self.snapshot.version
         d = self._store.write(puts, deletes, expected)
-        return d.addCallback(self._runtime.apply_stored, records)
+        return d.addCallback(self._in_force, records)
+
+    def _in_force(
+        self, version: int, records: Mapping[str, Mapping[str, Mapping[str, Any]]]
+    ) -> None:
+        """
+        Put in force the configuration a write just stored, unless this
+        node is closed: a write the store answers after L{close} (which
+        stops waiting for it after a while, see the service's stop) is
+        stored, and the next start loads it; put in force now, it would
+        start health checks again on a stopped node.
+        """
+        if not self._closed:
+            self._runtime.apply_stored(version, records)
 
     def replace(
         self,
         build: Callable[[Records], Mapping[str, Mapping[str, Record]]],
+        bounded: bool = True,
     ) -> Deferred[None]:
         """
         Replace the whole configuration (declarative import) in one
@@ -641,18 +687,36 @@ class Entities:
         @param build: makes the new records from the ones in force (a
             masked credential keeps its stored secret); called again when
             another node changed the configuration first.
+        @param bounded: whether to answer within L{write_patience} (an
+            Admin API call), or wait for the store (start-up's
+            C{--config}, see L{_locked}).
         """
 
         def swap() -> Deferred[None]:
             records = build(self.snapshot.records)
             expected = self.snapshot.version
             d = self._store.replace(records, expected)
-            return d.addCallback(self._runtime.apply_stored, records)
+            return d.addCallback(self._in_force, records)
 
-        return self._locked(swap)
+        return self._locked(swap, bounded=bounded)
 
     def _now(self, kind: str) -> float:
         return stamp(kind, self._clock.seconds())
+
+
+@attrs.define
+class _Write:
+    """
+    How far one write has gone, as its attempts (L{Entities._locked}) and
+    the wait for it (L{Entities._bounded}) both need to know.
+
+    @ivar started: it holds the lock: it is in the store, or about to be.
+    @ivar answered: its caller was answered before it was over (it timed
+        out, or the caller stopped waiting), so it is not tried again.
+    """
+
+    started: bool = False
+    answered: bool = False
 
 
 def _without_server_fields(data: Mapping[str, Any]) -> Record:

@@ -116,8 +116,9 @@ def header_too_large(limit: int) -> AdminError:
 class WriteUnanswered(AdminError, StoreUnavailable):
     """
     A write the store did not answer in time: 503 to an Admin API client,
-    and the store out of reach to a caller without HTTP (start-up's
-    C{--config}).
+    and the store out of reach (L{StoreUnavailable}) to code that handles
+    the store's outages.  (Start-up's C{--config} is not timed: it waits
+    for the store.)
     """
 
 

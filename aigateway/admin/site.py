@@ -46,6 +46,12 @@ class AdminChannel(HTTPChannel):
     (for at most L{lingering} seconds), so that its unread bytes do not
     make the kernel reset the connection before the answer is read.
 
+    After L{lingering} seconds the connection is aborted, not closed: a
+    close would wait for the client to take what is still unsent (a large
+    answer to a request pipelined before, which a client that does not
+    read never takes) or, on TLS, for its close_notify, and keep the
+    connection for as long as the client likes.
+
     @cvar lingering: seconds to wait for the client to close after the
         answer.
     """
@@ -64,7 +70,7 @@ class AdminChannel(HTTPChannel):
             self._refuse(header_too_large(self.MAX_LENGTH))
 
     def _refuse(self, error: AdminError) -> None:
-        transport = self.transport
+        transport: Any = self.transport
         if transport is None:
             return
         body = json.dumps(error.body).encode("utf-8")
@@ -77,10 +83,13 @@ class AdminChannel(HTTPChannel):
         self._refused = True
         transport.write(head + body)
         self.setTimeout(self.lingering)
+        # Nothing more is produced on this connection, whatever its
+        # transport (a TLS transport that still has a producer puts off
+        # its close).
+        transport.unregisterProducer()
         # Only a plain TCP connection is half-closed: a TLS transport passes
         # loseWriteConnection to the socket under it, past its own close.
         if isinstance(transport, tcp.Connection):
-            transport.unregisterProducer()
             transport.loseWriteConnection()
 
     def dataReceived(self, data: bytes) -> None:
@@ -88,8 +97,9 @@ class AdminChannel(HTTPChannel):
             super().dataReceived(data)
 
     def timeoutConnection(self) -> None:
-        if self._refused and self.transport is not None:
-            self.transport.loseConnection()
+        transport: Any = self.transport
+        if self._refused and transport is not None:
+            transport.abortConnection()
         else:
             super().timeoutConnection()
 
