@@ -7,6 +7,13 @@ needs to write a balancing algorithm plugin.  Everything else is internal.
 
 from ._version import __version__
 from .balancer.context import PickContext
-from .balancer.interfaces import IBalancer, IBalancerFactory, IHealthView
+from .balancer.interfaces import IBalancer, IBalancerFactory, IHealthView, ISuccessor
 
-__all__ = ["IBalancer", "IBalancerFactory", "IHealthView", "PickContext", "__version__"]
+__all__ = [
+    "IBalancer",
+    "IBalancerFactory",
+    "IHealthView",
+    "ISuccessor",
+    "PickContext",
+    "__version__",
+]

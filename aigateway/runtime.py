@@ -6,7 +6,11 @@ L{Runtime.apply} compiles a new snapshot into a router and per-upstream
 balancers and swaps them in with one attribute assignment, so a request
 sees either the old configuration or the new one, never a mix.  A balancer
 is kept across snapshots while its upstream and targets are unchanged, so
-round-robin positions and in-flight counts survive unrelated changes.
+round-robin positions and in-flight counts survive unrelated changes.  When
+they change, the new balancer takes over what the old one knew of the
+targets it still has, if its strategy can (L{ISuccessor}, by
+L{carry_over}): twenty long streams in flight on a target still count after
+a change of another target's weight.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any
 
 import attrs
 
+from .balancer.backup import carry_over
 from .balancer.interfaces import IBalancer, IHealthView
 from .config import ConfigSnapshot
 from .model import Target, Upstream
@@ -84,15 +89,22 @@ class Runtime:
     def _compile(self, snapshot: ConfigSnapshot, previous: Compiled | None) -> Compiled:
         balancers: dict[str, IBalancer] = {}
         sources = {}
+        replaced: list[tuple[IBalancer, IBalancer]] = []
         for upstream in snapshot.upstreams.values():
             targets = snapshot.targets.get(upstream.id, ())
             source = (upstream, targets)
             sources[upstream.id] = source
-            if previous is not None and previous.sources.get(upstream.id) == source:
-                balancers[upstream.id] = previous.balancers[upstream.id]
-            else:
-                balancers[upstream.id] = self._build(upstream, targets, self.health)
-        return Compiled(
+            old = None
+            if previous is not None and upstream.id in previous.balancers:
+                old = previous.balancers[upstream.id]
+                if previous.sources[upstream.id] == source:
+                    balancers[upstream.id] = old
+                    continue
+            balancer = self._build(upstream, targets, self.health)
+            balancers[upstream.id] = balancer
+            if old is not None:
+                replaced.append((balancer, old))
+        compiled = Compiled(
             snapshot=snapshot,
             # A disabled service's routes are as if they did not exist
             # (Kong's rule): its requests get the proxy's 404.
@@ -103,3 +115,8 @@ class Runtime:
             balancers=balancers,
             sources=sources,
         )
+        # Last, once nothing can fail: a replaced balancer passes its
+        # attempts on to its successor, which must be the one in force.
+        for balancer, old in replaced:
+            carry_over(balancer, old)
+        return compiled

@@ -9,12 +9,14 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from aigateway.balancer import registry
-from aigateway.balancer.backup import BackupBalancer, build_balancer
+from aigateway.balancer.backup import BackupBalancer, build_balancer, carry_over
 from aigateway.balancer.interfaces import IBalancer
 from aigateway.balancer.leastconn import LeastConnectionsBalancer
 from aigateway.balancer.roundrobin import RoundRobinBalancer
+from aigateway.model import Target
 
-from .balancing import FakeHealth, context, pick_keys, targets, upstream
+from .balancing import FakeHealth, context, pick_keys, target, targets, upstream
+from .test_leastconn import _active, _attempts
 
 
 class BuildBalancerTests(SynchronousTestCase):
@@ -104,3 +106,105 @@ class BackupBalancerTests(SynchronousTestCase):
         self.assertEqual(pick_keys(balancer, 2), [primary[0].key] * 2)
         balancer.finished(primary[1], None)
         self.assertEqual(pick_keys(balancer, 2), [primary[1].key, primary[0].key])
+
+
+class CarryOverTests(SynchronousTestCase):
+    """
+    L{carry_over} hands each part of a balancer split by backup targets the
+    counts of the part of the replaced balancer with its targets, however
+    the split changed.
+    """
+
+    def build(self, ts: list[Target]) -> IBalancer:
+        return build_balancer(upstream(algorithm="least-connections"), ts, self.health)
+
+    def setUp(self) -> None:
+        self.health = FakeHealth()
+        self.alpha, self.beta = targets(100, 100)
+        self.spare = target("10.0.0.9:81", backup=True)
+
+    def test_split(self) -> None:
+        """
+        With a backup target, 20 attempts in flight on alpha send the next
+        10 to beta after a change of alpha's weight, and their ends on the
+        replaced balancer bring the counts down.
+        """
+        alpha, beta, spare = self.alpha, self.beta, self.spare
+        old = self.build([alpha, beta, spare])
+        old.started(spare)
+        for _ in range(20):
+            old.started(alpha)
+        new = self.build([target(alpha.key, 120), beta, spare])
+        self.assertIsInstance(new, BackupBalancer)
+        carry_over(new, old)
+        self.assertEqual(_counts(new), {alpha.key: 20, beta.key: 0, spare.key: 1})
+        self.assertEqual(_attempts(new, 10), [beta.key] * 10)
+        old.finished(spare, 0.1)
+        for _ in range(20):
+            old.finished(alpha, 0.1)
+        self.assertEqual(_counts(new), {alpha.key: 0, beta.key: 10, spare.key: 0})
+
+    def test_split_made_and_undone(self) -> None:
+        """
+        Adding the first backup target, or removing the last, keeps the
+        counts of the other targets.
+        """
+        alpha, beta, spare = self.alpha, self.beta, self.spare
+        plain = self.build([alpha, beta])
+        for _ in range(20):
+            plain.started(alpha)
+        split = self.build([alpha, beta, spare])
+        carry_over(split, plain)
+        split.started(spare)
+        self.assertEqual(_counts(split), {alpha.key: 20, beta.key: 0, spare.key: 1})
+        again = self.build([alpha, beta])
+        carry_over(again, split)
+        self.assertEqual(_counts(again), {alpha.key: 20, beta.key: 0})
+        for _ in range(20):
+            plain.finished(alpha, 0.1)
+        split.finished(spare, 0.1)
+        self.assertEqual(_counts(again), {alpha.key: 0, beta.key: 0})
+
+    def test_only_backups_split(self) -> None:
+        """
+        An upstream of backup targets only, given its first primary target,
+        keeps the backups' counts in its backup part.
+        """
+        spare, other = self.spare, target("10.0.0.8:81", backup=True)
+        old = self.build([spare, other])
+        old.started(spare)
+        new = self.build([self.alpha, spare, other])
+        carry_over(new, old)
+        self.assertEqual(_counts(new), {self.alpha.key: 0, spare.key: 1, other.key: 0})
+
+    def test_backup_flag_changed(self) -> None:
+        """
+        A target that becomes a backup starts from 0 and its old attempts
+        do not reach its new count; the others keep theirs.
+        """
+        alpha, beta = self.alpha, self.beta
+        old = self.build([alpha, beta, self.spare])
+        old.started(alpha)
+        old.started(beta)
+        new = self.build([attrs.evolve(alpha, backup=True), beta, self.spare])
+        carry_over(new, old)
+        self.assertEqual(_counts(new), {alpha.key: 0, beta.key: 1, self.spare.key: 0})
+        new.started(attrs.evolve(alpha, backup=True))
+        old.finished(alpha, 0.1)
+        old.finished(beta, 0.1)
+        self.assertEqual(_counts(new), {alpha.key: 1, beta.key: 0, self.spare.key: 0})
+
+
+def _counts(balancer: IBalancer) -> dict[str, int]:
+    """
+    The in-flight count of each target of C{balancer}, a least-connections
+    balancer or two of them split by backup targets.
+    """
+    parts = [balancer]
+    if isinstance(balancer, BackupBalancer):
+        parts = [balancer._primary, balancer._backup]
+    counts = {}
+    for part in parts:
+        assert isinstance(part, LeastConnectionsBalancer)
+        counts.update(_active(part))
+    return counts

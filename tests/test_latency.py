@@ -10,15 +10,18 @@ from random import Random
 
 from twisted.internet import task
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
 
 from aigateway.balancer.context import PickContext
+from aigateway.balancer.interfaces import ISuccessor
 from aigateway.balancer.latency import Latency, LatencyBalancer
+from aigateway.balancer.leastconn import LeastConnectionsBalancer
 from aigateway.health.manager import HealthManager
 from aigateway.health.passive import Outcome
 from aigateway.model import Target
 
 from . import healthkit
-from .balancing import FakeHealth, pick_keys, targets, upstream
+from .balancing import FakeHealth, pick_keys, target, targets, upstream
 
 
 def _run(
@@ -242,3 +245,68 @@ class TrialTests(SynchronousTestCase):
         else:
             self.fail("no trial in 100 picks")
         self.assertFalse(self.health.eligible(down))
+
+
+class TakeOverTests(SynchronousTestCase):
+    """
+    A latency balancer built for a changed configuration starts from the
+    averages and in-flight counts of the one it replaces, and learns from
+    the attempts that end on that one.
+    """
+
+    def test_averages_carried(self) -> None:
+        """
+        After a change of weight, the target known to be slow still gets
+        less than 20% of the attempts, from the first one on; the averages
+        and the typical average are those of the targets kept.
+        """
+        fast, slow, gone = targets(100, 100, 100)
+        old = LatencyBalancer([fast, slow, gone], FakeHealth(), Random(9))
+        times = {fast.key: 0.010, slow.key: 0.060, gone.key: 5.0}
+        _run(old, 100, lambda t: times[t.key])
+        new = LatencyBalancer([target(fast.key, 150), slow], FakeHealth(), Random(10))
+        verifyObject(ISuccessor, new)
+        self.assertTrue(new.take_over(old))
+        self.assertEqual(
+            [s.ewma for s in new._stats],
+            [old._byKey[fast.key].ewma, old._byKey[slow.key].ewma],
+        )
+        self.assertEqual(new._measured, 2)
+        self.assertAlmostEqual(new._sum, sum(s.ewma or 0 for s in new._stats))
+        counts = Counter(_run(new, 500, lambda t: times[t.key]))
+        self.assertLess(counts[slow.key] / 500, 0.2)
+
+    def test_in_flight_carried(self) -> None:
+        """
+        Attempts in flight on the replaced balancer count in its successor
+        until they end on the replaced one, and their samples reach it.
+        """
+        busy, idle = targets(100, 100)
+        old = LatencyBalancer([busy, idle], FakeHealth(), Random(11))
+        _run(old, 20, lambda t: 0.01)
+        for _ in range(10):
+            old.started(busy)
+        new = LatencyBalancer([busy, target(idle.key, 50)], FakeHealth(), Random(12))
+        self.assertTrue(new.take_over(old))
+        counts = Counter(pick_keys(new, 200))
+        self.assertLess(counts[busy.key] / 200, 0.1)
+        for _ in range(10):
+            old.finished(busy, 2.0)
+        self.assertEqual([s.active for s in new._stats], [0, 0])
+        self.assertEqual(new._byKey[busy.key].ewma, old._byKey[busy.key].ewma)
+        self.assertGreater(new._byKey[busy.key].ewma or 0, 1.0)
+
+    def test_not_taken_over(self) -> None:
+        """
+        A balancer of another algorithm, or one already taken over, is not
+        taken over.
+        """
+        ts = targets(100, 100)
+        self.assertFalse(
+            LatencyBalancer(ts, FakeHealth()).take_over(
+                LeastConnectionsBalancer(ts, FakeHealth())
+            )
+        )
+        old = LatencyBalancer(ts, FakeHealth())
+        self.assertTrue(LatencyBalancer(ts, FakeHealth()).take_over(old))
+        self.assertFalse(LatencyBalancer(ts, FakeHealth()).take_over(old))

@@ -5,16 +5,21 @@ Tests for L{aigateway.balancer.leastconn}.
 from __future__ import annotations
 
 from collections import Counter
+from random import Random
 
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
 
 from aigateway.balancer.context import PickContext
+from aigateway.balancer.interfaces import IBalancer, ISuccessor
 from aigateway.balancer.leastconn import (
     LeastConnections,
     LeastConnectionsBalancer,
 )
+from aigateway.balancer.roundrobin import RoundRobinBalancer
+from aigateway.model import Target
 
-from .balancing import FakeHealth, pick_keys, targets, upstream
+from .balancing import FakeHealth, pick_keys, target, targets, upstream
 
 
 class LeastConnectionsTests(SynchronousTestCase):
@@ -126,3 +131,149 @@ class LeastConnectionsTests(SynchronousTestCase):
             balancer.started(ts[0])
         self.assertLessEqual(len(balancer._heap), 4 * 2 + 8)
         self.assertEqual(pick_keys(balancer, 2), [ts[1].key] * 2)
+
+
+class TakeOverTests(SynchronousTestCase):
+    """
+    A least-connections balancer built for a changed configuration starts
+    from the in-flight counts of the one it replaces, and is told of the
+    attempts that start and end on that one.
+    """
+
+    def test_counts_carried(self) -> None:
+        """
+        With 20 attempts in flight on alpha, a balancer rebuilt for a
+        change of alpha's weight sends the next 10 to beta.
+        """
+        alpha, beta = targets(100, 100)
+        old = LeastConnectionsBalancer([alpha, beta], FakeHealth())
+        for _ in range(20):
+            old.started(alpha)
+        new = LeastConnectionsBalancer([target(alpha.key, 120), beta], FakeHealth())
+        verifyObject(ISuccessor, new)
+        self.assertTrue(new.take_over(old))
+        self.assertEqual(_attempts(new, 10), [beta.key] * 10)
+
+    def test_ends_passed_on(self) -> None:
+        """
+        Attempts begun on the replaced balancer end on it, and the count of
+        its successor goes down with them; retries begun on it count in the
+        successor too.  An end more than began changes nothing.
+        """
+        alpha, beta = targets(100, 100)
+        old = LeastConnectionsBalancer([alpha, beta], FakeHealth())
+        for _ in range(20):
+            old.started(alpha)
+        new = LeastConnectionsBalancer([alpha, beta], FakeHealth())
+        new.take_over(old)
+        old.started(alpha)
+        new.started(alpha)
+        self.assertEqual(_active(new), {alpha.key: 22, beta.key: 0})
+        for _ in range(21):
+            old.finished(alpha, 0.1)
+        self.assertEqual(_active(new), {alpha.key: 1, beta.key: 0})
+        old.finished(alpha, 0.1)
+        self.assertEqual(_active(new), {alpha.key: 1, beta.key: 0})
+        new.finished(alpha, 0.1)
+        new.finished(alpha, 0.1)
+        self.assertEqual(_active(new), {alpha.key: 0, beta.key: 0})
+        self.assertEqual(pick_keys(new, 4), [alpha.key, beta.key] * 2)
+
+    def test_many_changes(self) -> None:
+        """
+        Through 2000 changes of weight, with attempts begun and ended on
+        whichever balancer was in force when each began, the balancer in
+        force counts exactly the attempts in flight; the first attempt
+        ends without recursing 2000 balancers deep.
+        """
+        ts = targets(100, 100, 100)
+        rng = Random(8)
+        current = LeastConnectionsBalancer(ts, FakeHealth())
+        inFlight: list[tuple[LeastConnectionsBalancer, Target]] = []
+        for step in range(2000):
+            for _ in range(rng.randrange(3)):
+                chosen = current.pick(PickContext(), ())
+                assert chosen is not None
+                current.started(chosen)
+                inFlight.append((current, chosen))
+            for _ in range(rng.randrange(3)):
+                if len(inFlight) > 1:
+                    balancer, chosen = inFlight.pop(rng.randrange(1, len(inFlight)))
+                    balancer.finished(chosen, 0.1)
+            weights = [rng.choice([1, 50, 100, 300]) for _ in ts]
+            new = LeastConnectionsBalancer(
+                [target(t.key, w) for t, w in zip(ts, weights, strict=True)],
+                FakeHealth(),
+            )
+            self.assertTrue(new.take_over(current), step)
+            current = new
+        expected = Counter(t.key for _, t in inFlight)
+        self.assertEqual(_active(current), {t.key: expected[t.key] for t in ts})
+        for balancer, chosen in inFlight:
+            balancer.finished(chosen, 0.1)
+        self.assertEqual(_active(current), {t.key: 0 for t in ts})
+
+    def test_removed_target(self) -> None:
+        """
+        A target removed and added back starts from 0: the attempts begun
+        on it before it was removed never reach its new count.
+        """
+        alpha, beta = targets(100, 100)
+        first = LeastConnectionsBalancer([alpha, beta], FakeHealth())
+        for _ in range(5):
+            first.started(alpha)
+            first.started(beta)
+        second = LeastConnectionsBalancer([beta], FakeHealth())
+        self.assertTrue(second.take_over(first))
+        third = LeastConnectionsBalancer([alpha, beta], FakeHealth())
+        self.assertTrue(third.take_over(second))
+        self.assertEqual(_active(third), {alpha.key: 0, beta.key: 5})
+        third.started(alpha)
+        for _ in range(5):
+            first.finished(alpha, 0.1)
+            first.finished(beta, 0.1)
+        self.assertEqual(_active(third), {alpha.key: 1, beta.key: 0})
+
+    def test_not_taken_over(self) -> None:
+        """
+        A balancer of another algorithm, one with none of the targets, or
+        one already taken over is not taken over: the new balancer starts
+        fresh, and nothing is passed on to it.
+        """
+        alpha, beta = targets(100, 100)
+        self.assertFalse(
+            LeastConnectionsBalancer([alpha], FakeHealth()).take_over(
+                RoundRobinBalancer([alpha], FakeHealth())
+            )
+        )
+        old = LeastConnectionsBalancer([alpha], FakeHealth())
+        old.started(alpha)
+        other = LeastConnectionsBalancer([beta], FakeHealth())
+        self.assertFalse(other.take_over(old))
+        new = LeastConnectionsBalancer([alpha], FakeHealth())
+        self.assertTrue(new.take_over(old))
+        late = LeastConnectionsBalancer([alpha], FakeHealth())
+        self.assertFalse(late.take_over(old))
+        old.finished(alpha, None)
+        self.assertEqual(_active(new), {alpha.key: 0})
+        self.assertEqual(_active(late), {alpha.key: 0})
+
+
+def _attempts(balancer: IBalancer, count: int) -> list[str]:
+    """
+    Pick and start C{count} attempts, held open; return the keys picked.
+    """
+    keys = []
+    for _ in range(count):
+        chosen = balancer.pick(PickContext(), ())
+        assert chosen is not None
+        balancer.started(chosen)
+        keys.append(chosen.key)
+    return keys
+
+
+def _active(balancer: LeastConnectionsBalancer) -> dict[str, int]:
+    """
+    The in-flight count of each target of C{balancer}.
+    """
+    return {key: load.active for key, load in balancer._byKey.items()}

@@ -11,6 +11,8 @@ from aigateway.config import ConfigSnapshot, empty_records
 from aigateway.records import build_record
 from aigateway.runtime import Runtime
 
+from .test_leastconn import _attempts
+
 
 class _Health:
     def __init__(self):
@@ -23,9 +25,11 @@ class _Health:
         return True
 
 
-def _records(weights):
+def _records(weights, algorithm="round-robin"):
     records = empty_records()
-    upstream, _ = build_record("upstreams", {"name": "u"}, False)
+    upstream, _ = build_record(
+        "upstreams", {"name": "u", "algorithm": algorithm}, False
+    )
     upstream["id"] = "u1"
     records["upstreams"]["u1"] = upstream
     for i, weight in enumerate(weights):
@@ -83,3 +87,33 @@ class RuntimeTests(SynchronousTestCase):
         self.assertEqual(health.updates, [1, 2, 3])
         self.assertEqual(seen, [1, 2, 3])
         self.assertEqual(runtime.snapshot.version, 3)
+
+    def test_carry_over(self):
+        """
+        A least-connections balancer rebuilt for a change of weight starts
+        from the counts of the one it replaced, which passes on the ends of
+        the attempts begun on it; after a change of algorithm and back,
+        the balancer starts fresh.
+        """
+        runtime = Runtime(_Health(), build_balancer)
+        runtime.apply(ConfigSnapshot.build(1, _records([100, 100], LEAST)))
+        alpha, beta = runtime.snapshot.targets["u1"]
+        first = runtime.current.balancers["u1"]
+        for _ in range(20):
+            first.started(alpha)
+
+        runtime.apply(ConfigSnapshot.build(2, _records([120, 100], LEAST)))
+        second = runtime.current.balancers["u1"]
+        self.assertIsNot(second, first)
+        self.assertEqual(_attempts(second, 10), [beta.key] * 10)
+        for _ in range(20):
+            first.finished(alpha, 1.0)
+        self.assertEqual(_attempts(second, 2), [alpha.key] * 2)
+
+        runtime.apply(ConfigSnapshot.build(3, _records([120, 100])))
+        runtime.apply(ConfigSnapshot.build(4, _records([120, 100], LEAST)))
+        fourth = runtime.current.balancers["u1"]
+        self.assertEqual(_attempts(fourth, 2), [alpha.key, beta.key])
+
+
+LEAST = "least-connections"

@@ -100,6 +100,7 @@ def test_public_names():
         "IBalancer",
         "IBalancerFactory",
         "IHealthView",
+        "ISuccessor",
         "PickContext",
         "__version__",
     ]

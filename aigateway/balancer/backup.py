@@ -1,6 +1,7 @@
 # -*- test-case-name: tests.test_backup -*-
 """
-Backup targets, and the one function the proxy calls to get a balancer.
+Backup targets, and the two functions the runtime calls: one to get a
+balancer, one to hand it what the balancer it replaces knew.
 
 A backup target receives traffic only while no non-backup target is
 available (nginx's C{backup}, Kong Enterprise's C{failover}).  Rather than
@@ -19,7 +20,7 @@ from zope.interface import implementer
 from ..model import Target, Upstream
 from . import registry
 from .context import PickContext
-from .interfaces import IBalancer, IHealthView
+from .interfaces import IBalancer, IHealthView, ISuccessor
 
 
 @implementer(IBalancer)
@@ -67,3 +68,26 @@ def build_balancer(
         factory.build(upstream, primary, health),
         factory.build(upstream, backup, health),
     )
+
+
+def carry_over(balancer: IBalancer, replaced: IBalancer) -> None:
+    """
+    Let C{balancer} start from what C{replaced}, the balancer of the same
+    upstream in the configuration before, knew (L{ISuccessor}).
+
+    Either may be split by backup targets, and a change may add the split
+    or remove it (the first backup target added, the last removed), so each
+    part of C{balancer} is offered each part of C{replaced}: a part takes
+    over the one with its targets, and a balancer that does not provide
+    L{ISuccessor}, or of another algorithm, starts fresh.
+    """
+    for part in _parts(balancer):
+        if ISuccessor.providedBy(part):
+            for predecessor in _parts(replaced):
+                ISuccessor(part).take_over(predecessor)
+
+
+def _parts(balancer: IBalancer) -> tuple[IBalancer, ...]:
+    if isinstance(balancer, BackupBalancer):
+        return balancer._primary, balancer._backup
+    return (balancer,)

@@ -84,6 +84,37 @@ class IBalancer(Interface):
         """
 
 
+class ISuccessor(Interface):
+    """
+    A balancer that can carry on from the one it replaces, for strategies
+    whose state outlives a configuration change: in-flight counts, latency
+    averages.
+
+    Optional: the runtime offers the balancer it replaces to a new balancer
+    that provides this, once the new configuration is compiled; any other
+    balancer starts fresh.  Attempts begun on the replaced balancer keep
+    starting (retries) and ending on it, as an exchange keeps the balancer
+    of its configuration; the replaced balancer tells its successor, so
+    the successor's counts stay exact however many changes an attempt
+    outlives.
+    """
+
+    def take_over(predecessor: IBalancer) -> bool:
+        """
+        Start from what C{predecessor} knows of the targets this balancer
+        has (those it does not have start fresh), and have it pass on
+        C{started} and C{finished} for them from now on.
+
+        A predecessor passes on to one successor only, so it is taken over
+        only when nothing took it over yet, it is of this balancer's kind,
+        and it has at least one of this balancer's targets: of the two
+        balancers of a split by backup targets, the one with the same
+        targets.
+
+        @return: whether C{predecessor} was taken over.
+        """
+
+
 class IBalancerFactory(Interface):
     """
     A named balancing algorithm, registered as a plugin.

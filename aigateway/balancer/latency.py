@@ -31,6 +31,12 @@ Candidates are weighed with a look at their health that grants nothing
 may hand it the one trial request of a target that failed.  Asking both
 candidates would spend the loser's trial on a request it never gets, and
 a target back from an outage would wait cooldown after cooldown.
+
+A configuration change builds a new balancer, which takes over the
+averages and in-flight counts of the one it replaces (L{ISuccessor}):
+otherwise each change would send attempts to a slow target until it had
+measured it again.  Attempts begun on the replaced balancer end there, and
+it passes each on to its successor, sample and all.
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ from zope.interface import implementer
 from ..model import Target, Upstream
 from ._eligible import peek
 from .context import PickContext
-from .interfaces import IBalancer, IBalancerFactory, IHealthView
+from .interfaces import IBalancer, IBalancerFactory, IHealthView, ISuccessor
 
 #: The weight of a new sample in a target's average.
 DECAY = 0.3
@@ -80,10 +86,13 @@ class _Stats:
     active: int = 0
 
 
-@implementer(IBalancer)
+@implementer(IBalancer, ISuccessor)
 class LatencyBalancer:
     """
     Picks the lower-cost of two targets drawn by weight.
+
+    @ivar _successor: the balancer that took this one over, told of every
+        attempt that starts or ends here on a target it has.
     """
 
     def __init__(
@@ -105,6 +114,7 @@ class LatencyBalancer:
         self._sum = 0.0
         self._measured = 0
         self._slowest = 0.0
+        self._successor: LatencyBalancer | None = None
 
     def pick(self, context: PickContext, exclude: Collection[str]) -> Target | None:
         while True:
@@ -168,29 +178,60 @@ class LatencyBalancer:
         return ewma * (stats.active + 1)
 
     def started(self, target: Target) -> None:
-        stats = self._byKey.get(target.key)
-        if stats is not None:
+        # Down the line of successors (the balancer in force has none), as
+        # long as each has the target: one that does not took over nothing
+        # of it.  A loop, not recursion: an attempt may outlive thousands
+        # of changes.
+        balancer: LatencyBalancer | None = self
+        while balancer is not None:
+            stats = balancer._byKey.get(target.key)
+            if stats is None:
+                return
             stats.active += 1
+            balancer = balancer._successor
 
     def finished(self, target: Target, first_byte: float | None) -> None:
-        stats = self._byKey.get(target.key)
-        if stats is None:
-            return
-        # An attempt begun on a balancer this one replaced may end here.
-        stats.active = max(0, stats.active - 1)
-        if first_byte is None:
-            sample = max(FAILURE, 2 * self._slowest)
-        else:
-            sample = first_byte
-            self._slowest = max(self._slowest, first_byte)
-        old = stats.ewma
-        if old is None:
-            stats.ewma = sample
-            self._measured += 1
-            self._sum += sample
-        else:
-            stats.ewma = old + DECAY * (sample - old)
-            self._sum += stats.ewma - old
+        balancer: LatencyBalancer | None = self
+        while balancer is not None:
+            stats = balancer._byKey.get(target.key)
+            if stats is None:
+                return
+            # (Never below 0, should more end than began.)
+            stats.active = max(0, stats.active - 1)
+            if first_byte is None:
+                sample = max(FAILURE, 2 * balancer._slowest)
+            else:
+                sample = first_byte
+                balancer._slowest = max(balancer._slowest, first_byte)
+            old = stats.ewma
+            if old is None:
+                stats.ewma = sample
+                balancer._measured += 1
+                balancer._sum += sample
+            else:
+                stats.ewma = old + DECAY * (sample - old)
+                balancer._sum += stats.ewma - old
+            balancer = balancer._successor
+
+    def take_over(self, predecessor: IBalancer) -> bool:
+        if (
+            not isinstance(predecessor, LatencyBalancer)
+            or predecessor._successor is not None
+            or predecessor._byKey.keys().isdisjoint(self._byKey)
+        ):
+            return False
+        for key, stats in self._byKey.items():
+            old = predecessor._byKey.get(key)
+            if old is not None:
+                stats.ewma = old.ewma
+                stats.active = old.active
+        # The typical average of the targets kept, not of those removed.
+        known = [s.ewma for s in self._stats if s.ewma is not None]
+        self._measured = len(known)
+        self._sum = sum(known)
+        self._slowest = max(self._slowest, predecessor._slowest)
+        predecessor._successor = self
+        return True
 
 
 @implementer(IPlugin, IBalancerFactory)

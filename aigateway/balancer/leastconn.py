@@ -11,6 +11,12 @@ one and leave the old to be thrown away when it surfaces (each entry carries
 the version of the target's state it was made from).  Keying ties on the
 last pick makes them round-robin: of equally loaded targets, the one picked
 longest ago goes first.
+
+A configuration change builds a new balancer, which takes over the counts
+of the one it replaces (L{ISuccessor}): a change of weight must not make
+twenty long streams on one target look like none.  Attempts begun on the
+replaced balancer still start (retries) and end there; it passes each on to
+its successor, so the counts of the balancer in force stay exact.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from zope.interface import implementer
 from ..model import Target, Upstream
 from ._eligible import usable
 from .context import PickContext
-from .interfaces import IBalancer, IBalancerFactory, IHealthView
+from .interfaces import IBalancer, IBalancerFactory, IHealthView, ISuccessor
 
 
 @attrs.define
@@ -50,10 +56,13 @@ class _Load:
 _Entry = tuple[float, int, int, int]
 
 
-@implementer(IBalancer)
+@implementer(IBalancer, ISuccessor)
 class LeastConnectionsBalancer:
     """
     Picks the target with the lowest C{active / weight}.
+
+    @ivar _successor: the balancer that took this one over, told of every
+        attempt that starts or ends here on a target it has.
     """
 
     def __init__(self, targets: Sequence[Target], health: IHealthView) -> None:
@@ -64,6 +73,7 @@ class LeastConnectionsBalancer:
         self._byKey = {load.target.key: load for load in self._loads}
         self._picks = 0
         self._heap: list[_Entry] = []
+        self._successor: LeastConnectionsBalancer | None = None
         self._rebuild()
 
     def _rebuild(self) -> None:
@@ -120,17 +130,47 @@ class LeastConnectionsBalancer:
         return chosen
 
     def started(self, target: Target) -> None:
-        load = self._byKey.get(target.key)
-        if load is not None:
+        # Down the line of successors (the balancer in force has none), as
+        # long as each has the target: one that does not took over nothing
+        # of it.  A loop, not recursion: an attempt may outlive thousands
+        # of changes.
+        balancer: LeastConnectionsBalancer | None = self
+        while balancer is not None:
+            load = balancer._byKey.get(target.key)
+            if load is None:
+                return
             load.active += 1
-            self._update(load)
+            balancer._update(load)
+            balancer = balancer._successor
 
     def finished(self, target: Target, first_byte: float | None) -> None:
-        load = self._byKey.get(target.key)
-        # An attempt begun on a balancer this one replaced may end here.
-        if load is not None and load.active > 0:
+        balancer: LeastConnectionsBalancer | None = self
+        while balancer is not None:
+            load = balancer._byKey.get(target.key)
+            # More ends than starts leave 0, and are not passed on.
+            if load is None or load.active == 0:
+                return
             load.active -= 1
-            self._update(load)
+            balancer._update(load)
+            balancer = balancer._successor
+
+    def take_over(self, predecessor: IBalancer) -> bool:
+        if (
+            not isinstance(predecessor, LeastConnectionsBalancer)
+            or predecessor._successor is not None
+            or predecessor._byKey.keys().isdisjoint(self._byKey)
+        ):
+            return False
+        for key, load in self._byKey.items():
+            old = predecessor._byKey.get(key)
+            if old is not None:
+                load.active = old.active
+                # The order of the last picks too, so ties keep taking turns.
+                load.picked = old.picked
+        self._picks = max(self._picks, predecessor._picks)
+        predecessor._successor = self
+        self._rebuild()
+        return True
 
 
 @implementer(IPlugin, IBalancerFactory)
