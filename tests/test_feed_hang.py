@@ -431,14 +431,7 @@ async def test_an_admin_write_the_store_holds_is_answered_in_time(
     is answered 503 in Kong's shape after the write patience instead of
     waiting for the store, and lands once the store answers.
     """
-    holding = _Holding()
-    writes = SQLiteStore.write
-    monkeypatch.setattr(
-        SQLiteStore,
-        "write",
-        lambda self, *a: holding.hold(lambda: writes(self, *a)),
-    )
-    node = await Gateway(str(tmp_path / "held.db")).start()
+    holding, node = await _held_node(tmp_path, monkeypatch)
     node.service.parts.entities.write_patience = 0.5
     try:
         holding.hung = True
@@ -475,14 +468,7 @@ async def test_an_admin_client_hanging_up_mid_write_is_not_an_error(
     A client that hangs up while its write waits on the store: the write
     lands, and nothing is logged as a failed request (it did not fail).
     """
-    holding = _Holding()
-    writes = SQLiteStore.write
-    monkeypatch.setattr(
-        SQLiteStore,
-        "write",
-        lambda self, *a: holding.hold(lambda: writes(self, *a)),
-    )
-    node = await Gateway(str(tmp_path / "held.db")).start()
+    holding, node = await _held_node(tmp_path, monkeypatch)
     try:
         with log_events("aigateway.admin.app") as logged:
             holding.hung = True
@@ -506,3 +492,18 @@ async def test_an_admin_client_hanging_up_mid_write_is_not_an_error(
     finally:
         holding.answer()
         await node.stop()
+
+
+async def _held_node(tmp_path: Any, monkeypatch: Any) -> tuple[_Holding, Gateway]:
+    """
+    A gateway node on a SQLite store whose writes the returned holding can
+    hold (C{hung}) and let go (C{answer}).
+    """
+    holding = _Holding()
+    writes = SQLiteStore.write
+    monkeypatch.setattr(
+        SQLiteStore,
+        "write",
+        lambda self, *a: holding.hold(lambda: writes(self, *a)),
+    )
+    return holding, await Gateway(str(tmp_path / "held.db")).start()

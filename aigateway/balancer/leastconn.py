@@ -30,6 +30,7 @@ from zope.interface import implementer
 
 from ..model import Target, Upstream
 from ._eligible import usable
+from ._succession import may_succeed
 from .context import PickContext
 from .interfaces import IBalancer, IBalancerFactory, IHealthView, ISuccessor
 
@@ -155,12 +156,9 @@ class LeastConnectionsBalancer:
             balancer = balancer._successor
 
     def take_over(self, predecessor: IBalancer) -> bool:
-        if (
-            not isinstance(predecessor, LeastConnectionsBalancer)
-            or predecessor._successor is not None
-            or predecessor._byKey.keys().isdisjoint(self._byKey)
-        ):
+        if not may_succeed(self, predecessor):
             return False
+        assert isinstance(predecessor, LeastConnectionsBalancer)
         for key, load in self._byKey.items():
             old = predecessor._byKey.get(key)
             if old is not None:
