@@ -128,8 +128,11 @@ class _EchoSocket(Protocol):
                 )
                 return
             self.upgraded = True
+            # (Content-Length on a 101 is not HTTP's, but servers send it:
+            # the gateway must not pass it on.)
             self.transport.write(
                 b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                b"Content-Length: 0\r\n"
                 b"Connection: Upgrade\r\nSec-WebSocket-Accept: "
                 + accept_for(headers.get(b"sec-websocket-key", b""))
                 + b"\r\n\r\n"

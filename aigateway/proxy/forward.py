@@ -549,6 +549,9 @@ class Exchange:
         raw = headers._rawHeaders
         raw[b"Connection"] = [b"upgrade"]
         raw[b"Upgrade"] = protocol or [request.upgrade or b"websocket"]
+        # A 1xx has no body to measure (RFC 9110 8.6), whatever the target
+        # said: a client could take the length for the tunnel's.
+        raw.pop(b"Content-Length", None)
         self.hooks.decorate(self, request)
         self.touch(self._sent + first_byte)
         tunnel = Tunnel(self, target, first_byte)
