@@ -26,7 +26,14 @@ from typing import Any
 import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+from OpenSSL.crypto import FILETYPE_ASN1
 from twisted.internet.ssl import Certificate, trustRootFromCertificates
+from twisted.logger import Logger
+
+_log = Logger()
+
+#: The longest C{cert} accepted: a CA certificate's PEM is a few kB.
+MAX_CERT = 65536
 
 # Every PEM block's label: a CA certificate is one CERTIFICATE block, and
 # anything else (a private key pasted along, a bundle) is refused.
@@ -62,6 +69,8 @@ def check_cert(value: str) -> str | None:
     not a CA could never sign a target's, so storing it is a mistake the
     client should hear of now, not as a 502 later.
     """
+    if len(value) > MAX_CERT:
+        return f"invalid certificate: longer than {MAX_CERT} characters"
     try:
         cert = _certificate(value)
     except ValueError as e:
@@ -72,7 +81,9 @@ def check_cert(value: str) -> str | None:
         constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints)
     except x509.ExtensionNotFound:
         constraints = None
-    except ValueError:
+    except Exception:
+        # (A malformed or repeated extension: cryptography raises more
+        # than ValueError for them.)
         return "invalid certificate: could not parse its extensions"
     if constraints is None or not constraints.value.ca:
         return (
@@ -89,8 +100,7 @@ def cert_digest(value: str) -> str:
 
     @param value: a C{cert} that passed L{check_cert}.
     """
-    der = _certificate(value).public_bytes(Encoding.DER)
-    return hashlib.sha256(der).hexdigest()
+    return hashlib.sha256(_der(value)).hexdigest()
 
 
 @attrs.frozen(cache_hash=True)
@@ -120,10 +130,27 @@ def _trust(certs: tuple[tuple[str, str], ...]) -> CATrust:
     the same set is configured: a change to something else makes a new
     snapshot, and the certificates are not parsed again for it.
     """
-    root = trustRootFromCertificates(
-        [Certificate.loadPEM(pem.encode("ascii")) for _, pem in certs]
-    )
+    loaded = []
+    for _, pem in certs:
+        try:
+            loaded.append(Certificate.load(_der(pem), FILETYPE_ASN1))
+        except Exception:
+            # Stored before it was checked as now (or edited by hand): left
+            # out, so the service trusts less, never the system's store, and
+            # the configuration still loads (a snapshot that cannot be built
+            # would stop the node, and every node sharing the store).
+            _log.failure("a stored CA certificate cannot be loaded; it is not trusted")
+    root = trustRootFromCertificates(loaded)
     return CATrust(tuple(digest for digest, _ in certs), root)
+
+
+def _der(pem: str) -> bytes:
+    """
+    The certificate in C{pem} as DER, read the way L{check_cert} read it:
+    OpenSSL's own PEM reader refuses texts that passed it (indented lines,
+    a YAML folded block's spaces for line breaks).
+    """
+    return _certificate(pem).public_bytes(Encoding.DER)
 
 
 def service_trusts(

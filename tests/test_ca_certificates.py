@@ -25,8 +25,8 @@ from aigateway.cacerts import CATrust, cert_digest, check_cert, service_trusts
 from aigateway.config import ConfigSnapshot, empty_records
 from aigateway.records import build_record
 
-from .gatewaykit import Gateway, TargetResource
-from .tlskit import certificate, signed
+from .gatewaykit import Gateway, TargetResource, log_events
+from .tlskit import certificate, repeated_extension_ca, signed
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:OpenSSL.*")
 
@@ -122,6 +122,36 @@ async def test_a_service_trusts_its_ca_certificates(gateway, servers):
 
 
 @pytest_twisted.ensureDeferred
+async def test_pem_texts_openssl_would_not_read_are_trusted(gateway, servers):
+    """
+    A PEM that passes the check but that OpenSSL's own reader refuses
+    (indented lines, a YAML folded block's spaces for its line breaks) is
+    trusted as well, rather than stored and then unloadable: that
+    configuration could not be put in force, nor undone, nor loaded by a
+    restart.
+    """
+    ca = certificate("Indented CA")
+    port = _target(servers, ca, "indented")
+    await _service(gateway, "indented", port)
+    pem = ca[0].decode()
+    for text in (
+        "".join("    " + line for line in pem.splitlines(keepends=True)),
+        pem.replace("\n", " "),
+    ):
+        reply = await gateway.admin.put(
+            "/ca_certificates/6f1c55d6-5a3b-4d5e-9d1e-3f0b9c1f2a44",
+            json_body={"cert": text},
+        )
+        assert reply.code in (200, 201), reply.body
+        patched = await gateway.admin.patch(
+            "/services/indented", json_body={"ca_certificates": [reply.json["id"]]}
+        )
+        assert patched.code == 200, patched.body
+        reply = await gateway.proxy.get("/indented")
+        assert (reply.code, reply.body) == (200, b"indented")
+
+
+@pytest_twisted.ensureDeferred
 async def test_connections_are_never_lent_across_ca_sets(gateway, servers):
     """
     Two services to the same target: one trusting its CA, one another CA,
@@ -175,6 +205,10 @@ async def test_refused_input_changes_nothing(gateway, servers):
             "invalid certificate: expected a PEM CERTIFICATE, found PRIVATE KEY"
         ),
     }
+    refused[repeated_extension_ca().decode()] = (
+        "invalid certificate: could not parse its extensions"
+    )
+    refused["x" * 65537] = "invalid certificate: longer than 65536 characters"
     for cert, message in refused.items():
         reply = await admin.post("/ca_certificates", form={"cert": cert})
         assert reply.code == 400, reply.body
@@ -472,6 +506,22 @@ class CheckTests(SynchronousTestCase):
         # A reference to nothing trusts nothing, never the system's store.
         self.assertEqual(trusts["gone"].digests, ())
         self.assertIsNotNone(trusts["gone"].root)
+
+    def test_a_stored_certificate_that_cannot_be_loaded_is_not_trusted(self) -> None:
+        """
+        A stored C{cert} that no longer loads (a store edited by hand, a
+        check that changed) leaves its service trusting less, and the
+        configuration still builds: a snapshot that cannot be built would
+        stop every node sharing the store.
+        """
+        cas = {"c1": {"id": "c1", "cert": "not a certificate", "cert_digest": "d"}}
+        service = {"id": "s", "protocol": "https", "ca_certificates": ["c1"]}
+        with log_events("aigateway.cacerts") as logged:
+            trusts = service_trusts([service], cas)
+        self.assertEqual(trusts["s"].digests, ("d",))
+        self.assertEqual(len(logged), 1)
+        self.assertIn("cannot be loaded", logged[0]["log_format"])
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
 
     def test_snapshot_services_carry_their_trust(self) -> None:
         ca = certificate("CA")[0].decode()
