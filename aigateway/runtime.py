@@ -89,7 +89,7 @@ class Runtime:
     def _compile(self, snapshot: ConfigSnapshot, previous: Compiled | None) -> Compiled:
         balancers: dict[str, IBalancer] = {}
         sources = {}
-        replaced: list[tuple[IBalancer, IBalancer]] = []
+        replaced: list[tuple[IBalancer, Any, IBalancer, Any]] = []
         for upstream in snapshot.upstreams.values():
             targets = snapshot.targets.get(upstream.id, ())
             source = (upstream, targets)
@@ -102,8 +102,9 @@ class Runtime:
                     continue
             balancer = self._build(upstream, targets, self.health)
             balancers[upstream.id] = balancer
-            if old is not None:
-                replaced.append((balancer, old))
+            if old is not None and previous is not None:
+                before = previous.sources[upstream.id][1]
+                replaced.append((balancer, targets, old, before))
         compiled = Compiled(
             snapshot=snapshot,
             # A disabled service's routes are as if they did not exist
@@ -117,6 +118,6 @@ class Runtime:
         )
         # Last, once nothing can fail: a replaced balancer passes its
         # attempts on to its successor, which must be the one in force.
-        for balancer, old in replaced:
-            carry_over(balancer, old)
+        for balancer, targets, old, before in replaced:
+            carry_over(balancer, targets, old, before)
         return compiled

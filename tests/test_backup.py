@@ -130,13 +130,15 @@ class CarryOverTests(SynchronousTestCase):
         replaced balancer bring the counts down.
         """
         alpha, beta, spare = self.alpha, self.beta, self.spare
-        old = self.build([alpha, beta, spare])
+        before = [alpha, beta, spare]
+        old = self.build(before)
         old.started(spare)
         for _ in range(20):
             old.started(alpha)
-        new = self.build([target(alpha.key, 120), beta, spare])
+        after = [target(alpha.key, 120), beta, spare]
+        new = self.build(after)
         self.assertIsInstance(new, BackupBalancer)
-        carry_over(new, old)
+        carry_over(new, after, old, before)
         self.assertEqual(_counts(new), {alpha.key: 20, beta.key: 0, spare.key: 1})
         self.assertEqual(_attempts(new, 10), [beta.key] * 10)
         old.finished(spare, 0.1)
@@ -154,11 +156,11 @@ class CarryOverTests(SynchronousTestCase):
         for _ in range(20):
             plain.started(alpha)
         split = self.build([alpha, beta, spare])
-        carry_over(split, plain)
+        carry_over(split, [alpha, beta, spare], plain, [alpha, beta])
         split.started(spare)
         self.assertEqual(_counts(split), {alpha.key: 20, beta.key: 0, spare.key: 1})
         again = self.build([alpha, beta])
-        carry_over(again, split)
+        carry_over(again, [alpha, beta], split, [alpha, beta, spare])
         self.assertEqual(_counts(again), {alpha.key: 20, beta.key: 0})
         for _ in range(20):
             plain.finished(alpha, 0.1)
@@ -174,8 +176,32 @@ class CarryOverTests(SynchronousTestCase):
         old = self.build([spare, other])
         old.started(spare)
         new = self.build([self.alpha, spare, other])
-        carry_over(new, old)
+        carry_over(new, [self.alpha, spare, other], old, [spare, other])
         self.assertEqual(_counts(new), {self.alpha.key: 0, spare.key: 1, other.key: 0})
+
+    def test_a_backup_made_primary_leaves_the_others_theirs(self) -> None:
+        """
+        Of an upstream of backup targets only, one made a primary target
+        starts afresh in the primary part; the backups it leaves keep their
+        counts (the backup part takes over the balancer before, which was
+        all backups).
+        """
+        spare, other = self.spare, target("10.0.0.8:81", backup=True)
+        before = [spare, other]
+        old = self.build(before)
+        for _ in range(20):
+            old.started(other)
+        old.started(spare)
+        promoted = attrs.evolve(spare, backup=False)
+        after = [promoted, other]
+        new = self.build(after)
+        self.assertIsInstance(new, BackupBalancer)
+        carry_over(new, after, old, before)
+        self.assertEqual(_counts(new), {spare.key: 0, other.key: 20})
+        old.finished(spare, 0.1)
+        for _ in range(20):
+            old.finished(other, 0.1)
+        self.assertEqual(_counts(new), {spare.key: 0, other.key: 0})
 
     def test_backup_flag_changed(self) -> None:
         """
@@ -183,11 +209,13 @@ class CarryOverTests(SynchronousTestCase):
         do not reach its new count; the others keep theirs.
         """
         alpha, beta = self.alpha, self.beta
-        old = self.build([alpha, beta, self.spare])
+        before = [alpha, beta, self.spare]
+        old = self.build(before)
         old.started(alpha)
         old.started(beta)
-        new = self.build([attrs.evolve(alpha, backup=True), beta, self.spare])
-        carry_over(new, old)
+        after = [attrs.evolve(alpha, backup=True), beta, self.spare]
+        new = self.build(after)
+        carry_over(new, after, old, before)
         self.assertEqual(_counts(new), {alpha.key: 0, beta.key: 1, self.spare.key: 0})
         new.started(attrs.evolve(alpha, backup=True))
         old.finished(alpha, 0.1)

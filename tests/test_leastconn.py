@@ -4,6 +4,8 @@ Tests for L{aigateway.balancer.leastconn}.
 
 from __future__ import annotations
 
+import gc
+import weakref
 from collections import Counter
 from random import Random
 
@@ -158,7 +160,7 @@ class TakeOverTests(SynchronousTestCase):
         """
         Attempts begun on the replaced balancer end on it, and the count of
         its successor goes down with them; retries begun on it count in the
-        successor too.  An end more than began changes nothing.
+        successor too.  An end more than began leaves 0.
         """
         alpha, beta = targets(100, 100)
         old = LeastConnectionsBalancer([alpha, beta], FakeHealth())
@@ -172,12 +174,36 @@ class TakeOverTests(SynchronousTestCase):
         for _ in range(21):
             old.finished(alpha, 0.1)
         self.assertEqual(_active(new), {alpha.key: 1, beta.key: 0})
-        old.finished(alpha, 0.1)
-        self.assertEqual(_active(new), {alpha.key: 1, beta.key: 0})
         new.finished(alpha, 0.1)
         new.finished(alpha, 0.1)
         self.assertEqual(_active(new), {alpha.key: 0, beta.key: 0})
         self.assertEqual(pick_keys(new, 4), [alpha.key, beta.key] * 2)
+
+    def test_replaced_balancers_are_not_kept(self) -> None:
+        """
+        An attempt that outlives a thousand changes keeps its own balancer,
+        not the thousand that replaced it one after the other, and its end
+        still counts in the balancer in force, in one step.
+        """
+        alpha, beta = targets(100, 100)
+        first = LeastConnectionsBalancer([alpha, beta], FakeHealth())
+        first.started(alpha)
+        current = first
+        middle = None
+        for i in range(1000):
+            new = LeastConnectionsBalancer(
+                [target(alpha.key, 100 + i % 2), beta], FakeHealth()
+            )
+            self.assertTrue(new.take_over(current))
+            if i == 500:
+                middle = weakref.ref(new)
+            current = new
+        gc.collect()
+        assert middle is not None
+        self.assertIsNone(middle())
+        self.assertEqual(_active(current), {alpha.key: 1, beta.key: 0})
+        first.finished(alpha, 0.1)
+        self.assertEqual(_active(current), {alpha.key: 0, beta.key: 0})
 
     def test_many_changes(self) -> None:
         """

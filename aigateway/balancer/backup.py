@@ -70,24 +70,38 @@ def build_balancer(
     )
 
 
-def carry_over(balancer: IBalancer, replaced: IBalancer) -> None:
+def carry_over(
+    balancer: IBalancer,
+    targets: Sequence[Target],
+    replaced: IBalancer,
+    replaced_targets: Sequence[Target],
+) -> None:
     """
-    Let C{balancer} start from what C{replaced}, the balancer of the same
-    upstream in the configuration before, knew (L{ISuccessor}).
+    Let C{balancer}, over C{targets}, start from what C{replaced}, the
+    balancer of the same upstream over C{replaced_targets} in the
+    configuration before, knew (L{ISuccessor}).
 
     Either may be split by backup targets, and a change may add the split
-    or remove it (the first backup target added, the last removed), so each
-    part of C{balancer} is offered each part of C{replaced}: a part takes
-    over the one with its targets, and a balancer that does not provide
-    L{ISuccessor}, or of another algorithm, starts fresh.
+    or remove it (the first backup target added, the last removed): the
+    part for primary targets takes over the primary part before, and the
+    backup part the backup part (a balancer not split is the part of its
+    targets' kind).  A target whose C{backup} changed starts afresh in its
+    new part, whichever way it went; the others keep what was known.  A
+    balancer that does not provide L{ISuccessor}, or of another algorithm,
+    starts afresh.
     """
-    for part in _parts(balancer):
-        if ISuccessor.providedBy(part):
-            for predecessor in _parts(replaced):
-                ISuccessor(part).take_over(predecessor)
+    before = _roles(replaced, replaced_targets)
+    for role, part in _roles(balancer, targets).items():
+        predecessor = before.get(role)
+        if predecessor is not None and ISuccessor.providedBy(part):
+            ISuccessor(part).take_over(predecessor)
 
 
-def _parts(balancer: IBalancer) -> tuple[IBalancer, ...]:
+def _roles(balancer: IBalancer, targets: Sequence[Target]) -> dict[bool, IBalancer]:
+    """
+    C{balancer}'s parts by whether they balance backup targets.
+    """
     if isinstance(balancer, BackupBalancer):
-        return balancer._primary, balancer._backup
-    return (balancer,)
+        return {False: balancer._primary, True: balancer._backup}
+    # (build_balancer splits nothing when every target is of one kind.)
+    return {bool(targets) and all(t.backup for t in targets): balancer}

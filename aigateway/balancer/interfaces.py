@@ -94,9 +94,10 @@ class ISuccessor(Interface):
     that provides this, once the new configuration is compiled; any other
     balancer starts fresh.  Attempts begun on the replaced balancer keep
     starting (retries) and ending on it, as an exchange keeps the balancer
-    of its configuration; the replaced balancer tells its successor, so
-    the successor's counts stay exact however many changes an attempt
-    outlives.
+    of its configuration; their starts and ends must count in the balancer
+    in force, however many changes they outlive, without keeping every
+    balancer in between alive (the built-in strategies share a place per
+    target between the balancers of one line, L{_succession.Place}).
     """
 
     def take_over(predecessor: IBalancer) -> bool:
@@ -107,9 +108,9 @@ class ISuccessor(Interface):
 
         A predecessor passes on to one successor only, so it is taken over
         only when nothing took it over yet, it is of this balancer's kind,
-        and it has at least one of this balancer's targets: of the two
-        balancers of a split by backup targets, the one with the same
-        targets.
+        and it has at least one of this balancer's targets.  Of a split by
+        backup targets, the runtime offers the primary part the primary
+        part before, and the backup part the backup part.
 
         @return: whether C{predecessor} was taken over.
         """

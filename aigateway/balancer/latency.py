@@ -52,7 +52,7 @@ from zope.interface import implementer
 
 from ..model import Target, Upstream
 from ._eligible import peek
-from ._succession import may_succeed
+from ._succession import Place, may_succeed
 from .context import PickContext
 from .interfaces import IBalancer, IBalancerFactory, IHealthView, ISuccessor
 
@@ -72,19 +72,27 @@ _UNKNOWN = 0.001
 _DRAWS = 3
 
 
-@attrs.define
+@attrs.define(eq=False)
 class _Stats:
     """
     What is known of one target.
 
+    @ivar owner: the balancer it is known in.
     @ivar ewma: the moving average of its time to first byte, or L{None}
         before its first sample.
     @ivar active: its attempts in flight.
+    @ivar place: where what is known of the target is now (L{Place}):
+        here, unless a balancer that replaced this one took it over.
     """
 
     target: Target
+    owner: LatencyBalancer
     ewma: float | None = None
     active: int = 0
+    place: Place = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.place = Place(self)
 
 
 @implementer(IBalancer, ISuccessor)
@@ -92,8 +100,8 @@ class LatencyBalancer:
     """
     Picks the lower-cost of two targets drawn by weight.
 
-    @ivar _successor: the balancer that took this one over, told of every
-        attempt that starts or ends here on a target it has.
+    @ivar _succeeded: a balancer took this one over: the attempts that
+        start and end here count there (see L{Place}).
     """
 
     def __init__(
@@ -105,7 +113,7 @@ class LatencyBalancer:
         self._health = health
         self._eligible = peek(health)
         self._random = Random() if random is None else random
-        self._stats = [_Stats(t) for t in targets if t.weight > 0]
+        self._stats = [_Stats(t, self) for t in targets if t.weight > 0]
         self._byKey = {s.target.key: s for s in self._stats}
         self._cumulative = list(accumulate(s.target.weight for s in self._stats))
         self._total = self._cumulative[-1] if self._cumulative else 0
@@ -115,7 +123,7 @@ class LatencyBalancer:
         self._sum = 0.0
         self._measured = 0
         self._slowest = 0.0
-        self._successor: LatencyBalancer | None = None
+        self._succeeded = False
 
     def pick(self, context: PickContext, exclude: Collection[str]) -> Target | None:
         while True:
@@ -179,40 +187,33 @@ class LatencyBalancer:
         return ewma * (stats.active + 1)
 
     def started(self, target: Target) -> None:
-        # Down the line of successors (the balancer in force has none), as
-        # long as each has the target: one that does not took over nothing
-        # of it.  A loop, not recursion: an attempt may outlive thousands
-        # of changes.
-        balancer: LatencyBalancer | None = self
-        while balancer is not None:
-            stats = balancer._byKey.get(target.key)
-            if stats is None:
-                return
-            stats.active += 1
-            balancer = balancer._successor
+        stats = self._byKey.get(target.key)
+        if stats is not None:
+            # (Where the target is known now: here, or in the balancer that
+            # took this one over.)
+            stats.place.state.active += 1
 
     def finished(self, target: Target, first_byte: float | None) -> None:
-        balancer: LatencyBalancer | None = self
-        while balancer is not None:
-            stats = balancer._byKey.get(target.key)
-            if stats is None:
-                return
-            # (Never below 0, should more end than began.)
-            stats.active = max(0, stats.active - 1)
-            if first_byte is None:
-                sample = max(FAILURE, 2 * balancer._slowest)
-            else:
-                sample = first_byte
-                balancer._slowest = max(balancer._slowest, first_byte)
-            old = stats.ewma
-            if old is None:
-                stats.ewma = sample
-                balancer._measured += 1
-                balancer._sum += sample
-            else:
-                stats.ewma = old + DECAY * (sample - old)
-                balancer._sum += stats.ewma - old
-            balancer = balancer._successor
+        stats = self._byKey.get(target.key)
+        if stats is None:
+            return
+        stats = stats.place.state
+        balancer = stats.owner
+        # (Never below 0, should more end than began.)
+        stats.active = max(0, stats.active - 1)
+        if first_byte is None:
+            sample = max(FAILURE, 2 * balancer._slowest)
+        else:
+            sample = first_byte
+            balancer._slowest = max(balancer._slowest, first_byte)
+        old = stats.ewma
+        if old is None:
+            stats.ewma = sample
+            balancer._measured += 1
+            balancer._sum += sample
+        else:
+            stats.ewma = old + DECAY * (sample - old)
+            balancer._sum += stats.ewma - old
 
     def take_over(self, predecessor: IBalancer) -> bool:
         if not may_succeed(self, predecessor):
@@ -221,14 +222,17 @@ class LatencyBalancer:
         for key, stats in self._byKey.items():
             old = predecessor._byKey.get(key)
             if old is not None:
-                stats.ewma = old.ewma
-                stats.active = old.active
+                current = old.place.state
+                stats.ewma = current.ewma
+                stats.active = current.active
+                stats.place = old.place
+                old.place.state = stats
         # The typical average of the targets kept, not of those removed.
         known = [s.ewma for s in self._stats if s.ewma is not None]
         self._measured = len(known)
         self._sum = sum(known)
         self._slowest = max(self._slowest, predecessor._slowest)
-        predecessor._successor = self
+        predecessor._succeeded = True
         return True
 
 

@@ -30,27 +30,35 @@ from zope.interface import implementer
 
 from ..model import Target, Upstream
 from ._eligible import usable
-from ._succession import may_succeed
+from ._succession import Place, may_succeed
 from .context import PickContext
 from .interfaces import IBalancer, IBalancerFactory, IHealthView, ISuccessor
 
 
-@attrs.define
+@attrs.define(eq=False)
 class _Load:
     """
     The mutable state of one target.
 
+    @ivar owner: the balancer it is the state in.
     @ivar active: attempts begun and not yet finished.
     @ivar picked: the pick counter when this target was last picked.
     @ivar version: bumped on each change; heap entries of an older version
         are stale.
+    @ivar place: where the target's state is now (L{Place}): this one,
+        unless a balancer that replaced this one took it over.
     """
 
     index: int
     target: Target
+    owner: LeastConnectionsBalancer
     active: int = 0
     picked: int = -1
     version: int = 0
+    place: Place = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.place = Place(self)
 
 
 # (active / weight, last picked, index, version)
@@ -62,19 +70,19 @@ class LeastConnectionsBalancer:
     """
     Picks the target with the lowest C{active / weight}.
 
-    @ivar _successor: the balancer that took this one over, told of every
-        attempt that starts or ends here on a target it has.
+    @ivar _succeeded: a balancer took this one over: the attempts that
+        start and end here count there (see L{Place}).
     """
 
     def __init__(self, targets: Sequence[Target], health: IHealthView) -> None:
         self._health = health
         self._loads = [
-            _Load(i, t) for i, t in enumerate(t for t in targets if t.weight > 0)
+            _Load(i, t, self) for i, t in enumerate(t for t in targets if t.weight > 0)
         ]
         self._byKey = {load.target.key: load for load in self._loads}
         self._picks = 0
         self._heap: list[_Entry] = []
-        self._successor: LeastConnectionsBalancer | None = None
+        self._succeeded = False
         self._rebuild()
 
     def _rebuild(self) -> None:
@@ -131,29 +139,22 @@ class LeastConnectionsBalancer:
         return chosen
 
     def started(self, target: Target) -> None:
-        # Down the line of successors (the balancer in force has none), as
-        # long as each has the target: one that does not took over nothing
-        # of it.  A loop, not recursion: an attempt may outlive thousands
-        # of changes.
-        balancer: LeastConnectionsBalancer | None = self
-        while balancer is not None:
-            load = balancer._byKey.get(target.key)
-            if load is None:
-                return
+        load = self._byKey.get(target.key)
+        if load is not None:
+            # (Where the target's state is now: here, or in the balancer
+            # that took this one over.)
+            load = load.place.state
             load.active += 1
-            balancer._update(load)
-            balancer = balancer._successor
+            load.owner._update(load)
 
     def finished(self, target: Target, first_byte: float | None) -> None:
-        balancer: LeastConnectionsBalancer | None = self
-        while balancer is not None:
-            load = balancer._byKey.get(target.key)
-            # More ends than starts leave 0, and are not passed on.
-            if load is None or load.active == 0:
-                return
-            load.active -= 1
-            balancer._update(load)
-            balancer = balancer._successor
+        load = self._byKey.get(target.key)
+        if load is not None:
+            load = load.place.state
+            # (More ends than starts leave 0.)
+            if load.active > 0:
+                load.active -= 1
+                load.owner._update(load)
 
     def take_over(self, predecessor: IBalancer) -> bool:
         if not may_succeed(self, predecessor):
@@ -162,11 +163,14 @@ class LeastConnectionsBalancer:
         for key, load in self._byKey.items():
             old = predecessor._byKey.get(key)
             if old is not None:
-                load.active = old.active
+                current = old.place.state
+                load.active = current.active
                 # The order of the last picks too, so ties keep taking turns.
-                load.picked = old.picked
+                load.picked = current.picked
+                load.place = old.place
+                old.place.state = load
         self._picks = max(self._picks, predecessor._picks)
-        predecessor._successor = self
+        predecessor._succeeded = True
         self._rebuild()
         return True
 
