@@ -13,6 +13,7 @@ it, not by a chain of successors.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 
@@ -45,3 +46,20 @@ def may_succeed(successor: Any, predecessor: Any) -> bool:
         and not predecessor._succeeded
         and not predecessor._byKey.keys().isdisjoint(successor._byKey)
     )
+
+
+def move_places(
+    successor: Any, predecessor: Any, carry: Callable[[Any, Any], None]
+) -> None:
+    """
+    Make C{successor} the balancer in force for each target it shares
+    with C{predecessor}: its state takes the target's place, after
+    C{carry(state, current)} copied what to keep from the state there.
+    """
+    for key, state in successor._byKey.items():
+        old = predecessor._byKey.get(key)
+        if old is not None:
+            carry(state, old.place.state)
+            state.place = old.place
+            old.place.state = state
+    predecessor._succeeded = True

@@ -52,7 +52,7 @@ from zope.interface import implementer
 
 from ..model import Target, Upstream
 from ._eligible import peek
-from ._succession import Place, may_succeed
+from ._succession import Place, may_succeed, move_places
 from .context import PickContext
 from .interfaces import IBalancer, IBalancerFactory, IHealthView, ISuccessor
 
@@ -219,21 +219,18 @@ class LatencyBalancer:
         if not may_succeed(self, predecessor):
             return False
         assert isinstance(predecessor, LatencyBalancer)
-        for key, stats in self._byKey.items():
-            old = predecessor._byKey.get(key)
-            if old is not None:
-                current = old.place.state
-                stats.ewma = current.ewma
-                stats.active = current.active
-                stats.place = old.place
-                old.place.state = stats
+        move_places(self, predecessor, _carry)
         # The typical average of the targets kept, not of those removed.
         known = [s.ewma for s in self._stats if s.ewma is not None]
         self._measured = len(known)
         self._sum = sum(known)
         self._slowest = max(self._slowest, predecessor._slowest)
-        predecessor._succeeded = True
         return True
+
+
+def _carry(stats: _Stats, current: _Stats) -> None:
+    stats.ewma = current.ewma
+    stats.active = current.active
 
 
 @implementer(IPlugin, IBalancerFactory)

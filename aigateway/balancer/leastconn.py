@@ -30,7 +30,7 @@ from zope.interface import implementer
 
 from ..model import Target, Upstream
 from ._eligible import usable
-from ._succession import Place, may_succeed
+from ._succession import Place, may_succeed, move_places
 from .context import PickContext
 from .interfaces import IBalancer, IBalancerFactory, IHealthView, ISuccessor
 
@@ -160,19 +160,16 @@ class LeastConnectionsBalancer:
         if not may_succeed(self, predecessor):
             return False
         assert isinstance(predecessor, LeastConnectionsBalancer)
-        for key, load in self._byKey.items():
-            old = predecessor._byKey.get(key)
-            if old is not None:
-                current = old.place.state
-                load.active = current.active
-                # The order of the last picks too, so ties keep taking turns.
-                load.picked = current.picked
-                load.place = old.place
-                old.place.state = load
+        move_places(self, predecessor, _carry)
         self._picks = max(self._picks, predecessor._picks)
-        predecessor._succeeded = True
         self._rebuild()
         return True
+
+
+def _carry(load: _Load, current: _Load) -> None:
+    load.active = current.active
+    # The order of the last picks too, so ties keep taking turns.
+    load.picked = current.picked
 
 
 @implementer(IPlugin, IBalancerFactory)
