@@ -77,6 +77,18 @@ class Runtime:
         """
         self.apply(ConfigSnapshot.build(version, with_defaults(records)))
 
+    def check(self, records: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> None:
+        """
+        Build the snapshot and router C{records} would put in force, and
+        put nothing in force: a write calls this before it stores
+        anything, so that a record the checks let through but the gateway
+        cannot load (a bug) is refused, rather than stored and then
+        stopping every node that loads it.
+
+        @raise Exception: what building them raised.
+        """
+        _router(ConfigSnapshot.build(0, with_defaults(records)))
+
     def apply(self, snapshot: ConfigSnapshot) -> None:
         """
         Put C{snapshot} in force.
@@ -107,12 +119,7 @@ class Runtime:
                 replaced.append((balancer, targets, old, before))
         compiled = Compiled(
             snapshot=snapshot,
-            # A disabled service's routes are as if they did not exist
-            # (Kong's rule): its requests get the proxy's 404.
-            router=Router(
-                snapshot.routes,
-                {k: s for k, s in snapshot.services.items() if s.enabled},
-            ),
+            router=_router(snapshot),
             balancers=balancers,
             sources=sources,
         )
@@ -121,3 +128,14 @@ class Runtime:
         for balancer, targets, old, before in replaced:
             carry_over(balancer, targets, old, before)
         return compiled
+
+
+def _router(snapshot: ConfigSnapshot) -> Router:
+    """
+    The router of C{snapshot}.  A disabled service's routes are as if they
+    did not exist (Kong's rule): its requests get the proxy's 404.
+    """
+    return Router(
+        snapshot.routes,
+        {k: s for k, s in snapshot.services.items() if s.enabled},
+    )

@@ -24,7 +24,14 @@ from twisted.web.resource import Resource
 
 from aigateway.admin.site import AdminChannel, AdminSite
 
-from .gatewaykit import TargetResource, address, listen, raw_request, wait_for
+from .gatewaykit import (
+    TargetResource,
+    address,
+    listen,
+    log_events,
+    raw_request,
+    wait_for,
+)
 from .test_admin import dump
 from .test_server import Conversation, connect
 from .tlskit import certificate
@@ -502,3 +509,52 @@ async def test_a_refused_tls_connection_ends_though_the_client_stays():
     finally:
         client.transport.abortConnection()
         await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_change_that_cannot_be_put_in_force_is_not_stored(gateway, monkeypatch):
+    """
+    A record the checks let through but the gateway cannot load (here a
+    fault injected into loading routes named C{poison}: any such record is
+    a bug) is refused with a 500 before it is stored, whether it comes
+    from an entity's write or a declarative document, rather than stored
+    and then stopping every node that loads it.  The node goes on.
+    """
+    from aigateway.model import Route
+
+    loads = Route.from_record.__func__  # type: ignore[attr-defined]
+
+    def poisoned(cls: Any, record: Any) -> Any:
+        if record.get("name") == "poison":
+            raise RuntimeError("cannot load this route")
+        return loads(cls, record)
+
+    monkeypatch.setattr(Route, "from_record", classmethod(poisoned))
+    admin = gateway.admin
+    assert (
+        await admin.post("/services", form={"name": "s", "url": "http://a"})
+    ).code == 201
+    with log_events("aigateway.admin.entities") as logged:
+        reply = await admin.post(
+            "/services/s/routes", form={"name": "poison", "paths[]": "/p"}
+        )
+        assert reply.code == 500, reply.body
+        assert "nothing was changed" in reply.json["message"]
+        document = {
+            "_format_version": "3.0",
+            "services": [
+                {
+                    "name": "t",
+                    "url": "http://b",
+                    "routes": [{"name": "poison", "paths": ["/q"]}],
+                }
+            ],
+        }
+        replaced = await admin.post("/config", body=json.dumps(document).encode())
+        assert replaced.code == 500, replaced.body
+    assert len(logged) == 2 and all("log_failure" in e for e in logged)
+    _, records = await gateway.service.store.load()
+    assert [s["name"] for s in records["services"].values()] == ["s"]
+    assert records["routes"] == {}
+    fine = await admin.post("/services/s/routes", form={"name": "ok", "paths[]": "/p"})
+    assert fine.code == 201, fine.body

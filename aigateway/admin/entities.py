@@ -658,9 +658,29 @@ class Entities:
         for kind, id in deletes:
             records[kind].pop(id, None)
 
+        self._loadable(records)
         expected = self.snapshot.version
         d = self._store.write(puts, deletes, expected)
         return d.addCallback(self._in_force, records)
+
+    def _loadable(self, records: Records) -> None:
+        """
+        Refuse a change the gateway could not put in force (see
+        L{Runtime.check}) before anything is stored.
+
+        @raise AdminError: a 500 saying nothing was changed.
+        """
+        try:
+            self._runtime.check(records)
+        except Exception:
+            _log.failure("a change that passed the checks cannot be put in force")
+            raise AdminError(
+                500,
+                {
+                    "message": "An unexpected error occurred: the change cannot "
+                    "be put in force, and nothing was changed"
+                },
+            ) from None
 
     def _in_force(
         self, version: int, records: Mapping[str, Mapping[str, Mapping[str, Any]]]
@@ -694,6 +714,7 @@ class Entities:
 
         def swap() -> Deferred[None]:
             records = build(self.snapshot.records)
+            self._loadable(records)
             expected = self.snapshot.version
             d = self._store.replace(records, expected)
             return d.addCallback(self._in_force, records)
