@@ -284,6 +284,23 @@ def address(port: Any) -> str:
     return f"127.0.0.1:{port.getHost().port}"
 
 
+async def direct_route(
+    gateway: Gateway, servers: list[Any], resource: Resource, **route: str
+) -> None:
+    """
+    Serve C{resource} on a loopback port (closed with C{servers}) and send
+    the requests C{route} (a route's form) matches to it, through a
+    service C{s} whose host is that port: no upstream in between.
+    """
+    port = listen(resource)
+    servers.append(port)
+    host, number = address(port).split(":")
+    admin = gateway.admin
+    service = {"name": "s", "host": host, "port": number}
+    assert (await admin.post("/services", form=service)).code == 201
+    assert (await admin.post("/services/s/routes", form=route)).code == 201
+
+
 # Helpers for the balancing and health end-to-end tests (appended).
 
 

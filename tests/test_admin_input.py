@@ -27,6 +27,7 @@ from aigateway.admin.site import AdminChannel, AdminSite
 from .gatewaykit import (
     TargetResource,
     address,
+    direct_route,
     listen,
     log_events,
     raw_request,
@@ -199,12 +200,7 @@ async def test_a_disabled_service_is_not_routed(gateway, servers):
     """
     admin = gateway.admin
     target = TargetResource("alpha")
-    port = listen(target)
-    servers.append(port)
-    host, number = address(port).split(":")
-    service = {"name": "s", "host": host, "port": number}
-    assert (await admin.post("/services", form=service)).code == 201
-    assert (await admin.post("/services/s/routes", form={"paths[]": "/a"})).code == 201
+    await direct_route(gateway, servers, target, **{"paths[]": "/a"})
     assert (await gateway.proxy.get("/a")).body == b"alpha"
 
     off = await admin.patch("/services/s", form={"enabled": "false"})

@@ -16,7 +16,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import Protocol
 
-from .gatewaykit import Gateway, SSEResource, address, listen, wait_for
+from .gatewaykit import Gateway, SSEResource, direct_route, wait_for
 from .test_server import connect
 
 
@@ -24,13 +24,7 @@ async def _streaming_node(
     tmp_path: Any, servers: list[Any], sse: SSEResource, **settings: Any
 ) -> Gateway:
     node = await Gateway(str(tmp_path / "drain.db"), **settings).start()
-    port = listen(sse)
-    servers.append(port)
-    host, number = address(port).split(":")
-    admin = node.admin
-    form = {"name": "s", "host": host, "port": number}
-    assert (await admin.post("/services", form=form)).code == 201
-    assert (await admin.post("/services/s/routes", form={"paths[]": "/"})).code == 201
+    await direct_route(node, servers, sse, **{"paths[]": "/"})
     return node
 
 

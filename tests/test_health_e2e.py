@@ -713,15 +713,14 @@ async def test_a_target_due_a_trial_is_not_available_weight(gateway, servers):
     its weight available again.
     """
     resources, ports, keys = start_targets(servers, ["a", "b"])
-    await gateway.configure("failing", {key: 100 for key in keys.values()})
-    reply = await gateway.admin.patch(
-        "/upstreams/failing",
-        form={
+    await gateway.configure(
+        "failing",
+        {key: 100 for key in keys.values()},
+        **{
             "healthchecks.passive.unhealthy.http_failures": "1",
             "healthchecks.passive.unhealthy.cooldown": "1",
         },
     )
-    assert reply.code == 200, reply.body
     for resource in resources.values():
         resource.status = 500
     assert (await gateway.proxy.get("/")).code == 500
@@ -765,15 +764,14 @@ async def test_active_checks_retry_a_name_that_did_not_resolve(gateway, servers)
     names = _Names(set())
     previous = reactor.installNameResolver(names)
     try:
-        await gateway.configure("late", {key: 100})
-        reply = await gateway.admin.patch(
-            "/upstreams/late",
-            form={
+        await gateway.configure(
+            "late",
+            {key: 100},
+            **{
                 "healthchecks.active.healthy.interval": "1",
                 "healthchecks.active.unhealthy.interval": "1",
             },
         )
-        assert reply.code == 200, reply.body
         await wait_for(is_state(gateway, "late", key, "DNS_ERROR"), 1.5)
         assert names.asked.count("late.test") == 1
         names.names.add("late.test")

@@ -20,6 +20,7 @@ from .gatewaykit import (
     SSEResource,
     TargetResource,
     address,
+    direct_route,
     listen,
     scrape,
     wait_for,
@@ -254,14 +255,8 @@ async def test_dot_segments_cannot_leave_a_routes_prefix(gateway, servers):
 @pytest_twisted.ensureDeferred
 async def test_a_route_for_https_only_answers_plain_requests_426(gateway, servers):
     target = TargetResource("t")
-    port = listen(target)
-    servers.append(port)
-    host, number = address(port).split(":")
-    admin = gateway.admin
-    service = {"name": "s", "host": host, "port": number}
-    assert (await admin.post("/services", form=service)).code == 201
     route = {"paths[]": "/secure", "protocols[]": "https"}
-    assert (await admin.post("/services/s/routes", form=route)).code == 201
+    await direct_route(gateway, servers, target, **route)
     reply = await gateway.proxy.get("/secure")
     assert reply.code == 426
     proxy = gateway.service.proxy_port.getHost().port

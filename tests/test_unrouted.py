@@ -12,7 +12,7 @@ import pytest_twisted
 
 from aigateway.proxy.resource import NO_ROUTE
 
-from .gatewaykit import Gateway, TargetResource, address, listen, raw_request, scrape
+from .gatewaykit import Gateway, TargetResource, direct_route, raw_request, scrape
 from .gatewaykit import sample as value
 
 
@@ -25,13 +25,8 @@ async def test_unrouted_requests_are_counted_and_logged(tmp_path, servers):
     log_path = tmp_path / "access.log"
     node = await Gateway(str(tmp_path / "u.db"), access_log=str(log_path)).start()
     try:
-        servers.append(port := listen(TargetResource("t")))
-        host, number = address(port).split(":")
-        await node.admin.post(
-            "/services", form={"name": "s", "host": host, "port": number}
-        )
         route = {"name": "secure", "paths[]": "/secure", "protocols[]": "https"}
-        assert (await node.admin.post("/services/s/routes", form=route)).code == 201
+        await direct_route(node, servers, TargetResource("t"), **route)
 
         assert (await node.proxy.get("/nothing")).code == 404
         reply = await node.proxy.post("/nothing/else", body=b"12345")
