@@ -77,7 +77,9 @@ class Runtime:
         """
         self.apply(ConfigSnapshot.build(version, with_defaults(records)))
 
-    def check(self, records: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> None:
+    def check(
+        self, records: Mapping[str, Mapping[str, Mapping[str, Any]]]
+    ) -> ConfigSnapshot:
         """
         Build the snapshot and router C{records} would put in force, and
         put nothing in force: a write calls this before it stores
@@ -85,9 +87,20 @@ class Runtime:
         cannot load (a bug) is refused, rather than stored and then
         stopping every node that loads it.
 
+        @return: the snapshot, at version 0, for L{apply_checked} once the
+            records are stored.
         @raise Exception: what building them raised.
         """
-        _router(ConfigSnapshot.build(0, with_defaults(records)))
+        snapshot = ConfigSnapshot.build(0, with_defaults(records))
+        _router(snapshot)
+        return snapshot
+
+    def apply_checked(self, version: int, snapshot: ConfigSnapshot) -> None:
+        """
+        Put in force a snapshot from L{check}, whose records the store now
+        holds at C{version}: they are not built again.
+        """
+        self.apply(attrs.evolve(snapshot, version=version))
 
     def apply(self, snapshot: ConfigSnapshot) -> None:
         """

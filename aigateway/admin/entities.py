@@ -658,20 +658,21 @@ class Entities:
         for kind, id in deletes:
             records[kind].pop(id, None)
 
-        self._loadable(records)
+        snapshot = self._loadable(records)
         expected = self.snapshot.version
         d = self._store.write(puts, deletes, expected)
-        return d.addCallback(self._in_force, records)
+        return d.addCallback(self._in_force, snapshot)
 
-    def _loadable(self, records: Records) -> None:
+    def _loadable(self, records: Records) -> ConfigSnapshot:
         """
         Refuse a change the gateway could not put in force (see
         L{Runtime.check}) before anything is stored.
 
+        @return: what it puts in force once stored (L{_in_force}).
         @raise AdminError: a 500 saying nothing was changed.
         """
         try:
-            self._runtime.check(records)
+            return self._runtime.check(records)
         except Exception:
             _log.failure("a change that passed the checks cannot be put in force")
             raise AdminError(
@@ -682,18 +683,17 @@ class Entities:
                 },
             ) from None
 
-    def _in_force(
-        self, version: int, records: Mapping[str, Mapping[str, Mapping[str, Any]]]
-    ) -> None:
+    def _in_force(self, version: int, snapshot: ConfigSnapshot) -> None:
         """
-        Put in force the configuration a write just stored, unless this
-        node is closed: a write the store answers after L{close} (which
-        stops waiting for it after a while, see the service's stop) is
-        stored, and the next start loads it; put in force now, it would
-        start health checks again on a stopped node.
+        Put in force the configuration a write just stored (built before
+        it was, by L{_loadable}), unless this node is closed: a write the
+        store answers after L{close} (which stops waiting for it after a
+        while, see the service's stop) is stored, and the next start loads
+        it; put in force now, it would start health checks again on a
+        stopped node.
         """
         if not self._closed:
-            self._runtime.apply_stored(version, records)
+            self._runtime.apply_checked(version, snapshot)
 
     def replace(
         self,
@@ -714,10 +714,10 @@ class Entities:
 
         def swap() -> Deferred[None]:
             records = build(self.snapshot.records)
-            self._loadable(records)
+            snapshot = self._loadable(records)
             expected = self.snapshot.version
             d = self._store.replace(records, expected)
-            return d.addCallback(self._in_force, records)
+            return d.addCallback(self._in_force, snapshot)
 
         return self._locked(swap, bounded=bounded)
 
